@@ -1,0 +1,373 @@
+//! Configuration: a TOML file, or the built-in default that works out of the box.
+//!
+//! Every option and its default is documented in `docs/configuration.md`; keep the two in step.
+//! Unknown keys are errors (a typo must not silently fall back to a default), and every error
+//! names the file, the line and the key, and says what is expected.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::intake_api;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub queue: QueueConfig,
+    #[serde(default)]
+    pub intake: IntakeConfig,
+    #[serde(default = "default_sources", rename = "source")]
+    pub sources: Vec<SourceConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            queue: QueueConfig::default(),
+            intake: IntakeConfig::default(),
+            sources: default_sources(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+fn default_sources() -> Vec<SourceConfig> {
+    vec![SourceConfig::Http(HttpSourceConfig::default())]
+}
+
+/// `[queue]`: the durable sled queue.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// sled directory; created with mode 0700 if missing.
+    pub path: PathBuf,
+    /// Limit on what the queue really holds on disk; at the limit sources get back-pressure.
+    pub max_bytes: u64,
+    /// sled page cache.
+    pub cache_capacity_bytes: u64,
+    /// Target payload of one stored chunk of events.
+    pub chunk_bytes: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            path: PathBuf::from("./sekoia-forwarder-data"),
+            max_bytes: 4 * 1024 * 1024 * 1024,
+            cache_capacity_bytes: 32 * 1024 * 1024,
+            chunk_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// `[intake]`: where and how events are delivered.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntakeConfig {
+    /// Base URL; batches are POSTed to `{url}/jsons`.
+    pub url: url::Url,
+    /// Time allowed for one request, answer included.
+    pub request_timeout_secs: u64,
+    /// Most events in one request.
+    pub batch_max_events: usize,
+    /// Most bytes of JSON body in one request.
+    pub batch_max_bytes: usize,
+    /// How long a partial batch may wait for more events before it is sent.
+    pub linger_ms: u64,
+    /// Requests in flight at once, over all intake keys.
+    pub max_in_flight: usize,
+    /// First retry delay.
+    pub backoff_initial_ms: u64,
+    /// Longest retry delay.
+    pub backoff_max_ms: u64,
+    /// Retry delay for an intake key that the intake refuses (401/403).
+    pub auth_retry_secs: u64,
+}
+
+impl Default for IntakeConfig {
+    fn default() -> Self {
+        IntakeConfig {
+            url: url::Url::parse("https://intake.sekoia.io").expect("static URL"),
+            request_timeout_secs: 30,
+            batch_max_events: 10_000,
+            batch_max_bytes: 5 * 1024 * 1024,
+            linger_ms: 500,
+            max_in_flight: 4,
+            backoff_initial_ms: 500,
+            backoff_max_ms: 60_000,
+            auth_retry_secs: 300,
+        }
+    }
+}
+
+impl IntakeConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+    pub fn linger(&self) -> Duration {
+        Duration::from_millis(self.linger_ms)
+    }
+}
+
+/// One `[[source]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceConfig {
+    /// The local intake-compatible HTTP API.
+    Http(HttpSourceConfig),
+}
+
+/// `[[source]] type = "http"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSourceConfig {
+    /// Address to listen on; loopback unless you mean otherwise.
+    pub listen: SocketAddr,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Largest event accepted (the intake refuses more than 250,000 bytes).
+    pub max_event_bytes: usize,
+    /// `Retry-After` given with a 503 when the queue is full or the forwarder stops.
+    pub retry_after_secs: u64,
+}
+
+impl Default for HttpSourceConfig {
+    fn default() -> Self {
+        HttpSourceConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 10080)),
+            max_body_bytes: intake_api::MAX_BODY_BYTES,
+            max_event_bytes: intake_api::MAX_EVENT_BYTES,
+            retry_after_secs: 5,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `sekoia_forwarder=debug`. `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {file}: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}, line {line}: `{key}`: {message}")]
+    Invalid {
+        file: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates `file`.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, file)
+    }
+
+    /// Parses and validates `text`, naming `file` in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: parse_message(&e, text),
+        })?;
+        config.validate().map_err(|(key, message)| ConfigError::Invalid {
+            file: file.to_owned(),
+            line: line_of_key(text, &key),
+            key,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot; the error is `(dotted key, what is expected)`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let q = &self.queue;
+        let i = &self.intake;
+        let check = |ok: bool, key: &str, msg: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err((key.to_owned(), msg.to_owned()))
+            }
+        };
+        check(
+            q.max_bytes >= 16 * 1024 * 1024,
+            "queue.max_bytes",
+            "expected at least 16777216 (16 MiB)",
+        )?;
+        check(
+            q.cache_capacity_bytes >= 1024 * 1024,
+            "queue.cache_capacity_bytes",
+            "expected at least 1048576 (1 MiB)",
+        )?;
+        check(
+            (1024..=256 * 1024).contains(&q.chunk_bytes),
+            "queue.chunk_bytes",
+            "expected 1024 to 262144",
+        )?;
+        check(
+            matches!(i.url.scheme(), "http" | "https"),
+            "intake.url",
+            "expected an http:// or https:// URL",
+        )?;
+        check(
+            i.request_timeout_secs >= 1,
+            "intake.request_timeout_secs",
+            "expected at least 1",
+        )?;
+        check(
+            i.batch_max_events >= 1,
+            "intake.batch_max_events",
+            "expected at least 1",
+        )?;
+        check(
+            (1024..=intake_api::MAX_BODY_BYTES).contains(&i.batch_max_bytes),
+            "intake.batch_max_bytes",
+            "expected 1024 to 10485760 (the intake's request limit)",
+        )?;
+        check(
+            i.max_in_flight >= 1,
+            "intake.max_in_flight",
+            "expected at least 1",
+        )?;
+        check(
+            i.backoff_initial_ms >= 1 && i.backoff_initial_ms <= i.backoff_max_ms,
+            "intake.backoff_initial_ms",
+            "expected at least 1 and at most intake.backoff_max_ms",
+        )?;
+        check(
+            i.auth_retry_secs >= 1,
+            "intake.auth_retry_secs",
+            "expected at least 1",
+        )?;
+        for source in &self.sources {
+            match source {
+                SourceConfig::Http(h) => {
+                    check(
+                        (1..=intake_api::MAX_EVENT_BYTES).contains(&h.max_event_bytes),
+                        "source.max_event_bytes",
+                        "expected 1 to 250000 (the intake refuses larger events)",
+                    )?;
+                    check(
+                        h.max_body_bytes >= h.max_event_bytes,
+                        "source.max_body_bytes",
+                        "expected at least max_event_bytes",
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_message(e: &toml::de::Error, text: &str) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {}", e.message())
+        }
+        None => e.message().to_owned(),
+    }
+}
+
+/// The line where the last part of a dotted key is set, or 0 when it is not in the file
+/// (a default that does not fit together with a value that is).
+fn line_of_key(text: &str, dotted: &str) -> usize {
+    let key = dotted.rsplit('.').next().unwrap_or(dotted);
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map_or(0, |i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_contract_example_parses() {
+        let text = r#"
+[queue]
+path = "/var/lib/sekoia-forwarder"
+
+[intake]
+url = "https://intake.sekoia.io"
+
+[[source]]
+type = "http"
+listen = "127.0.0.1:10080"
+"#;
+        let c = Config::parse(text, Path::new("f.toml")).unwrap();
+        assert_eq!(c.queue.path, PathBuf::from("/var/lib/sekoia-forwarder"));
+        assert_eq!(c.sources.len(), 1);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let text = "[queue]\npath = \"x\"\nmax_bites = 3\n";
+        let err = Config::parse(text, Path::new("f.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("f.toml"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("max_bites"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_names_line_and_key() {
+        let text = "[intake]\nurl = \"https://x\"\nbatch_max_bytes = 99999999\n";
+        let err = Config::parse(text, Path::new("f.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("intake.batch_max_bytes"), "{err}");
+        assert!(err.contains("10485760"), "{err}");
+    }
+
+    #[test]
+    fn default_is_valid() {
+        Config::default().validate().unwrap();
+    }
+}

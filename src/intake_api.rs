@@ -1,0 +1,531 @@
+//! The Sekoia.io intake HTTP API: one implementation, shared by everyone who speaks it.
+//!
+//! Three parts of the crate talk this protocol: the local HTTP source (which mimics the intake so
+//! that applications written for Sekoia only change a URL), the delivery client (which sends to the
+//! real intake) and the mock intake used by tests and `sekoia-forwarder mock-intake`. They all use
+//! the types and the request parser below, so that they cannot drift apart.
+//!
+//! The API is described in `shared/intake-api.md`; the limits come from Sekoia's own SDK
+//! (`shared/notes/sekoia-intake.md`).
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+/// Header that carries the intake key.
+pub const INTAKE_KEY_HEADER: &str = "X-SEKOIAIO-INTAKE-KEY";
+/// Header that carries the event date of every event of the request.
+pub const EVENT_TIMESTAMP_HEADER: &str = "X-SEKOIAIO-EVENT-TIMESTAMP";
+/// Query string parameter that may carry the intake key.
+pub const INTAKE_KEY_QUERY: &str = "intake_key";
+/// Largest request body the real intake accepts.
+pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+/// Largest single event the real intake accepts (Sekoia's SDK drops longer ones).
+pub const MAX_EVENT_BYTES: usize = 250_000;
+
+/// Answer to a request that carried one event (`/plain`, `/`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventIdResponse {
+    pub event_id: String,
+}
+
+/// Answer to a request that carried a list of events (`/plain/batch`, `/jsons`, `/array`, `/batch`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventIdsResponse {
+    pub event_ids: Vec<String>,
+}
+
+/// Body of an error answer. The real intake's error bodies are not documented; this one says
+/// what is wrong in words a person can act on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    pub message: String,
+}
+
+/// One element of the `/array` endpoint's body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArrayItem {
+    pub intake_key: String,
+    pub json: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+}
+
+/// Body of the structured endpoint `/` (one event).
+///
+/// Sekoia's documentation spells the key field `intakey_key` in one table and `intake_key` in
+/// its examples: both are accepted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StructuredEvent {
+    #[serde(alias = "intakey_key")]
+    pub intake_key: String,
+    pub json: serde_json::Value,
+    #[serde(
+        default,
+        rename = "@timestamp",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timestamp: Option<String>,
+}
+
+/// Body of the structured endpoint `/batch` (many events, one key).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StructuredBatch {
+    #[serde(alias = "intakey_key")]
+    pub intake_key: String,
+    pub jsons: Vec<serde_json::Value>,
+    #[serde(
+        default,
+        rename = "@timestamp",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timestamp: Option<String>,
+}
+
+/// The intake's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /plain`: the body is one event.
+    Plain,
+    /// `POST /plain/batch`: one event per line.
+    PlainBatch,
+    /// `POST /jsons`: a JSON list of events, the key in a header, the query or Basic auth.
+    Jsons,
+    /// `POST /array`: a JSON list of `{intake_key, json, timestamp}`.
+    Array,
+    /// `POST /`: `{intake_key, json, @timestamp}`.
+    Structured,
+    /// `POST /batch`: `{intake_key, jsons, @timestamp}`.
+    StructuredBatch,
+}
+
+impl Endpoint {
+    /// The endpoint served at `path`, if any.
+    pub fn from_path(path: &str) -> Option<Endpoint> {
+        let path = path.trim_end_matches('/');
+        match path {
+            "" => Some(Endpoint::Structured),
+            "/plain" => Some(Endpoint::Plain),
+            "/plain/batch" => Some(Endpoint::PlainBatch),
+            "/jsons" => Some(Endpoint::Jsons),
+            "/array" => Some(Endpoint::Array),
+            "/batch" => Some(Endpoint::StructuredBatch),
+            _ => None,
+        }
+    }
+
+    /// Whether the answer carries one id (`event_id`) rather than a list (`event_ids`).
+    pub fn answers_single_id(self) -> bool {
+        matches!(self, Endpoint::Plain | Endpoint::Structured)
+    }
+}
+
+/// What a request says besides its body: where the key and the event date may come from.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMeta {
+    /// Value of the `X-SEKOIAIO-INTAKE-KEY` header.
+    pub header_key: Option<String>,
+    /// Value of the `Authorization` header (HTTP Basic: the key is the password).
+    pub authorization: Option<String>,
+    /// Query string of the request URI, without the `?`.
+    pub query: Option<String>,
+    /// Value of the `X-SEKOIAIO-EVENT-TIMESTAMP` header.
+    pub event_timestamp: Option<String>,
+}
+
+impl RequestMeta {
+    /// The intake key given outside the body: header first, then Basic password, then query.
+    pub fn intake_key(&self) -> Option<String> {
+        if let Some(key) = self.header_key.as_deref().filter(|k| !k.is_empty()) {
+            return Some(key.to_owned());
+        }
+        if let Some(key) = self.authorization.as_deref().and_then(basic_password) {
+            return Some(key);
+        }
+        self.query.as_deref().and_then(query_key)
+    }
+}
+
+/// The password of an HTTP Basic `Authorization` header value.
+fn basic_password(value: &str) -> Option<String> {
+    let (scheme, encoded) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (_, password) = decoded.split_once(':')?;
+    (!password.is_empty()).then(|| password.to_owned())
+}
+
+/// The `intake_key` parameter of a query string.
+fn query_key(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == INTAKE_KEY_QUERY)
+        .map(|(_, value)| value.into_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// One event taken from a request, with the key and date it was sent with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingEvent {
+    pub intake_key: String,
+    /// The event date given by the sender, verbatim, if any.
+    pub timestamp: Option<String>,
+    /// The event itself, as the intake will receive it.
+    pub raw: String,
+}
+
+/// A request the intake refuses, with the status it answers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 400,
+            message: message.into(),
+        }
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 401,
+            message: message.into(),
+        }
+    }
+
+    pub fn too_large(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 413,
+            message: message.into(),
+        }
+    }
+
+    /// The JSON body of this error.
+    pub fn body(&self) -> ErrorResponse {
+        ErrorResponse {
+            message: self.message.clone(),
+        }
+    }
+}
+
+/// Limits applied while parsing a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_event_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_event_bytes: MAX_EVENT_BYTES,
+        }
+    }
+}
+
+/// Parses a request to `endpoint` into its events, or says why the intake refuses it.
+///
+/// Decisions, made on purpose:
+/// - a body that is not UTF-8 (`/plain`, `/plain/batch`) or not the expected JSON is a 400 that
+///   names the problem; nothing of the request is kept, so the sender still has it all;
+/// - a missing key is a 401; an event over `max_event_bytes` is a 413 for the whole request,
+///   since the intake could never accept it;
+/// - an event in a JSON list that is not a string (an object, a number) is kept as its compact
+///   JSON text, which is what the intake would have received had the sender quoted it;
+/// - `/plain/batch` ignores empty lines and a `\r` before each `\n`;
+/// - a request with no event at all is a 400.
+pub fn parse_request(
+    endpoint: Endpoint,
+    meta: &RequestMeta,
+    body: &[u8],
+    limits: Limits,
+) -> Result<Vec<IncomingEvent>, ApiError> {
+    let events = match endpoint {
+        Endpoint::Plain => {
+            let key = require_key(meta)?;
+            let text = utf8(body)?;
+            if text.is_empty() {
+                return Err(ApiError::bad_request("the body is empty: /plain takes one event"));
+            }
+            vec![IncomingEvent {
+                intake_key: key,
+                timestamp: meta.event_timestamp.clone(),
+                raw: text.to_owned(),
+            }]
+        }
+        Endpoint::PlainBatch => {
+            let key = require_key(meta)?;
+            let text = utf8(body)?;
+            text.split('\n')
+                .map(|line| line.strip_suffix('\r').unwrap_or(line))
+                .filter(|line| !line.is_empty())
+                .map(|line| IncomingEvent {
+                    intake_key: key.clone(),
+                    timestamp: meta.event_timestamp.clone(),
+                    raw: line.to_owned(),
+                })
+                .collect()
+        }
+        Endpoint::Jsons => {
+            let key = require_key(meta)?;
+            let values: Vec<serde_json::Value> = json(body, "a JSON list of events")?;
+            values
+                .into_iter()
+                .map(|v| IncomingEvent {
+                    intake_key: key.clone(),
+                    timestamp: meta.event_timestamp.clone(),
+                    raw: value_text(v),
+                })
+                .collect()
+        }
+        Endpoint::Array => {
+            let items: Vec<ArrayItem> = json(
+                body,
+                "a JSON list of objects {\"intake_key\", \"json\", \"timestamp\"}",
+            )?;
+            let mut events = Vec::with_capacity(items.len());
+            for (i, item) in items.into_iter().enumerate() {
+                if item.intake_key.is_empty() {
+                    return Err(ApiError::unauthorized(format!(
+                        "element {i} has an empty intake_key"
+                    )));
+                }
+                events.push(IncomingEvent {
+                    intake_key: item.intake_key,
+                    timestamp: item.timestamp,
+                    raw: value_text(item.json),
+                });
+            }
+            events
+        }
+        Endpoint::Structured => {
+            let event: StructuredEvent = json(
+                body,
+                "a JSON object {\"intake_key\", \"json\", \"@timestamp\"}",
+            )?;
+            let key = body_key(event.intake_key, meta)?;
+            vec![IncomingEvent {
+                intake_key: key,
+                timestamp: event.timestamp.or_else(|| meta.event_timestamp.clone()),
+                raw: value_text(event.json),
+            }]
+        }
+        Endpoint::StructuredBatch => {
+            let batch: StructuredBatch = json(
+                body,
+                "a JSON object {\"intake_key\", \"jsons\": [...], \"@timestamp\"}",
+            )?;
+            let key = body_key(batch.intake_key, meta)?;
+            let timestamp = batch.timestamp.or_else(|| meta.event_timestamp.clone());
+            batch
+                .jsons
+                .into_iter()
+                .map(|v| IncomingEvent {
+                    intake_key: key.clone(),
+                    timestamp: timestamp.clone(),
+                    raw: value_text(v),
+                })
+                .collect()
+        }
+    };
+    if events.is_empty() {
+        return Err(ApiError::bad_request("the request carries no event"));
+    }
+    if let Some((i, e)) = events
+        .iter()
+        .enumerate()
+        .find(|(_, e)| e.raw.len() > limits.max_event_bytes)
+    {
+        return Err(ApiError::too_large(format!(
+            "event {i} is {} bytes, over the intake's limit of {} bytes per event",
+            e.raw.len(),
+            limits.max_event_bytes
+        )));
+    }
+    Ok(events)
+}
+
+fn require_key(meta: &RequestMeta) -> Result<String, ApiError> {
+    meta.intake_key().ok_or_else(|| {
+        ApiError::unauthorized(format!(
+            "no intake key: give it in the {INTAKE_KEY_HEADER} header, as the HTTP Basic password, \
+             or as ?{INTAKE_KEY_QUERY}="
+        ))
+    })
+}
+
+fn body_key(from_body: String, meta: &RequestMeta) -> Result<String, ApiError> {
+    if !from_body.is_empty() {
+        return Ok(from_body);
+    }
+    require_key(meta)
+}
+
+fn utf8(body: &[u8]) -> Result<&str, ApiError> {
+    std::str::from_utf8(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body is not valid UTF-8 (first invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+    })
+}
+
+fn json<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("malformed body: expected {expected}: {e}")))
+}
+
+/// The text of one event of a JSON list: a string as it is, anything else as compact JSON.
+fn value_text(value: serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    }
+}
+
+/// Why an answer of the intake does not acknowledge a batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    #[error("the answer is not {{\"event_ids\": [...]}}: {0}")]
+    Malformed(String),
+    #[error("the answer has {got} event ids for {sent} events")]
+    WrongCount { sent: usize, got: usize },
+}
+
+/// Checks that a 2xx answer to a batch of `sent` events acknowledges every one of them.
+pub fn check_ack(body: &[u8], sent: usize) -> Result<EventIdsResponse, AckError> {
+    let answer: EventIdsResponse =
+        serde_json::from_slice(body).map_err(|e| AckError::Malformed(e.to_string()))?;
+    if answer.event_ids.len() != sent {
+        return Err(AckError::WrongCount {
+            sent,
+            got: answer.event_ids.len(),
+        });
+    }
+    Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta_with_key() -> RequestMeta {
+        RequestMeta {
+            header_key: Some("KEY".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn key_from_header_basic_and_query() {
+        assert_eq!(meta_with_key().intake_key().as_deref(), Some("KEY"));
+        let basic = base64::engine::general_purpose::STANDARD.encode(":SECRET");
+        let meta = RequestMeta {
+            authorization: Some(format!("Basic {basic}")),
+            ..Default::default()
+        };
+        assert_eq!(meta.intake_key().as_deref(), Some("SECRET"));
+        let meta = RequestMeta {
+            query: Some("a=b&intake_key=Q%2Bk".into()),
+            ..Default::default()
+        };
+        assert_eq!(meta.intake_key().as_deref(), Some("Q+k"));
+        assert_eq!(RequestMeta::default().intake_key(), None);
+    }
+
+    #[test]
+    fn plain_batch_splits_lines() {
+        let events = parse_request(
+            Endpoint::PlainBatch,
+            &meta_with_key(),
+            b"a\r\nb\n\nc\n",
+            Limits::default(),
+        )
+        .unwrap();
+        let raws: Vec<_> = events.iter().map(|e| e.raw.as_str()).collect();
+        assert_eq!(raws, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn jsons_keeps_non_strings_as_json_text() {
+        let events = parse_request(
+            Endpoint::Jsons,
+            &meta_with_key(),
+            br#"["x", {"k": 1}]"#,
+            Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(events[0].raw, "x");
+        assert_eq!(events[1].raw, r#"{"k":1}"#);
+    }
+
+    #[test]
+    fn structured_accepts_documented_typo() {
+        let events = parse_request(
+            Endpoint::Structured,
+            &RequestMeta::default(),
+            br#"{"intakey_key": "K", "json": "e", "@timestamp": "2021-04-05T21:33:31+02:00"}"#,
+            Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(events[0].intake_key, "K");
+        assert_eq!(
+            events[0].timestamp.as_deref(),
+            Some("2021-04-05T21:33:31+02:00")
+        );
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let err = parse_request(
+            Endpoint::Jsons,
+            &RequestMeta::default(),
+            b"[]",
+            Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.status, 401);
+        let err = parse_request(Endpoint::Jsons, &meta_with_key(), b"{", Limits::default())
+            .unwrap_err();
+        assert_eq!(err.status, 400);
+        assert!(err.message.contains("malformed"), "{}", err.message);
+        let err = parse_request(
+            Endpoint::Plain,
+            &meta_with_key(),
+            b"\xff\xfe",
+            Limits::default(),
+        )
+        .unwrap_err();
+        assert!(err.message.contains("UTF-8"));
+        let big = vec![b'a'; 11];
+        let err = parse_request(
+            Endpoint::Plain,
+            &meta_with_key(),
+            &big,
+            Limits {
+                max_event_bytes: 10,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.status, 413);
+    }
+
+    #[test]
+    fn ack_requires_one_id_per_event() {
+        assert!(check_ack(br#"{"event_ids": ["a", "b"]}"#, 2).is_ok());
+        assert_eq!(
+            check_ack(br#"{"event_ids": ["a"]}"#, 2).unwrap_err(),
+            AckError::WrongCount { sent: 2, got: 1 }
+        );
+        assert!(matches!(
+            check_ack(b"ok", 1).unwrap_err(),
+            AckError::Malformed(_)
+        ));
+    }
+}

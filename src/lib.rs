@@ -1,0 +1,23 @@
+//! sekoia-forwarder: a disk-buffered, reliable log forwarder for the Sekoia.io HTTPS intake.
+//!
+//! Data flows one way: [`sources`] -> [`queue`] -> [`delivery`].
+//!
+//! - [`intake_api`]: the intake's wire format, shared by the local source, the delivery client
+//!   and the mock intake.
+//! - [`config`]: the TOML configuration and its built-in default.
+//! - [`queue`]: the durable sled write-ahead queue (group commit, fsync, counters).
+//! - [`delivery`]: drains the queue in batches to `{url}/jsons` and removes only what the
+//!   intake acknowledged with one id per event.
+//! - [`sources`]: where events come from (the local intake-compatible HTTP API).
+//! - [`mock_intake`]: an intake look-alike with fault injection, for tests and offline trials.
+//! - [`app`]: wires it all together and stops it cleanly.
+//!
+//! Start reading at `docs/architecture.md`.
+
+pub mod failpoint;
+
+pub mod config;
+pub mod intake_api;
+pub mod queue;
+pub mod mock_intake;
+pub mod sources;

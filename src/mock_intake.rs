@@ -1,0 +1,1 @@
+//! Mock intake (being written).

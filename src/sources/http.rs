@@ -1,0 +1,1 @@
+//! Local intake-compatible HTTP source (being written).
