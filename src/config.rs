@@ -24,6 +24,8 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
 impl Default for Config {
@@ -33,6 +35,7 @@ impl Default for Config {
             intake: IntakeConfig::default(),
             sources: default_sources(),
             log: LogConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -148,6 +151,25 @@ impl Default for HttpSourceConfig {
     }
 }
 
+/// `[admin]`: health, status and Prometheus metrics over HTTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve `/health`, `/status` and `/metrics`.
+    pub enabled: bool,
+    /// Address to listen on; loopback unless you mean otherwise.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 10081)),
+        }
+    }
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -209,12 +231,14 @@ impl Config {
             file: file.to_owned(),
             message: parse_message(&e, text),
         })?;
-        config.validate().map_err(|(key, message)| ConfigError::Invalid {
-            file: file.to_owned(),
-            line: line_of_key(text, &key),
-            key,
-            message,
-        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                file: file.to_owned(),
+                line: line_of_key(text, &key),
+                key,
+                message,
+            })?;
         Ok(config)
     }
 

@@ -251,7 +251,9 @@ pub fn parse_request(
             let key = require_key(meta)?;
             let text = utf8(body)?;
             if text.is_empty() {
-                return Err(ApiError::bad_request("the body is empty: /plain takes one event"));
+                return Err(ApiError::bad_request(
+                    "the body is empty: /plain takes one event",
+                ));
             }
             vec![IncomingEvent {
                 intake_key: key,
@@ -491,8 +493,8 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.status, 401);
-        let err = parse_request(Endpoint::Jsons, &meta_with_key(), b"{", Limits::default())
-            .unwrap_err();
+        let err =
+            parse_request(Endpoint::Jsons, &meta_with_key(), b"{", Limits::default()).unwrap_err();
         assert_eq!(err.status, 400);
         assert!(err.message.contains("malformed"), "{}", err.message);
         let err = parse_request(

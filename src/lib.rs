@@ -10,14 +10,18 @@
 //!   intake acknowledged with one id per event.
 //! - [`sources`]: where events come from (the local intake-compatible HTTP API).
 //! - [`mock_intake`]: an intake look-alike with fault injection, for tests and offline trials.
+//! - [`admin`]: health, status and Prometheus metrics.
 //! - [`app`]: wires it all together and stops it cleanly.
 //!
 //! Start reading at `docs/architecture.md`.
 
 pub mod failpoint;
 
+pub mod admin;
+pub mod app;
 pub mod config;
+pub mod delivery;
 pub mod intake_api;
-pub mod queue;
 pub mod mock_intake;
+pub mod queue;
 pub mod sources;

@@ -300,8 +300,8 @@ impl Queue {
         let (mut events, mut bytes) = (0usize, 0usize);
         for item in self.shared.tree.range(start..=end) {
             let (key, value) = item?;
-            let (_, seq) = record::parse_chunk_key(&key)
-                .map_err(|e| QueueError::Storage(e.to_string()))?;
+            let (_, seq) =
+                record::parse_chunk_key(&key).map_err(|e| QueueError::Storage(e.to_string()))?;
             let chunk = match Chunk::decode(&value) {
                 Ok(chunk) => chunk,
                 Err(_) => {
@@ -509,7 +509,10 @@ fn check_format(db: &sled::Db, path: &Path) -> Result<(), QueueError> {
             }
         }
         None => {
-            db.insert(record::META_FORMAT_KEY, &record::FORMAT_VERSION.to_be_bytes())?;
+            db.insert(
+                record::META_FORMAT_KEY,
+                &record::FORMAT_VERSION.to_be_bytes(),
+            )?;
         }
     }
     Ok(())

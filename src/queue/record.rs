@@ -102,7 +102,9 @@ impl ChunkHeader {
         if bytes[0] != VALUE_V1 {
             return Err(DecodeError::UnknownVersion(bytes[0]));
         }
-        let word = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        let word = |at: usize| {
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
         Ok(ChunkHeader {
             events: word(1),
             payload_bytes: word(5),

@@ -243,11 +243,12 @@ impl Writer {
     }
 
     fn lane_state<'a>(&'a self, staged: &'a mut Staged, id: u32) -> Option<&'a mut LaneState> {
-        if !staged.touched.contains_key(&id) {
-            let current = self.state.lanes.get(id as usize)?.clone();
-            staged.touched.insert(id, current);
+        match staged.touched.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => Some(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                Some(e.insert(self.state.lanes.get(id as usize)?.clone()))
+            }
         }
-        staged.touched.get_mut(&id)
     }
 
     fn stage_append(&self, staged: &mut Staged, groups: &[Group]) -> Result<(), QueueError> {
@@ -452,10 +453,18 @@ impl Writer {
         let was = self.shared.full.swap(full, Ordering::AcqRel);
         if full != was {
             if full {
-                tracing::warn!(disk_bytes = disk, queued_bytes = queued, max_bytes = max,
-                    "queue full: sources get back-pressure until delivery catches up");
+                tracing::warn!(
+                    disk_bytes = disk,
+                    queued_bytes = queued,
+                    max_bytes = max,
+                    "queue full: sources get back-pressure until delivery catches up"
+                );
             } else {
-                tracing::info!(disk_bytes = disk, queued_bytes = queued, "queue below its limit again");
+                tracing::info!(
+                    disk_bytes = disk,
+                    queued_bytes = queued,
+                    "queue below its limit again"
+                );
             }
         }
     }

@@ -1,0 +1,320 @@
+//! Observability: `/health`, `/status` and Prometheus `/metrics` on the admin listener, and the
+//! `status` command.
+//!
+//! The admin listener is separate from the sources so that a scrape or a health probe never
+//! competes with event senders, and so that it can stay on loopback when a source does not.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::delivery::DeliveryStats;
+use crate::queue::{Queue, QueueError, QueueStatus};
+
+/// What the admin endpoints read.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub queue: Queue,
+    pub delivery: Arc<DeliveryStats>,
+}
+
+/// `/status` body.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct StatusReport {
+    pub queue: QueueStatusView,
+    pub delivery: DeliveryView,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct QueueStatusView {
+    pub path: String,
+    pub events: u64,
+    pub bytes: u64,
+    pub disk_bytes: u64,
+    pub max_bytes: u64,
+    pub full: bool,
+    pub dead_letters: u64,
+    pub lanes: Vec<LaneView>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct LaneView {
+    pub lane: u32,
+    pub intake_key: String,
+    pub events: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct DeliveryView {
+    pub requests: u64,
+    pub acked_events: u64,
+    pub retries: u64,
+    pub auth_failures: u64,
+    pub dead_letters: u64,
+    pub in_flight: u64,
+}
+
+fn queue_view(s: QueueStatus) -> QueueStatusView {
+    QueueStatusView {
+        path: s.path.display().to_string(),
+        events: s.events,
+        bytes: s.bytes,
+        disk_bytes: s.disk_bytes,
+        max_bytes: s.max_bytes,
+        full: s.full,
+        dead_letters: s.dead_letters,
+        lanes: s
+            .lanes
+            .into_iter()
+            .map(|l| LaneView {
+                lane: l.lane,
+                intake_key: l.intake_key,
+                events: l.events,
+                bytes: l.bytes,
+            })
+            .collect(),
+    }
+}
+
+impl Observed {
+    fn report(&self) -> StatusReport {
+        let d = &self.delivery;
+        StatusReport {
+            queue: queue_view(self.queue.status()),
+            delivery: DeliveryView {
+                requests: d.requests.load(Ordering::Relaxed),
+                acked_events: d.acked_events.load(Ordering::Relaxed),
+                retries: d.retries.load(Ordering::Relaxed),
+                auth_failures: d.auth_failures.load(Ordering::Relaxed),
+                dead_letters: d.dead_letters.load(Ordering::Relaxed),
+                in_flight: d.in_flight.load(Ordering::Relaxed),
+            },
+        }
+    }
+}
+
+/// Binds the admin listener and serves until `shutdown`.
+pub async fn serve(
+    listen: SocketAddr,
+    observed: Observed,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (admin)"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(addr = %addr, "admin listening (/health, /status, /metrics)");
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(observed);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+async fn health(State(o): State<Observed>) -> Response {
+    let errors = o.queue.stats().storage_errors.load(Ordering::Relaxed);
+    let (code, status) = if o.queue.is_full() {
+        (StatusCode::SERVICE_UNAVAILABLE, "queue_full")
+    } else {
+        (StatusCode::OK, "ok")
+    };
+    (
+        code,
+        Json(serde_json::json!({ "status": status, "storage_errors": errors })),
+    )
+        .into_response()
+}
+
+async fn status(State(o): State<Observed>) -> Json<StatusReport> {
+    Json(o.report())
+}
+
+async fn metrics(State(o): State<Observed>) -> Response {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(o));
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+impl Collector for Observed {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let q = self.queue.stats();
+        let (events, bytes) = self.queue.totals();
+        let d = &self.delivery;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let counters = [
+            (
+                "queue_appended_events",
+                "Events made durable in the queue",
+                load(&q.appended_events),
+            ),
+            ("queue_commits", "Group commits", load(&q.commits)),
+            (
+                "queue_fsyncs",
+                "fsyncs of the queue's data file",
+                load(&q.fsyncs),
+            ),
+            (
+                "queue_storage_errors",
+                "Failed queue commits",
+                load(&q.storage_errors),
+            ),
+            (
+                "delivery_requests",
+                "Requests sent to the intake",
+                load(&d.requests),
+            ),
+            (
+                "delivery_acked_events",
+                "Events acknowledged by the intake",
+                load(&d.acked_events),
+            ),
+            (
+                "delivery_retries",
+                "Failed requests that will be retried",
+                load(&d.retries),
+            ),
+            (
+                "delivery_auth_failures",
+                "Requests refused for their intake key (401/403)",
+                load(&d.auth_failures),
+            ),
+            (
+                "delivery_dead_letters",
+                "Events refused for good and kept aside",
+                load(&d.dead_letters),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let c = ConstCounter::new(value);
+            c.encode(encoder.encode_descriptor(
+                &format!("sekoia_forwarder_{name}"),
+                help,
+                None,
+                c.metric_type(),
+            )?)?;
+        }
+        let gauges = [
+            ("queue_events", "Events waiting in the queue", events as i64),
+            (
+                "queue_bytes",
+                "Payload bytes waiting in the queue",
+                bytes as i64,
+            ),
+            (
+                "queue_disk_bytes",
+                "Bytes the queue holds on disk",
+                load(&q.disk_bytes) as i64,
+            ),
+            (
+                "queue_full",
+                "1 while sources get back-pressure",
+                i64::from(self.queue.is_full()),
+            ),
+            (
+                "delivery_in_flight",
+                "Requests on the wire",
+                load(&d.in_flight) as i64,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(
+                &format!("sekoia_forwarder_{name}"),
+                help,
+                None,
+                g.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The `status` command: asks the running forwarder, or reads the queue when none runs.
+pub fn print_status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let report = match Queue::open(&config.queue) {
+        Ok(queue) => StatusReport {
+            queue: queue_view(queue.status()),
+            delivery: DeliveryView::default(),
+        },
+        Err(QueueError::Locked(_)) => fetch_status(config)?,
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_text(&report);
+    }
+    Ok(())
+}
+
+fn fetch_status(config: &Config) -> anyhow::Result<StatusReport> {
+    let url = format!("http://{}/status", config.admin.listen);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let answer = reqwest::get(&url).await.with_context(|| {
+            format!("the queue is in use, and the running forwarder does not answer at {url}")
+        })?;
+        Ok(answer.error_for_status()?.json::<StatusReport>().await?)
+    })
+}
+
+fn print_text(r: &StatusReport) {
+    let q = &r.queue;
+    println!("queue        {}", q.path);
+    println!(
+        "backlog      {} events, {} bytes of payload",
+        q.events, q.bytes
+    );
+    println!(
+        "disk         {} bytes (limit {}){}",
+        q.disk_bytes,
+        q.max_bytes,
+        if q.full { ", FULL" } else { "" }
+    );
+    println!("dead letters {}", q.dead_letters);
+    for l in &q.lanes {
+        println!(
+            "  lane {:>3}  key {:<8} {:>10} events {:>14} bytes",
+            l.lane, l.intake_key, l.events, l.bytes
+        );
+    }
+    let d = &r.delivery;
+    if d.requests > 0 {
+        println!(
+            "delivery     {} requests, {} events acknowledged, {} retries, {} in flight",
+            d.requests, d.acked_events, d.retries, d.in_flight
+        );
+    }
+}

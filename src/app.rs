@@ -1,0 +1,124 @@
+//! Wires sources, queue and delivery together, and stops them in the order that loses nothing.
+//!
+//! Shutdown (SIGTERM or SIGINT):
+//! 1. sources stop accepting; requests in flight finish (their events are appended and
+//!    acknowledged) within `SOURCE_GRACE`; later requests get 503 + Retry-After;
+//! 2. delivery stops starting batches; requests on the wire finish within `DELIVERY_GRACE` and
+//!    their acknowledgements are recorded;
+//! 3. the queue commits and fsyncs what is left, and the process exits 0.
+//!
+//! Whatever is still queued is delivered by the next start.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Observed};
+use crate::config::{Config, SourceConfig};
+use crate::delivery::Delivery;
+use crate::queue::Queue;
+use crate::sources::http::HttpSource;
+
+const SOURCE_GRACE: Duration = Duration::from_secs(10);
+const DELIVERY_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs the forwarder until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let queue_config = config.queue.clone();
+    let queue = tokio::task::spawn_blocking(move || Queue::open(&queue_config))
+        .await?
+        .with_context(|| format!("cannot open the queue at {}", config.queue.path.display()))?;
+    let status = queue.status();
+    tracing::info!(
+        path = %status.path.display(),
+        backlog_events = status.events,
+        backlog_bytes = status.bytes,
+        disk_bytes = status.disk_bytes,
+        intake_keys = status.lanes.len(),
+        dead_letters = status.dead_letters,
+        "queue opened"
+    );
+
+    let sources_stop = CancellationToken::new();
+    let delivery_stop = CancellationToken::new();
+    let mut sources = tokio::task::JoinSet::new();
+    for source in &config.sources {
+        match source {
+            SourceConfig::Http(http) => {
+                let src = HttpSource::bind(http.clone(), queue.clone())
+                    .await
+                    .with_context(|| format!("cannot listen on {}", http.listen))?;
+                sources.spawn(src.run(sources_stop.clone()));
+            }
+        }
+    }
+
+    let delivery = Delivery::new(config.intake.clone(), queue.clone(), delivery_stop.clone())?;
+    tracing::info!(endpoint = delivery.endpoint(), "delivering to the intake");
+    let admin_stop = CancellationToken::new();
+    let admin = if config.admin.enabled {
+        let observed = Observed {
+            queue: queue.clone(),
+            delivery: delivery.stats(),
+        };
+        Some(tokio::spawn(admin::serve(
+            config.admin.listen,
+            observed,
+            admin_stop.clone(),
+        )))
+    } else {
+        None
+    };
+    let delivery = tokio::spawn(delivery.run(DELIVERY_GRACE));
+
+    wait_for_signal().await?;
+    tracing::info!("stopping: no new events accepted, finishing requests in flight");
+    sources_stop.cancel();
+    let drained = tokio::time::timeout(SOURCE_GRACE, async {
+        while let Some(res) = sources.join_next().await {
+            match res {
+                Ok(Err(e)) => tracing::error!(error = %e, "source failed while stopping"),
+                Err(e) => tracing::error!(error = %e, "source task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "some source requests did not finish in time; their senders were not acknowledged"
+        );
+        sources.abort_all();
+    }
+    delivery_stop.cancel();
+    let _ = delivery.await;
+    queue.close().await.context("cannot close the queue")?;
+    admin_stop.cancel();
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+    let (events, bytes) = queue.totals();
+    tracing::info!(
+        backlog_events = events,
+        backlog_bytes = bytes,
+        "stopped; the backlog is delivered at next start"
+    );
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}

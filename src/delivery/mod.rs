@@ -1,0 +1,294 @@
+//! Delivery: drains the queue to the intake's `/jsons`, one intake key per request.
+//!
+//! One task per lane (intake key) reads batches in queue order and hands each to a task of its
+//! own ([`batch::deliver`]), up to `max_in_flight` per lane; a global semaphore bounds the
+//! requests on the wire at once. Batches of one lane may therefore complete out of order; the
+//! intake orders events by their dates, not by arrival.
+//!
+//! Nothing leaves the queue unless the intake answered 2xx with one event id per event sent
+//! ([`client::classify`]); the removal goes through [`Queue::ack`].
+
+mod batch;
+pub mod client;
+pub mod retry;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::IntakeConfig;
+use crate::queue::{now_ms, redact_key, Ack, DeadLetter, Lane, Queue, ReadBatch};
+use client::{IntakeClient, Outcome};
+
+/// Counters shown by metrics.
+#[derive(Debug, Default)]
+pub struct DeliveryStats {
+    pub requests: AtomicU64,
+    pub acked_events: AtomicU64,
+    pub retries: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+/// What every delivery task shares.
+pub(crate) struct Ctx {
+    config: IntakeConfig,
+    queue: Queue,
+    client: IntakeClient,
+    requests: Semaphore,
+    stats: Arc<DeliveryStats>,
+    shutdown: CancellationToken,
+}
+
+impl IntakeConfig {
+    fn backoff_initial(&self) -> Duration {
+        Duration::from_millis(self.backoff_initial_ms)
+    }
+    fn backoff_max(&self) -> Duration {
+        Duration::from_millis(self.backoff_max_ms)
+    }
+    fn auth_retry(&self) -> Duration {
+        Duration::from_secs(self.auth_retry_secs)
+    }
+}
+
+impl Ctx {
+    /// One request, holding a global slot only while it is on the wire.
+    async fn send(
+        &self,
+        intake_key: &str,
+        timestamp: Option<&str>,
+        body: Vec<u8>,
+        events: usize,
+    ) -> Outcome {
+        let _slot = self.requests.acquire().await;
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let outcome = self.client.send(intake_key, timestamp, body, events).await;
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        outcome
+    }
+
+    /// Records progress in the queue; false if the queue is gone (shutting down).
+    async fn write_back(&self, lane: u32, ack: Ack) -> bool {
+        if ack.remove.is_empty() && ack.rewrite.is_empty() && ack.dead.is_empty() {
+            return true;
+        }
+        match self.queue.ack(lane, ack).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(lane, error = %e,
+                    "could not record delivered events; they will be sent again after restart");
+                false
+            }
+        }
+    }
+
+    /// Sleeps unless shutdown comes first; false on shutdown.
+    async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = self.shutdown.cancelled() => false,
+        }
+    }
+}
+
+/// The delivery engine.
+pub struct Delivery {
+    ctx: Arc<Ctx>,
+    tasks: TaskTracker,
+}
+
+impl Delivery {
+    pub fn new(
+        config: IntakeConfig,
+        queue: Queue,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Delivery> {
+        let client = IntakeClient::new(&config)?;
+        let ctx = Arc::new(Ctx {
+            requests: Semaphore::new(config.max_in_flight),
+            config,
+            queue,
+            client,
+            stats: Arc::default(),
+            shutdown,
+        });
+        Ok(Delivery {
+            ctx,
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    pub fn stats(&self) -> Arc<DeliveryStats> {
+        self.ctx.stats.clone()
+    }
+
+    /// The URL batches go to.
+    pub fn endpoint(&self) -> &str {
+        self.ctx.client.endpoint()
+    }
+
+    /// Runs until shutdown, then waits for requests on the wire to finish (their answers are
+    /// recorded) for at most `grace`.
+    pub async fn run(self, grace: Duration) {
+        let mut started = HashSet::new();
+        loop {
+            let changed = self.ctx.queue.lanes_changed();
+            for lane in self.ctx.queue.lanes() {
+                if started.insert(lane.id) {
+                    self.tasks
+                        .spawn(run_lane(self.ctx.clone(), lane, self.tasks.clone()));
+                }
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = self.ctx.shutdown.cancelled() => break,
+            }
+        }
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("delivery still busy at the end of the grace period; unfinished batches stay queued");
+        }
+    }
+}
+
+/// Reads one lane in order and starts its batches.
+async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
+    let slots = Arc::new(Semaphore::new(ctx.config.max_in_flight));
+    let mut cursor = 0u64;
+    let key = redact_key(&lane.intake_key);
+    tracing::debug!(lane = lane.id, intake_key = %key, "delivering lane");
+    loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => return },
+            _ = ctx.shutdown.cancelled() => return,
+        };
+        let appended_before = lane.appended();
+        let read = read_lane(&ctx, lane.id, cursor).await;
+        let read = match read {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(lane = lane.id, error = %e, "cannot read the queue; retrying");
+                if !ctx.sleep(Duration::from_secs(1)).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if !read.corrupt.is_empty() {
+            quarantine(&ctx, &lane, &read).await;
+        }
+        if read.chunks.is_empty() {
+            cursor = read.next_seq;
+            drop(slot);
+            tokio::select! {
+                _ = lane.notify.notified() => {}
+                _ = ctx.shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        if let Some(wait) = linger_left(&ctx.config, &read) {
+            drop(slot);
+            if !wait_for_more(&ctx, &lane, appended_before, &read, wait).await {
+                return;
+            }
+            continue;
+        }
+        cursor = read.next_seq;
+        let first = &read.chunks[0].chunk;
+        let batch = batch::Batch {
+            lane: lane.id,
+            intake_key: first.intake_key.clone(),
+            timestamp: first.timestamp.clone(),
+            chunks: read.chunks,
+        };
+        let ctx = ctx.clone();
+        tasks.spawn(async move {
+            batch::deliver(ctx, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn read_lane(ctx: &Arc<Ctx>, lane: u32, cursor: u64) -> Result<ReadBatch, anyhow::Error> {
+    let queue = ctx.queue.clone();
+    let (max_events, max_bytes) = (ctx.config.batch_max_events, ctx.config.batch_max_bytes);
+    let read = tokio::task::spawn_blocking(move || queue.read(lane, cursor, max_events, max_bytes))
+        .await??;
+    Ok(read)
+}
+
+/// How much longer a partial batch may wait for more events, if any.
+fn linger_left(config: &IntakeConfig, read: &ReadBatch) -> Option<Duration> {
+    let events = read.events();
+    let bytes: usize = read.chunks.iter().map(|c| c.chunk.payload_bytes()).sum();
+    if events >= config.batch_max_events || bytes >= config.batch_max_bytes / 2 {
+        return None;
+    }
+    let oldest = read.chunks.iter().map(|c| c.chunk.received_at_ms).min()?;
+    let age = Duration::from_millis(now_ms().saturating_sub(oldest));
+    config.linger().checked_sub(age).filter(|d| !d.is_zero())
+}
+
+/// Waits until the linger time is over or enough events arrived to fill the batch.
+async fn wait_for_more(
+    ctx: &Ctx,
+    lane: &Lane,
+    appended_before: u64,
+    read: &ReadBatch,
+    wait: Duration,
+) -> bool {
+    let deadline = Instant::now() + wait;
+    let room = ctx.config.batch_max_events.saturating_sub(read.events()) as u64;
+    loop {
+        if lane.appended().saturating_sub(appended_before) >= room {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        tokio::select! {
+            _ = lane.notify.notified() => {}
+            _ = tokio::time::sleep(left) => return true,
+            _ = ctx.shutdown.cancelled() => return false,
+        }
+    }
+}
+
+/// Moves chunks that cannot be decoded out of the lane, into the dead letters.
+async fn quarantine(ctx: &Ctx, lane: &Lane, read: &ReadBatch) {
+    let mut ack = Ack::default();
+    for (seq, bytes) in &read.corrupt {
+        tracing::error!(
+            lane = lane.id,
+            seq,
+            bytes = bytes.len(),
+            "undecodable chunk in the queue; moved to the dead letters"
+        );
+        ack.remove.push(*seq);
+        ack.dead.push(DeadLetter {
+            intake_key: lane.intake_key.clone(),
+            timestamp: None,
+            received_at_ms: 0,
+            event: String::from_utf8_lossy(bytes).into_owned(),
+            status: 0,
+            reason: "undecodable chunk".into(),
+            dead_at_ms: now_ms(),
+        });
+    }
+    ctx.stats
+        .dead_letters
+        .fetch_add(read.corrupt.len() as u64, Ordering::Relaxed);
+    ctx.write_back(lane.id, ack).await;
+}

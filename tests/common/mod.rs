@@ -1,0 +1,312 @@
+//! Test harness: runs the real `sekoia-forwarder` binary against a mock intake on real sockets.
+#![allow(dead_code, unused_imports)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use sekoia_forwarder::mock_intake::{FaultConfig, MockIntake, ReceivedEvent, ScriptedFault};
+
+/// Generous: CI is a busy 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_sekoia-forwarder")
+}
+
+/// A running forwarder process.
+pub struct Forwarder {
+    child: Option<Child>,
+    pub source: SocketAddr,
+    pub admin: SocketAddr,
+    pub config: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+/// Writes a configuration with ephemeral ports, the queue under `dir`, and `extra` appended
+/// to the `[intake]` table.
+pub fn write_config(
+    dir: &Path,
+    intake_url: &str,
+    intake_extra: &str,
+    source_extra: &str,
+) -> PathBuf {
+    let path = dir.join("forwarder.toml");
+    let text = format!(
+        r#"
+[queue]
+path = "{queue}"
+
+[intake]
+url = "{intake_url}"
+linger_ms = 50
+backoff_initial_ms = 50
+backoff_max_ms = 1000
+{intake_extra}
+
+[[source]]
+type = "http"
+listen = "127.0.0.1:0"
+{source_extra}
+
+[admin]
+listen = "127.0.0.1:0"
+"#,
+        queue = dir.join("queue").display(),
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+impl Forwarder {
+    /// Starts the binary and waits until both listeners are up.
+    pub fn start(config: &Path) -> Forwarder {
+        Forwarder::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Forwarder {
+        let mut cmd = Command::new(binary());
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info,sekoia_forwarder=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn sekoia-forwarder");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("listening") {
+                        let _ = tx.send(line.clone());
+                    }
+                    log.lock().unwrap().push_str(&line);
+                    log.lock().unwrap().push('\n');
+                }
+            });
+        }
+        let (mut source, mut admin) = (None, None);
+        let deadline = Instant::now() + DEADLINE;
+        while source.is_none() || admin.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(l) => l,
+                Err(_) => panic!(
+                    "forwarder did not start listening:\n{}",
+                    log.lock().unwrap()
+                ),
+            };
+            let addr = parse_addr(&line);
+            if line.contains("http source listening") {
+                source = addr;
+            } else if line.contains("admin listening") {
+                admin = addr;
+            }
+        }
+        Forwarder {
+            child: Some(child),
+            source: source.unwrap(),
+            admin: admin.unwrap(),
+            config: config.to_owned(),
+            log,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.source)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL: the process gets no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), "TERM");
+        wait_exit(&mut child)
+    }
+
+    /// Waits for the process to exit by itself (a crash point).
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        wait_exit(&mut child)
+    }
+
+    /// The `/status` report of the running forwarder.
+    pub async fn status(&self) -> serde_json::Value {
+        reqwest::get(format!("http://{}/status", self.admin))
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("status json")
+    }
+
+    /// Waits until the queue holds no event.
+    pub async fn wait_drained(&self) {
+        let ok = wait_until_async(DEADLINE, || async {
+            let s = self.status().await;
+            s["queue"]["events"].as_u64() == Some(0)
+        })
+        .await;
+        assert!(ok, "queue did not drain:\n{}", self.log());
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn wait_exit(child: &mut Child) -> ExitStatus {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("forwarder did not exit in time");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+fn parse_addr(line: &str) -> Option<SocketAddr> {
+    let start = line.find("addr=")? + 5;
+    let rest = &line[start..];
+    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Polls `f` until it is true or `deadline` passes.
+pub async fn wait_until_async<F, Fut>(deadline: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Sends events `first..first+n` to the forwarder's `/jsons` in requests of `per_request`
+/// events, one after the other, and returns the ids of the events that got a 2xx.
+pub async fn send_events(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    first: usize,
+    n: usize,
+    per_request: usize,
+) -> Vec<String> {
+    let mut acked = Vec::new();
+    let mut i = first;
+    while i < first + n {
+        let batch: Vec<String> = (i..(i + per_request).min(first + n)).map(event).collect();
+        i += batch.len();
+        if post_jsons(client, url, key, &batch).await {
+            acked.extend(batch);
+        }
+    }
+    acked
+}
+
+/// POSTs one batch; true on a 2xx with one id per event.
+pub async fn post_jsons(client: &reqwest::Client, url: &str, key: &str, batch: &[String]) -> bool {
+    let answer = client
+        .post(format!("{url}/jsons"))
+        .header("X-SEKOIAIO-INTAKE-KEY", key)
+        .json(batch)
+        .send()
+        .await;
+    match answer {
+        Ok(r) if r.status().is_success() => {
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            body["event_ids"].as_array().map(|a| a.len()) == Some(batch.len())
+        }
+        _ => false,
+    }
+}
+
+pub fn event(i: usize) -> String {
+    format!("event-{i:08} {}", "x".repeat(180))
+}
+
+/// Asserts every id of `acked` reached the mock; returns the number of duplicates it got.
+pub fn assert_all_delivered(mock: &MockIntake, acked: &[String]) -> usize {
+    let got = mock.events();
+    let mut seen = std::collections::HashMap::new();
+    for e in &got {
+        *seen.entry(e.raw.as_str()).or_insert(0usize) += 1;
+    }
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|e| !seen.contains_key(e.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged events never reached the intake, first: {:?}",
+        missing.len(),
+        missing.first()
+    );
+    seen.values().map(|n| n - 1).sum()
+}
+
+/// Waits until the mock holds every event of `acked`.
+pub async fn wait_delivered(mock: &MockIntake, acked: &[String]) {
+    let want: std::collections::HashSet<&str> = acked.iter().map(|s| s.as_str()).collect();
+    let ok = mock
+        .wait_for(
+            |events| {
+                let have: std::collections::HashSet<&str> =
+                    events.iter().map(|e| e.raw.as_str()).collect();
+                want.iter().all(|w| have.contains(w))
+            },
+            DEADLINE,
+        )
+        .await;
+    assert!(
+        ok || want.is_empty(),
+        "not every acknowledged event reached the mock in time"
+    );
+}

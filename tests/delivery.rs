@@ -1,0 +1,232 @@
+//! The real binary between a client and the mock intake: every fault the intake can throw,
+//! and proof that every acknowledged event arrives (and how many duplicates each fault costs).
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const KEY: &str = "test-intake-key-0000000001";
+
+async fn mock() -> MockIntake {
+    MockIntake::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("mock intake")
+}
+
+fn faults(script: Vec<ScriptedFault>) -> FaultConfig {
+    FaultConfig {
+        script,
+        ..FaultConfig::default()
+    }
+}
+
+/// Runs `n` events through a forwarder whose intake misbehaves as `faults` says; returns the
+/// number of duplicates the mock received.
+async fn deliver_through(faults: FaultConfig, intake_extra: &str, n: usize) -> usize {
+    let mock = mock().await;
+    mock.set_faults(faults);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock.url(), intake_extra, "");
+    let fwd = Forwarder::start(&config);
+    let client = reqwest::Client::new();
+    let acked = send_events(&client, &fwd.url(), KEY, 0, n, 50).await;
+    assert_eq!(
+        acked.len(),
+        n,
+        "the forwarder refused events:\n{}",
+        fwd.log()
+    );
+    wait_delivered(&mock, &acked).await;
+    fwd.wait_drained().await;
+    let dups = assert_all_delivered(&mock, &acked);
+    assert!(mock.events().iter().all(|e| e.intake_key == KEY));
+    dups
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_reach_the_intake_and_leave_the_queue() {
+    let dups = deliver_through(FaultConfig::default(), "", 500).await;
+    assert_eq!(dups, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_errors_are_retried() {
+    let dups = deliver_through(
+        faults(vec![ScriptedFault::Status {
+            status: 503,
+            retry_after_secs: None,
+            times: 4,
+        }]),
+        "",
+        200,
+    )
+    .await;
+    assert_eq!(dups, 0, "a 5xx answer means nothing was kept");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn too_many_requests_honours_retry_after() {
+    let mock = mock().await;
+    mock.set_faults(faults(vec![ScriptedFault::Status {
+        status: 429,
+        retry_after_secs: Some(2),
+        times: 1,
+    }]));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock.url(), "", "");
+    let fwd = Forwarder::start(&config);
+    let client = reqwest::Client::new();
+    let start = std::time::Instant::now();
+    let acked = send_events(&client, &fwd.url(), KEY, 0, 10, 10).await;
+    wait_delivered(&mock, &acked).await;
+    assert!(
+        start.elapsed() >= Duration::from_millis(1900),
+        "retried before Retry-After (backoff alone would have retried after ~50 ms)"
+    );
+    assert_eq!(assert_all_delivered(&mock, &acked), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dropped_connections_are_retried() {
+    let dups = deliver_through(faults(vec![ScriptedFault::Drop { times: 3 }]), "", 200).await;
+    assert_eq!(dups, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_answers_time_out_and_are_retried() {
+    // The mock records the events and answers after 3 s; the forwarder gives up after 1 s and
+    // sends again: the cost is one duplicate batch.
+    let dups = deliver_through(
+        faults(vec![ScriptedFault::Slow {
+            delay_ms: 3000,
+            times: 1,
+        }]),
+        "request_timeout_secs = 1",
+        100,
+    )
+    .await;
+    assert!(dups <= 100, "{dups} duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn accept_then_fail_costs_duplicates_not_losses() {
+    let dups = deliver_through(
+        faults(vec![ScriptedFault::AcceptThenFail { times: 2 }]),
+        "",
+        100,
+    )
+    .await;
+    assert!(dups > 0 && dups <= 200, "{dups} duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_number_of_ids_is_not_an_acknowledgement() {
+    let dups = deliver_through(
+        faults(vec![ScriptedFault::WrongIds {
+            delta: -1,
+            times: 2,
+        }]),
+        "",
+        100,
+    )
+    .await;
+    assert!(
+        dups > 0,
+        "the batch was removed although not every event got an id"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn too_large_batches_are_split() {
+    // 100 events of ~200 bytes: ~20 KB per batch; the intake takes at most 5 KB.
+    let config = FaultConfig {
+        max_body_bytes: Some(5000),
+        ..FaultConfig::default()
+    };
+    let dups = deliver_through(config, "", 100).await;
+    assert_eq!(dups, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_events_are_dead_lettered_and_the_rest_delivered() {
+    let mock = mock().await;
+    mock.set_faults(FaultConfig {
+        reject_containing: Some("POISON".into()),
+        ..FaultConfig::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock.url(), "", "");
+    let fwd = Forwarder::start(&config);
+    let client = reqwest::Client::new();
+    let mut batch: Vec<String> = (0..64).map(event).collect();
+    batch[17] = "POISON 17".into();
+    batch[40] = "POISON 40".into();
+    assert!(post_jsons(&client, &fwd.url(), KEY, &batch).await);
+    let good: Vec<String> = batch
+        .iter()
+        .filter(|e| !e.contains("POISON"))
+        .cloned()
+        .collect();
+    wait_delivered(&mock, &good).await;
+    fwd.wait_drained().await;
+    let status = fwd.status().await;
+    assert_eq!(status["queue"]["dead_letters"], 2, "{status}");
+    assert_eq!(assert_all_delivered(&mock, &good), 0);
+    assert!(mock.events().iter().all(|e| !e.raw.contains("POISON")));
+    assert!(
+        !fwd.log().contains(KEY),
+        "the intake key appeared in the logs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_key_waits_while_other_keys_flow() {
+    let mock = mock().await;
+    let bad = "revoked-intake-key-0000000002";
+    let mut config = FaultConfig::default();
+    config.key_status.insert(bad.into(), 403);
+    mock.set_faults(config);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock.url(), "auth_retry_secs = 1", "");
+    let fwd = Forwarder::start(&config);
+    let client = reqwest::Client::new();
+    let bad_events: Vec<String> = (0..20).map(|i| format!("bad-{i}")).collect();
+    assert!(post_jsons(&client, &fwd.url(), bad, &bad_events).await);
+    let acked = send_events(&client, &fwd.url(), KEY, 0, 100, 20).await;
+    wait_delivered(&mock, &acked).await;
+    let status = fwd.status().await;
+    assert_eq!(
+        status["queue"]["events"], 20,
+        "the refused key's events must stay queued: {status}"
+    );
+    assert!(fwd.log().contains("refuses this intake key"));
+    assert!(
+        !fwd.log().contains(bad),
+        "the intake key appeared in the logs"
+    );
+    // Once the key is accepted again, its events go through.
+    mock.set_faults(FaultConfig::default());
+    wait_delivered(&mock, &bad_events).await;
+    fwd.wait_drained().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn intake_down_then_up_delivers_the_backlog() {
+    let mock = mock().await;
+    let url = mock.url();
+    mock.shutdown().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &url, "", "");
+    let fwd = Forwarder::start(&config);
+    let client = reqwest::Client::new();
+    let acked = send_events(&client, &fwd.url(), KEY, 0, 300, 30).await;
+    assert_eq!(acked.len(), 300);
+    let status = fwd.status().await;
+    assert_eq!(status["queue"]["events"], 300, "{status}");
+    let mock = MockIntake::start(url.trim_start_matches("http://").parse().unwrap())
+        .await
+        .expect("mock on the same port");
+    wait_delivered(&mock, &acked).await;
+    fwd.wait_drained().await;
+}
