@@ -35,28 +35,8 @@ pub struct Observed {
 /// `/status` body.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct StatusReport {
-    pub queue: QueueStatusView,
+    pub queue: QueueStatus,
     pub delivery: DeliveryView,
-}
-
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct QueueStatusView {
-    pub path: String,
-    pub events: u64,
-    pub bytes: u64,
-    pub disk_bytes: u64,
-    pub max_bytes: u64,
-    pub full: bool,
-    pub dead_letters: u64,
-    pub lanes: Vec<LaneView>,
-}
-
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct LaneView {
-    pub lane: u32,
-    pub intake_key: String,
-    pub events: u64,
-    pub bytes: u64,
 }
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -69,33 +49,11 @@ pub struct DeliveryView {
     pub in_flight: u64,
 }
 
-fn queue_view(s: QueueStatus) -> QueueStatusView {
-    QueueStatusView {
-        path: s.path.display().to_string(),
-        events: s.events,
-        bytes: s.bytes,
-        disk_bytes: s.disk_bytes,
-        max_bytes: s.max_bytes,
-        full: s.full,
-        dead_letters: s.dead_letters,
-        lanes: s
-            .lanes
-            .into_iter()
-            .map(|l| LaneView {
-                lane: l.lane,
-                intake_key: l.intake_key,
-                events: l.events,
-                bytes: l.bytes,
-            })
-            .collect(),
-    }
-}
-
 impl Observed {
     fn report(&self) -> StatusReport {
         let d = &self.delivery;
         StatusReport {
-            queue: queue_view(self.queue.status()),
+            queue: self.queue.status(),
             delivery: DeliveryView {
                 requests: d.requests.load(Ordering::Relaxed),
                 acked_events: d.acked_events.load(Ordering::Relaxed),
@@ -263,7 +221,7 @@ impl Collector for Observed {
 pub fn print_status(config: &Config, json: bool) -> anyhow::Result<()> {
     let report = match Queue::open(&config.queue) {
         Ok(queue) => StatusReport {
-            queue: queue_view(queue.status()),
+            queue: queue.status(),
             delivery: DeliveryView::default(),
         },
         Err(QueueError::Locked(_)) => fetch_status(config)?,
@@ -292,7 +250,7 @@ fn fetch_status(config: &Config) -> anyhow::Result<StatusReport> {
 
 fn print_text(r: &StatusReport) {
     let q = &r.queue;
-    println!("queue        {}", q.path);
+    println!("queue        {}", q.path.display());
     println!(
         "backlog      {} events, {} bytes of payload",
         q.events, q.bytes

@@ -168,7 +168,7 @@ pub struct Ack {
 }
 
 /// One lane as `status` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LaneStatus {
     pub lane: u32,
     /// The intake key, redacted.
@@ -178,7 +178,7 @@ pub struct LaneStatus {
 }
 
 /// The queue as `status` and metrics show it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QueueStatus {
     pub path: PathBuf,
     pub events: u64,
