@@ -56,6 +56,9 @@ pub struct QueueConfig {
     pub cache_capacity_bytes: u64,
     /// Target payload of one stored chunk of events.
     pub chunk_bytes: usize,
+    /// Free space kept on the queue's file system: below it, sources get back-pressure, so
+    /// that delivery can still record removals (which need a little space too).
+    pub min_free_bytes: u64,
 }
 
 impl Default for QueueConfig {
@@ -65,6 +68,7 @@ impl Default for QueueConfig {
             max_bytes: 4 * 1024 * 1024 * 1024,
             cache_capacity_bytes: 32 * 1024 * 1024,
             chunk_bytes: 64 * 1024,
+            min_free_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -262,6 +266,11 @@ impl Config {
             q.cache_capacity_bytes >= 1024 * 1024,
             "queue.cache_capacity_bytes",
             "expected at least 1048576 (1 MiB)",
+        )?;
+        check(
+            q.min_free_bytes >= 1024 * 1024,
+            "queue.min_free_bytes",
+            "expected at least 1048576 (1 MiB): removing delivered events needs some space",
         )?;
         check(
             (1024..=256 * 1024).contains(&q.chunk_bytes),

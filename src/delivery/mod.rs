@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::IntakeConfig;
-use crate::queue::{now_ms, redact_key, Ack, DeadLetter, Lane, Queue, ReadBatch};
+use crate::queue::{now_ms, redact_key, Ack, DeadLetter, Lane, Queue, QueueError, ReadBatch};
 use client::{IntakeClient, Outcome};
 
 /// Counters shown by metrics.
@@ -76,16 +76,32 @@ impl Ctx {
     }
 
     /// Records progress in the queue; false if the queue is gone (shutting down).
+    ///
+    /// A storage error (a full disk) is retried every second: the batch keeps its chunks, so
+    /// they are neither lost nor sent again while the disk recovers.
     async fn write_back(&self, lane: u32, ack: Ack) -> bool {
         if ack.remove.is_empty() && ack.rewrite.is_empty() && ack.dead.is_empty() {
             return true;
         }
-        match self.queue.ack(lane, ack).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(lane, error = %e,
-                    "could not record delivered events; they will be sent again after restart");
-                false
+        let mut logged = false;
+        loop {
+            match self.queue.ack(lane, ack.clone()).await {
+                Ok(()) => return true,
+                Err(QueueError::Closed) => {
+                    tracing::warn!(lane, "queue closed before delivered events were recorded; \
+                        they will be sent again after restart");
+                    return false;
+                }
+                Err(e) => {
+                    if !logged {
+                        tracing::warn!(lane, error = %e,
+                            "cannot record delivered events yet; retrying every second");
+                        logged = true;
+                    }
+                    if !self.sleep(Duration::from_secs(1)).await {
+                        return false;
+                    }
+                }
             }
         }
     }

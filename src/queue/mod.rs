@@ -28,10 +28,12 @@ use crate::config::QueueConfig;
 use crate::intake_api::IncomingEvent;
 pub use record::{Chunk, DeadLetter};
 
-/// sled segment size. A value larger than a quarter of it would go to a `blobs/` file that
-/// sled never fsyncs; with 2 MiB segments that threshold (512 KiB) is well above the largest
-/// chunk we write (`chunk_bytes` <= 256 KiB, or one event of at most 250,000 bytes).
-const SEGMENT_SIZE: usize = 2 * 1024 * 1024;
+/// sled segment size. sled writes a page (a node of up to ~17 keys) that is larger than a
+/// quarter of a segment to a `blobs/` file of its own, which sled never fsyncs. With 8 MiB
+/// segments that threshold is 2 MiB: a leaf of 17 chunks of `chunk_bytes` (64 KiB by default)
+/// stays well below it, so blobs are rare (large events only); the writer fsyncs those it
+/// finds (`Writer::sync_blobs`).
+const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
 /// How many bytes of appends one group commit gathers at most.
 const COMMIT_MAX_BYTES: usize = 16 * 1024 * 1024;
 
@@ -109,6 +111,9 @@ pub struct Stats {
     pub acked_events: AtomicU64,
     pub dead_events: AtomicU64,
     pub disk_bytes: AtomicU64,
+    pub free_bytes: AtomicU64,
+    /// Blob files of sled fsynced by the writer.
+    pub blob_fsyncs: AtomicU64,
     pub storage_errors: AtomicU64,
 }
 
@@ -118,6 +123,7 @@ struct Shared {
     tree: sled::Db,
     path: PathBuf,
     max_bytes: u64,
+    min_free_bytes: u64,
     lanes: RwLock<Vec<Arc<Lane>>>,
     lanes_changed: Notify,
     full: AtomicBool,
@@ -157,7 +163,7 @@ impl ReadBatch {
 }
 
 /// What delivery reports for a lane once the intake answered.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Ack {
     /// Chunks whose every event is acknowledged (or dead-lettered).
     pub remove: Vec<u64>,
@@ -185,6 +191,8 @@ pub struct QueueStatus {
     pub bytes: u64,
     pub disk_bytes: u64,
     pub max_bytes: u64,
+    /// Free space on the queue's file system.
+    pub free_bytes: u64,
     pub full: bool,
     pub dead_letters: u64,
     pub lanes: Vec<LaneStatus>,
@@ -235,6 +243,7 @@ impl Queue {
             tree: db,
             path: path.clone(),
             max_bytes: config.max_bytes,
+            min_free_bytes: config.min_free_bytes,
             lanes: RwLock::new(lanes),
             lanes_changed: Notify::new(),
             full: AtomicBool::new(false),
@@ -248,6 +257,7 @@ impl Queue {
         let handle = std::thread::Builder::new()
             .name("queue-writer".into())
             .spawn(move || writer.run(rx))?;
+        writer::spawn_monitor(tx.downgrade())?;
         Ok(Queue {
             shared,
             ops: tx,
@@ -382,6 +392,7 @@ impl Queue {
             bytes: lanes.iter().map(|l| l.bytes).sum(),
             disk_bytes: self.shared.stats.disk_bytes.load(Ordering::Relaxed),
             max_bytes: self.shared.max_bytes,
+            free_bytes: self.shared.stats.free_bytes.load(Ordering::Relaxed),
             full: self.is_full(),
             dead_letters: self.dead_letter_count(),
             lanes,

@@ -200,18 +200,38 @@ async fn second_opener_is_refused() {
 }
 
 #[tokio::test]
-async fn largest_events_stay_out_of_unsynced_blob_files() {
+async fn ordinary_chunks_stay_out_of_blob_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.chunk_bytes = 64 * 1024;
+    let q = Queue::open(&cfg).unwrap();
+    for _ in 0..40 {
+        q.append(events("K", 400, 200)).await.unwrap();
+    }
+    let count = std::fs::read_dir(cfg.path.join("blobs")).map_or(0, |d| d.count());
+    assert_eq!(count, 0, "sled wrote blob files for ordinary chunks");
+}
+
+#[tokio::test]
+async fn blob_files_of_large_events_are_fsynced() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
     cfg.chunk_bytes = 256 * 1024;
     let q = Queue::open(&cfg).unwrap();
-    q.append(events("K", 4, crate::intake_api::MAX_EVENT_BYTES))
-        .await
-        .unwrap();
-    q.append(events("K", 400, 1000)).await.unwrap();
-    let blobs = cfg.path.join("blobs");
-    let count = std::fs::read_dir(&blobs).map_or(0, |d| d.count());
-    assert_eq!(count, 0, "sled wrote blob files, which it never fsyncs");
+    // 20 events of 250,000 bytes, one chunk each: a sled leaf of up to 17 of them is ~4 MB,
+    // over the blob threshold, so sled writes blob files.
+    for _ in 0..20 {
+        q.append(events("K", 1, crate::intake_api::MAX_EVENT_BYTES))
+            .await
+            .unwrap();
+    }
+    let blobs = std::fs::read_dir(cfg.path.join("blobs")).map_or(0, |d| d.count());
+    let synced = q.stats().blob_fsyncs.load(Ordering::Relaxed);
+    assert!(synced > 0, "the test wrote no blob file: it tests nothing");
+    assert!(
+        synced as usize >= blobs,
+        "{blobs} blob files but only {synced} fsynced"
+    );
 }
 
 #[tokio::test]

@@ -5,7 +5,8 @@
 //! only then answers. So one fsync covers every sender of the group, and no sender hears "done"
 //! before its events would survive a power cut.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
 use std::fs::File;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,6 +51,8 @@ pub enum Op {
     Append { groups: Vec<Group>, done: Done },
     Ack { lane: u32, ack: Ack, done: Done },
     Close { done: Done },
+    /// Measure disk use and free space again (sent every second by the monitor thread).
+    Refresh,
 }
 
 impl Op {
@@ -61,7 +64,7 @@ impl Op {
                 .map(|c| c.bytes.len())
                 .sum(),
             Op::Ack { ack, .. } => ack.rewrite.len() * 1024 + ack.remove.len() * 16,
-            Op::Close { .. } => 0,
+            Op::Close { .. } | Op::Refresh => 0,
         }
     }
 }
@@ -154,6 +157,8 @@ pub struct Writer {
     state: WriterState,
     data_file: File,
     last_disk_check: Instant,
+    /// Names of the files in sled's `blobs/` directory already fsynced.
+    synced_blobs: HashSet<OsString>,
 }
 
 /// Changes staged for one commit, made visible only if the commit succeeds.
@@ -174,6 +179,7 @@ impl Writer {
             state,
             data_file,
             last_disk_check: Instant::now(),
+            synced_blobs: HashSet::new(),
         }
     }
 
@@ -192,7 +198,13 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit(ops);
+            ops.retain(|op| !matches!(op, Op::Refresh));
+            let ops = self.refuse_appends_if_disk_low(ops);
+            if ops.is_empty() {
+                self.update_disk_usage();
+            } else {
+                self.commit(ops);
+            }
             if closing {
                 break;
             }
@@ -218,7 +230,7 @@ impl Writer {
             let step = match op {
                 Op::Append { groups, .. } => self.stage_append(&mut staged, groups),
                 Op::Ack { lane, ack, .. } => self.stage_ack(&mut staged, *lane, ack),
-                Op::Close { .. } => Ok(()),
+                Op::Close { .. } | Op::Refresh => Ok(()),
             };
             if let Err(e) = step {
                 result = Err(e);
@@ -231,6 +243,8 @@ impl Writer {
                 .stats
                 .storage_errors
                 .fetch_add(1, Ordering::Relaxed);
+            // Most likely the disk is full: hold sources back at once, not at the next check.
+            self.update_disk_usage();
             tracing::error!(error = %e, "queue commit failed; nothing of it was acknowledged");
         }
         for op in ops {
@@ -372,6 +386,7 @@ impl Writer {
         crash_point!("queue-after-apply");
         self.shared.tree.flush()?;
         crash_point!("queue-after-flush");
+        self.sync_blobs()?;
         self.data_file.sync_all()?;
         crash_point!("queue-after-fsync");
         let stats = &self.shared.stats;
@@ -437,19 +452,97 @@ impl Writer {
         }
     }
 
-    /// Measures what the queue holds on disk and sets the back-pressure flag.
+    /// fsyncs the files sled wrote to `blobs/` since the last commit, and the directory.
+    ///
+    /// sled writes pages too large for its log segments to one file each under `blobs/`,
+    /// without any fsync (`shared/notes/measurements.md`); an acknowledged event in such a page
+    /// would not survive a power cut. The directory is normally empty, so listing it is cheap.
+    fn sync_blobs(&mut self) -> Result<(), QueueError> {
+        let dir = self.shared.path.join("blobs");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut present = HashSet::new();
+        let mut synced = 0;
+        for entry in entries {
+            let name = entry?.file_name();
+            if !self.synced_blobs.contains(&name) {
+                match File::open(dir.join(&name)) {
+                    Ok(f) => f.sync_all()?,
+                    // sled removed it meanwhile: nothing to make durable.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e.into()),
+                }
+                synced += 1;
+            }
+            present.insert(name);
+        }
+        if synced > 0 {
+            File::open(&dir)?.sync_all()?;
+            File::open(&self.shared.path)?.sync_all()?;
+            self.shared
+                .stats
+                .blob_fsyncs
+                .fetch_add(synced, Ordering::Relaxed);
+        }
+        self.synced_blobs = present;
+        Ok(())
+    }
+
+    /// Answers `Full` to the appends of this group if writing them could fill the disk.
+    ///
+    /// sled does not recover well from a full disk (it may retry a write for ever), and
+    /// removals need space too, so the writer refuses to eat into `min_free_bytes`.
+    fn refuse_appends_if_disk_low(&mut self, ops: Vec<Op>) -> Vec<Op> {
+        let append_bytes: u64 = ops
+            .iter()
+            .filter(|op| matches!(op, Op::Append { .. }))
+            .map(|op| op.bytes() as u64)
+            .sum();
+        if append_bytes == 0 {
+            return ops;
+        }
+        let free = self.usable_space();
+        // sled may need about twice the payload (log, then page consolidation).
+        if free >= self.shared.min_free_bytes.saturating_add(append_bytes * 2) {
+            return ops;
+        }
+        self.update_disk_usage();
+        self.shared.full.store(true, Ordering::Release);
+        let mut kept = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                Op::Append { done, .. } => {
+                    let _ = done.send(Err(QueueError::Full));
+                }
+                other => kept.push(other),
+            }
+        }
+        kept
+    }
+
+    /// Measures what the queue holds on disk and the free space left, and sets the
+    /// back-pressure flag.
     ///
     /// sled keeps freed space for reuse rather than shrinking its file, so a file at its high
     /// water mark with little queued is not full: sources are held back when the disk use
-    /// reaches `max_bytes` while at least half of it is queued payload, or when the queued
-    /// payload alone reaches `max_bytes`.
+    /// reaches `max_bytes` while at least half of it is queued payload, when the queued
+    /// payload alone reaches `max_bytes`, or when the file system has less than
+    /// `min_free_bytes` free (removals need space too: a disk filled to the last byte could
+    /// not even record what was delivered).
     pub fn update_disk_usage(&mut self) {
         self.last_disk_check = Instant::now();
         let disk = self.shared.tree.size_on_disk().unwrap_or(0);
-        let queued: u64 = self.state.lanes.iter().map(|l| l.bytes).sum();
-        let max = self.shared.max_bytes;
-        let full = queued >= max || (disk >= max && queued >= max / 2);
         self.shared.stats.disk_bytes.store(disk, Ordering::Relaxed);
+        let free = self.usable_space();
+        let queued = self.queued_bytes();
+        let max = self.shared.max_bytes;
+        let full = queued >= max
+            || (disk >= max && queued >= max / 2)
+            || free < self.shared.min_free_bytes;
+        self.shared.stats.free_bytes.store(free, Ordering::Relaxed);
         let was = self.shared.full.swap(full, Ordering::AcqRel);
         if full != was {
             if full {
@@ -457,22 +550,62 @@ impl Writer {
                     disk_bytes = disk,
                     queued_bytes = queued,
                     max_bytes = max,
+                    free_bytes = free,
+                    min_free_bytes = self.shared.min_free_bytes,
                     "queue full: sources get back-pressure until delivery catches up"
                 );
             } else {
                 tracing::info!(
                     disk_bytes = disk,
                     queued_bytes = queued,
-                    "queue below its limit again"
+                    free_bytes = free,
+                    "queue below its limits again"
                 );
             }
         }
     }
 }
 
+impl Writer {
+    fn queued_bytes(&self) -> u64 {
+        self.state.lanes.iter().map(|l| l.bytes).sum()
+    }
+
+    /// Space the queue can still write to: free space on the file system, plus the part of
+    /// sled's files not taken by queued events, which sled reuses (it does not shrink its files
+    /// after removals). Live data is counted twice over, for sled's space amplification.
+    fn usable_space(&self) -> u64 {
+        let free = free_space(&self.shared.path).unwrap_or(u64::MAX);
+        let disk = self.shared.stats.disk_bytes.load(Ordering::Relaxed);
+        free.saturating_add(disk.saturating_sub(self.queued_bytes().saturating_mul(2)))
+    }
+}
+
+/// Bytes an unprivileged writer may still use on the file system holding `path`.
+fn free_space(path: &std::path::Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(path).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 fn answer(op: Op, result: Result<(), QueueError>) {
     let done = match op {
         Op::Append { done, .. } | Op::Ack { done, .. } | Op::Close { done } => done,
+        Op::Refresh => return,
     };
     let _ = done.send(result);
+}
+
+/// Asks the writer to measure the disk every second, so that back-pressure lifts when space is
+/// freed even if nothing is committed. Holds only a weak sender: it stops when the queue does.
+pub fn spawn_monitor(ops: mpsc::WeakSender<Op>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("queue-monitor".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let Some(sender) = ops.upgrade() else { return };
+            if sender.try_send(Op::Refresh).is_err() && sender.is_closed() {
+                return;
+            }
+        })?;
+    Ok(())
 }

@@ -78,6 +78,16 @@ impl Forwarder {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        // If the test process dies (a timeout kills it), the forwarder must not live on.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                rustix::process::set_parent_process_death_signal(Some(
+                    rustix::process::Signal::KILL,
+                ))
+                .map_err(std::io::Error::from)
+            });
+        }
         let mut child = cmd.spawn().expect("spawn sekoia-forwarder");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(String::new()));
@@ -308,5 +318,27 @@ pub async fn wait_delivered(mock: &MockIntake, acked: &[String]) {
     assert!(
         ok || want.is_empty(),
         "not every acknowledged event reached the mock in time"
+    );
+}
+
+/// [`wait_delivered`], printing the forwarder's log if it fails.
+pub async fn wait_delivered_from(fwd: &Forwarder, mock: &MockIntake, acked: &[String]) {
+    let want: std::collections::HashSet<&str> = acked.iter().map(|s| s.as_str()).collect();
+    let ok = mock
+        .wait_for(
+            |events| {
+                let have: std::collections::HashSet<&str> =
+                    events.iter().map(|e| e.raw.as_str()).collect();
+                want.iter().all(|w| have.contains(w))
+            },
+            DEADLINE,
+        )
+        .await;
+    assert!(
+        ok,
+        "not every acknowledged event reached the mock in time ({} of {} distinct events there):\n{}",
+        mock.events().len(),
+        acked.len(),
+        fwd.log()
     );
 }
