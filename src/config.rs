@@ -67,7 +67,7 @@ impl Default for QueueConfig {
             path: PathBuf::from("./sekoia-forwarder-data"),
             max_bytes: 4 * 1024 * 1024 * 1024,
             cache_capacity_bytes: 32 * 1024 * 1024,
-            chunk_bytes: 64 * 1024,
+            chunk_bytes: 16 * 1024,
             min_free_bytes: 256 * 1024 * 1024,
         }
     }
@@ -273,9 +273,9 @@ impl Config {
             "expected at least 1048576 (1 MiB): removing delivered events needs some space",
         )?;
         check(
-            (1024..=256 * 1024).contains(&q.chunk_bytes),
+            (1024..=64 * 1024).contains(&q.chunk_bytes),
             "queue.chunk_bytes",
-            "expected 1024 to 262144",
+            "expected 1024 to 65536 (larger chunks make sled write leaf nodes to blob files)",
         )?;
         check(
             matches!(i.url.scheme(), "http" | "https"),

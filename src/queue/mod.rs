@@ -30,7 +30,7 @@ pub use record::{Chunk, DeadLetter};
 
 /// sled segment size. sled writes a page (a node of up to ~17 keys) that is larger than a
 /// quarter of a segment to a `blobs/` file of its own, which sled never fsyncs. With 8 MiB
-/// segments that threshold is 2 MiB: a leaf of 17 chunks of `chunk_bytes` (64 KiB by default)
+/// segments that threshold is 2 MiB: a leaf of 17 chunks of `chunk_bytes` (at most 64 KiB)
 /// stays well below it, so blobs are rare (large events only); the writer fsyncs those it
 /// finds (`Writer::sync_blobs`).
 const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
