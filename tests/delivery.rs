@@ -230,3 +230,35 @@ async fn intake_down_then_up_delivers_the_backlog() {
     wait_delivered(&mock, &acked).await;
     fwd.wait_drained().await;
 }
+
+/// A failed or refused delivery never advances the queue: after many failed tries, every event
+/// is still queued, and the queue's counters say so.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_deliveries_never_advance_the_queue() {
+    let mock = mock().await;
+    mock.set_faults(faults(vec![
+        ScriptedFault::Status {
+            status: 500,
+            retry_after_secs: None,
+            times: 3,
+        },
+        ScriptedFault::AcceptThenFail { times: 3 },
+        ScriptedFault::WrongIds { delta: 1, times: 3 },
+        ScriptedFault::Drop { times: 1_000_000 },
+    ]));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock.url(), "", "");
+    let fwd = Forwarder::start(&config);
+    let client = reqwest::Client::new();
+    let acked = send_events(&client, &fwd.url(), KEY, 0, 100, 100).await;
+    assert_eq!(acked.len(), 100);
+    // Wait until every kind of failure was answered at least once, and then some drops.
+    let ok = mock
+        .wait_for_stats(|s| s.dropped_connections >= 3, DEADLINE)
+        .await;
+    assert!(ok, "{:?}", mock.stats());
+    let status = fwd.status().await;
+    assert_eq!(status["queue"]["events"], 100, "{status}");
+    assert_eq!(status["delivery"]["acked_events"], 0, "{status}");
+    assert_eq!(status["queue"]["dead_letters"], 0, "{status}");
+}
