@@ -88,8 +88,11 @@ impl Ctx {
             match self.queue.ack(lane, ack.clone()).await {
                 Ok(()) => return true,
                 Err(QueueError::Closed) => {
-                    tracing::warn!(lane, "queue closed before delivered events were recorded; \
-                        they will be sent again after restart");
+                    tracing::warn!(
+                        lane,
+                        "queue closed before delivered events were recorded; \
+                        they will be sent again after restart"
+                    );
                     return false;
                 }
                 Err(e) => {
