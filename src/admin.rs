@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::delivery::DeliveryStats;
-use crate::queue::{Queue, QueueError, QueueStatus};
+use crate::queue::{redact_key, Queue, QueueError, QueueStatus};
 
 /// What the admin endpoints read.
 #[derive(Debug, Clone)]
@@ -81,6 +81,7 @@ pub async fn serve(
         .route("/health", get(health))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/dead-letters", get(dead_letters))
         .with_state(observed);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -104,6 +105,43 @@ async fn health(State(o): State<Observed>) -> Response {
 
 async fn status(State(o): State<Observed>) -> Json<StatusReport> {
     Json(o.report())
+}
+
+/// A dead letter as shown to people: the intake key redacted.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct DeadLetterView {
+    pub intake_key: String,
+    pub timestamp: Option<String>,
+    pub received_at_ms: u64,
+    pub dead_at_ms: u64,
+    pub status: u16,
+    pub reason: String,
+    pub event: String,
+}
+
+fn dead_letter_views(queue: &Queue) -> Result<Vec<DeadLetterView>, QueueError> {
+    Ok(queue
+        .dead_letters()?
+        .into_iter()
+        .map(|d| DeadLetterView {
+            intake_key: redact_key(&d.intake_key),
+            timestamp: d.timestamp,
+            received_at_ms: d.received_at_ms,
+            dead_at_ms: d.dead_at_ms,
+            status: d.status,
+            reason: d.reason,
+            event: d.event,
+        })
+        .collect())
+}
+
+async fn dead_letters(State(o): State<Observed>) -> Response {
+    let queue = o.queue.clone();
+    match tokio::task::spawn_blocking(move || dead_letter_views(&queue)).await {
+        Ok(Ok(views)) => Json(views).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 async fn metrics(State(o): State<Observed>) -> Response {
@@ -219,13 +257,12 @@ impl Collector for Observed {
 
 /// The `status` command: asks the running forwarder, or reads the queue when none runs.
 pub fn print_status(config: &Config, json: bool) -> anyhow::Result<()> {
-    let report = match Queue::open(&config.queue) {
-        Ok(queue) => StatusReport {
+    let report = match open_existing(config)? {
+        Some(queue) => StatusReport {
             queue: queue.status(),
             delivery: DeliveryView::default(),
         },
-        Err(QueueError::Locked(_)) => fetch_status(config)?,
-        Err(e) => return Err(e.into()),
+        None => fetch(config, "status")?,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -235,8 +272,45 @@ pub fn print_status(config: &Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn fetch_status(config: &Config) -> anyhow::Result<StatusReport> {
-    let url = format!("http://{}/status", config.admin.listen);
+/// The `dead-letters` command: the events the intake refused for good, oldest first.
+pub fn print_dead_letters(config: &Config, json: bool) -> anyhow::Result<()> {
+    let letters: Vec<DeadLetterView> = match open_existing(config)? {
+        Some(queue) => dead_letter_views(&queue)?,
+        None => fetch(config, "dead-letters")?,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&letters)?);
+        return Ok(());
+    }
+    println!("{} dead letter(s)", letters.len());
+    for d in &letters {
+        println!(
+            "- key {} status {} at {} ms: {}\n  {}",
+            d.intake_key, d.status, d.dead_at_ms, d.reason, d.event
+        );
+    }
+    Ok(())
+}
+
+/// The queue, opened, if no forwarder holds it; `None` if a running forwarder does.
+fn open_existing(config: &Config) -> anyhow::Result<Option<Queue>> {
+    let path = &config.queue.path;
+    if !path.join("db").exists() {
+        anyhow::bail!(
+            "no queue at {}: the forwarder has not run with this configuration",
+            path.display()
+        );
+    }
+    match Queue::open(&config.queue) {
+        Ok(queue) => Ok(Some(queue)),
+        Err(QueueError::Locked(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// GETs `/{what}` from the running forwarder's admin listener.
+fn fetch<T: serde::de::DeserializeOwned>(config: &Config, what: &str) -> anyhow::Result<T> {
+    let url = format!("http://{}/{what}", config.admin.listen);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -244,7 +318,7 @@ fn fetch_status(config: &Config) -> anyhow::Result<StatusReport> {
         let answer = reqwest::get(&url).await.with_context(|| {
             format!("the queue is in use, and the running forwarder does not answer at {url}")
         })?;
-        Ok(answer.error_for_status()?.json::<StatusReport>().await?)
+        Ok(answer.error_for_status()?.json::<T>().await?)
     })
 }
 

@@ -37,6 +37,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the events the intake refused for good (kept in the queue's dead letters).
+    DeadLetters {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a mock of the Sekoia intake, to try a pipeline offline.
     MockIntake(sekoia_forwarder::mock_intake::MockCliOptions),
 }
@@ -82,6 +90,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { config, json } => {
             let config = load(config.as_ref())?;
             sekoia_forwarder::admin::print_status(&config, json)
+        }
+        Command::DeadLetters { config, json } => {
+            let config = load(config.as_ref())?;
+            sekoia_forwarder::admin::print_dead_letters(&config, json)
         }
         Command::MockIntake(opts) => {
             init_logging(&LogConfig::default());

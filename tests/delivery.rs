@@ -178,6 +178,37 @@ async fn refused_events_are_dead_lettered_and_the_rest_delivered() {
         !fwd.log().contains(KEY),
         "the intake key appeared in the logs"
     );
+    // People can see what was refused and why, without the key.
+    let letters: serde_json::Value = reqwest::get(format!("http://{}/dead-letters", fwd.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let events: Vec<&str> = letters
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["POISON 17", "POISON 40"], "{letters}");
+    assert_eq!(letters[0]["status"], 400);
+    assert!(!letters.to_string().contains(KEY));
+    // And with the forwarder stopped, from the command line.
+    let mut fwd = fwd;
+    assert!(fwd.terminate().success());
+    let out = std::process::Command::new(binary())
+        .args(["dead-letters", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
