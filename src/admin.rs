@@ -24,12 +24,15 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::delivery::DeliveryStats;
 use crate::queue::{redact_key, Queue, QueueError, QueueStatus};
+use crate::sources::http::HttpSourceStats;
 
 /// What the admin endpoints read.
 #[derive(Debug, Clone)]
 pub struct Observed {
     pub queue: Queue,
     pub delivery: Arc<DeliveryStats>,
+    /// One per HTTP source, labelled by its listening address.
+    pub http_sources: Vec<(String, Arc<HttpSourceStats>)>,
 }
 
 /// `/status` body.
@@ -242,6 +245,7 @@ impl Collector for Observed {
                 load(&d.in_flight) as i64,
             ),
         ];
+        self.encode_http_sources(&mut encoder)?;
         for (name, help, value) in gauges {
             let g = ConstGauge::new(value);
             g.encode(encoder.encode_descriptor(
@@ -250,6 +254,62 @@ impl Collector for Observed {
                 None,
                 g.metric_type(),
             )?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Observed {
+    /// The HTTP sources' counters, one series per source (`listen` label) and status.
+    fn encode_http_sources(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        type Pick = fn(&HttpSourceStats) -> &std::sync::atomic::AtomicU64;
+        let plain: [(&str, &str, Pick); 3] = [
+            ("http_requests", "Requests to the HTTP source", |s| {
+                &s.requests
+            }),
+            (
+                "http_accepted_events",
+                "Events acknowledged by the HTTP source (durable)",
+                |s| &s.accepted_events,
+            ),
+            (
+                "http_body_bytes",
+                "Request body bytes read by the HTTP source",
+                |s| &s.bytes,
+            ),
+        ];
+        for (name, help, pick) in plain {
+            let name = format!("sekoia_forwarder_{name}");
+            let mut family = encoder.encode_descriptor(
+                &name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (listen, stats) in &self.http_sources {
+                let labels = [("listen", listen.as_str())];
+                ConstCounter::new(load(pick(stats))).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let rejected: [(&str, Pick); 5] = [
+            ("400", |s| &s.rejected_400),
+            ("401", |s| &s.rejected_401),
+            ("413", |s| &s.rejected_413),
+            ("503", |s| &s.rejected_503),
+            ("other", |s| &s.rejected_other),
+        ];
+        let mut family = encoder.encode_descriptor(
+            "sekoia_forwarder_http_rejected_requests",
+            "Requests the HTTP source refused, by status (the sender keeps their events)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (listen, stats) in &self.http_sources {
+            for (status, pick) in rejected {
+                let labels = [("listen", listen.as_str()), ("status", status)];
+                ConstCounter::new(load(pick(stats))).encode(family.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

@@ -43,12 +43,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let sources_stop = CancellationToken::new();
     let delivery_stop = CancellationToken::new();
     let mut sources = tokio::task::JoinSet::new();
+    let mut http_sources = Vec::new();
     for source in &config.sources {
         match source {
             SourceConfig::Http(http) => {
                 let src = HttpSource::bind(http.clone(), queue.clone())
                     .await
                     .with_context(|| format!("cannot listen on {}", http.listen))?;
+                http_sources.push((src.local_addr().to_string(), src.stats()));
                 sources.spawn(src.run(sources_stop.clone()));
             }
         }
@@ -61,6 +63,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let observed = Observed {
             queue: queue.clone(),
             delivery: delivery.stats(),
+            http_sources,
         };
         Some(tokio::spawn(admin::serve(
             config.admin.listen,

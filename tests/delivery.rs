@@ -51,6 +51,42 @@ async fn events_reach_the_intake_and_leave_the_queue() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_what_went_through() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock.url(), "", "");
+    let fwd = Forwarder::start(&config);
+    let client = reqwest::Client::new();
+    let acked = send_events(&client, &fwd.url(), KEY, 0, 300, 100).await;
+    let refused = client
+        .post(format!("{}/jsons", fwd.url()))
+        .body("not json")
+        .header("X-SEKOIAIO-INTAKE-KEY", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    wait_delivered(&mock, &acked).await;
+    fwd.wait_drained().await;
+    let text = reqwest::get(format!("http://{}/metrics", fwd.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let source = format!("listen=\"{}\"", fwd.source);
+    for line in [
+        format!("sekoia_forwarder_http_accepted_events_total{{{source}}} 300"),
+        format!("sekoia_forwarder_http_rejected_requests_total{{{source},status=\"400\"}} 1"),
+        "sekoia_forwarder_delivery_acked_events_total 300".to_owned(),
+        "sekoia_forwarder_queue_events 0".to_owned(),
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+    }
+    assert!(!text.contains(KEY));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn server_errors_are_retried() {
     let dups = deliver_through(
         faults(vec![ScriptedFault::Status {
