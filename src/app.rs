@@ -25,6 +25,9 @@ const DELIVERY_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the forwarder until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Installed first: a signal that comes while the queue opens must stop us cleanly, not kill
+    // us with the default action.
+    let signals = Signals::install()?;
     let queue_config = config.queue.clone();
     let queue = tokio::task::spawn_blocking(move || Queue::open(&queue_config))
         .await?
@@ -75,7 +78,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let delivery = tokio::spawn(delivery.run(DELIVERY_GRACE));
 
-    wait_for_signal().await?;
+    signals.wait().await;
     tracing::info!("stopping: no new events accepted, finishing requests in flight");
     sources_stop.cancel();
     let drained = tokio::time::timeout(SOURCE_GRACE, async {
@@ -110,18 +113,35 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// SIGTERM and SIGINT, listened to from the start.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Signals {})
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await?;
-    Ok(())
+
+    async fn wait(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

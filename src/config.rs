@@ -142,6 +142,29 @@ pub struct HttpSourceConfig {
     pub max_event_bytes: usize,
     /// `Retry-After` given with a 503 when the queue is full or the forwarder stops.
     pub retry_after_secs: u64,
+    /// Time a connection is given to send a whole request head (request line and headers),
+    /// counted from its acceptance or from the first byte of the request on a kept-alive
+    /// connection; a client that takes longer is disconnected ("slowloris").
+    pub header_read_timeout_secs: u64,
+    /// Time a request is given to send its whole body once its head is in; a later body gets
+    /// 408 and nothing of it is stored.
+    pub body_read_timeout_secs: u64,
+    /// Time a kept-alive connection may stay idle between requests before it is closed.
+    pub idle_timeout_secs: u64,
+    /// Connections served at once; further connections wait in the kernel's backlog.
+    pub max_connections: usize,
+}
+
+impl HttpSourceConfig {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_secs)
+    }
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.body_read_timeout_secs)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
 }
 
 impl Default for HttpSourceConfig {
@@ -151,6 +174,10 @@ impl Default for HttpSourceConfig {
             max_body_bytes: intake_api::MAX_BODY_BYTES,
             max_event_bytes: intake_api::MAX_EVENT_BYTES,
             retry_after_secs: 5,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 30,
+            idle_timeout_secs: 60,
+            max_connections: 1024,
         }
     }
 }
@@ -268,9 +295,10 @@ impl Config {
             "expected at least 1048576 (1 MiB)",
         )?;
         check(
-            q.min_free_bytes >= 1024 * 1024,
+            q.min_free_bytes >= 32 * 1024 * 1024,
             "queue.min_free_bytes",
-            "expected at least 1048576 (1 MiB): removing delivered events needs some space",
+            "expected at least 33554432 (32 MiB, four of sled's segments): removing delivered \
+             events needs space too",
         )?;
         check(
             (1024..=64 * 1024).contains(&q.chunk_bytes),
@@ -324,6 +352,26 @@ impl Config {
                         h.max_body_bytes >= h.max_event_bytes,
                         "source.max_body_bytes",
                         "expected at least max_event_bytes",
+                    )?;
+                    check(
+                        h.header_read_timeout_secs >= 1,
+                        "source.header_read_timeout_secs",
+                        "expected at least 1",
+                    )?;
+                    check(
+                        h.body_read_timeout_secs >= 1,
+                        "source.body_read_timeout_secs",
+                        "expected at least 1",
+                    )?;
+                    check(
+                        h.idle_timeout_secs >= 1,
+                        "source.idle_timeout_secs",
+                        "expected at least 1",
+                    )?;
+                    check(
+                        h.max_connections >= 1,
+                        "source.max_connections",
+                        "expected at least 1",
                     )?;
                 }
             }

@@ -36,7 +36,7 @@ impl Drop for Mount {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_refuses_new_events_and_loses_none() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(_mount) = Mount::tmpfs(&dir.path().join("small"), "24m") else {
+    let Some(_mount) = Mount::tmpfs(&dir.path().join("small"), "160m") else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
         return;
     };
@@ -50,7 +50,7 @@ async fn a_full_disk_refuses_new_events_and_loses_none() {
     let config = write_config(&small, &url, "", "");
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "[queue]\n",
-        "[queue]\nmax_bytes = 1073741824\nmin_free_bytes = 6291456\n",
+        "[queue]\nmax_bytes = 1073741824\nmin_free_bytes = 50331648\n",
     );
     std::fs::write(&config, text).unwrap();
     let fwd = Forwarder::start(&config);

@@ -110,6 +110,8 @@ pub struct Stats {
     pub appended_events: AtomicU64,
     pub acked_events: AtomicU64,
     pub dead_events: AtomicU64,
+    /// Dead letters kept in the store.
+    pub dead_letters: AtomicU64,
     pub disk_bytes: AtomicU64,
     pub free_bytes: AtomicU64,
     /// Blob files of sled fsynced by the writer.
@@ -247,7 +249,10 @@ impl Queue {
             lanes: RwLock::new(lanes),
             lanes_changed: Notify::new(),
             full: AtomicBool::new(false),
-            stats: Stats::default(),
+            stats: Stats {
+                dead_letters: state.dead_letters.into(),
+                ..Stats::default()
+            },
         });
         let data_file = std::fs::File::open(path.join("db"))?;
         sync_dir(&path)?;
@@ -401,7 +406,7 @@ impl Queue {
 
     /// Dead letters kept in the queue.
     pub fn dead_letter_count(&self) -> u64 {
-        self.shared.tree.scan_prefix([record::DEAD_PREFIX]).count() as u64
+        self.shared.stats.dead_letters.load(Ordering::Relaxed)
     }
 
     /// Dead letters, oldest first.

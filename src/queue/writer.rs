@@ -98,6 +98,8 @@ pub struct WriterState {
     lanes: Vec<LaneState>,
     by_key: HashMap<String, u32>,
     next_dead_seq: u64,
+    /// Dead letters in the store at open.
+    pub dead_letters: u64,
 }
 
 impl WriterState {
@@ -135,10 +137,13 @@ impl WriterState {
             Some(item) => record::parse_dead_key(&item?.0).map_err(storage)? + 1,
             None => 0,
         };
+        // Dead letters are few (events refused for good); counting them once at open is cheap.
+        let dead_letters = db.scan_prefix([record::DEAD_PREFIX]).count() as u64;
         Ok(WriterState {
             lanes,
             by_key,
             next_dead_seq,
+            dead_letters,
         })
     }
 
@@ -460,6 +465,7 @@ impl Writer {
         }
         stats.acked_events.fetch_add(acked, Ordering::Relaxed);
         stats.dead_events.fetch_add(dead, Ordering::Relaxed);
+        stats.dead_letters.fetch_add(dead, Ordering::Relaxed);
         drop(readers);
         if !new_lanes.is_empty() {
             self.shared.lanes_changed.notify_waiters();

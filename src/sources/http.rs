@@ -17,11 +17,21 @@
 //! requests arriving on connections already open get 503 + `Retry-After` + `Connection: close`,
 //! requests already being handled finish (their events are appended and acknowledged), then the
 //! idle connections are closed and `run` returns.
+//!
+//! Slow and abusive clients: every connection has a watchdog ([`serve_connection`]) that closes
+//! it when its request head takes longer than `header_read_timeout_secs` (counted from the
+//! acceptance, or from the first byte of the next request on a kept-alive connection), or when
+//! it stays idle between requests longer than `idle_timeout_secs`; a connection whose request
+//! is being handled is never cut by it. A body that takes longer than `body_read_timeout_secs`
+//! gets 408 (nothing is kept). At most `max_connections` connections are served at once: the
+//! next ones are accepted only when one closes, and wait in the kernel's backlog until then.
 
 use std::io::Read;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -30,7 +40,15 @@ use axum::extract::{Request, State};
 use axum::http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -43,6 +61,9 @@ use crate::queue::{Queue, QueueError};
 
 /// Path of the liveness / readiness probe.
 const HEALTH_PATH: &str = "/health";
+
+/// Least time between two warnings that `max_connections` is reached.
+const FULL_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Counters of the HTTP source, read by metrics. `/health` requests are not counted.
 #[derive(Debug, Default)]
@@ -61,7 +82,8 @@ pub struct HttpSourceStats {
     pub rejected_413: AtomicU64,
     /// Requests refused for now: queue full, storage error, forwarder stopping.
     pub rejected_503: AtomicU64,
-    /// Other refusals: unknown path (404), wrong method (405), unknown encoding (415).
+    /// Other refusals: unknown path (404), wrong method (405), body too slow (408), unknown
+    /// encoding (415).
     pub rejected_other: AtomicU64,
     /// Request body bytes read, as sent (before gzip decompression).
     pub bytes: AtomicU64,
@@ -125,6 +147,17 @@ impl HttpSource {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let addr = self.addr;
         let in_flight = TaskTracker::new();
+        let timeouts = ConnectionTimeouts {
+            header_read: self.config.header_read_timeout(),
+            idle: self.config.idle_timeout(),
+        };
+        let mut acceptor = Acceptor {
+            listener: self.listener,
+            stop: shutdown.clone(),
+            slots: Arc::new(Semaphore::new(self.config.max_connections)),
+            max_connections: self.config.max_connections,
+            last_full_warning: None,
+        };
         let shared = Arc::new(Shared {
             config: self.config,
             queue: self.queue,
@@ -132,16 +165,22 @@ impl HttpSource {
             stopping: shutdown.clone(),
             in_flight: in_flight.clone(),
         });
-        let router = Router::new().fallback(handle).with_state(shared);
-        let listener = StoppableListener {
-            inner: Some(self.listener),
-            addr,
-            stop: shutdown.clone(),
-        };
-        axum::serve(listener, router)
-            .with_graceful_shutdown(drained(shutdown, in_flight))
-            .await
-            .context("the http source failed")?;
+        let service = TowerToHyperService::new(Router::new().fallback(handle).with_state(shared));
+        let connections = GracefulShutdown::new();
+        while let Some((stream, slot)) = acceptor.accept().await {
+            tokio::spawn(serve_connection(
+                stream,
+                service.clone(),
+                connections.watcher(),
+                timeouts,
+                slot,
+            ));
+        }
+        // Closes the listening socket: new connections are refused from now on.
+        drop(acceptor);
+        drained(shutdown, in_flight).await;
+        // Closes the idle connections, lets the others finish their answer.
+        connections.shutdown().await;
         tracing::info!(addr = %addr, "http source stopped");
         Ok(())
     }
@@ -159,43 +198,58 @@ async fn drained(shutdown: CancellationToken, in_flight: TaskTracker) {
     in_flight.wait().await;
 }
 
-/// A TCP listener that closes its socket as soon as `stop` is cancelled, so that new
-/// connections are refused while the connections already open are still served.
-struct StoppableListener {
-    inner: Option<TcpListener>,
-    addr: SocketAddr,
+/// Accepts connections until `stop` is cancelled, at most `max_connections` at once.
+struct Acceptor {
+    listener: TcpListener,
     stop: CancellationToken,
+    /// One permit per connection served; it is released when the connection closes.
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    last_full_warning: Option<Instant>,
 }
 
-impl axum::serve::Listener for StoppableListener {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+impl Acceptor {
+    /// The next connection with its slot, or `None` once `stop` is cancelled. While every slot
+    /// is taken, nothing is accepted: new connections wait in the kernel's backlog.
+    async fn accept(&mut self) -> Option<(TcpStream, OwnedSemaphorePermit)> {
+        let slot = self.slot().await?;
         loop {
-            let Some(listener) = self.inner.as_ref() else {
-                // Stopped: axum's graceful shutdown ends the accept loop.
-                return std::future::pending().await;
-            };
             let accepted = tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => None,
-                accepted = listener.accept() => Some(accepted),
+                _ = self.stop.cancelled() => return None,
+                accepted = self.listener.accept() => accepted,
             };
             match accepted {
-                None => self.inner = None,
-                Some(Ok(connection)) => return connection,
-                Some(Err(e)) => self.accept_failed(e).await,
+                Ok((stream, _)) => return Some((stream, slot)),
+                Err(e) => self.accept_failed(e).await,
             }
         }
     }
 
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.addr)
+    async fn slot(&mut self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Some(slot);
+        }
+        let now = Instant::now();
+        if self
+            .last_full_warning
+            .is_none_or(|last| now.duration_since(last) >= FULL_WARNING_INTERVAL)
+        {
+            self.last_full_warning = Some(now);
+            tracing::warn!(
+                max_connections = self.max_connections,
+                "http source: max_connections reached; new connections wait until one closes"
+            );
+        }
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => None,
+            slot = self.slots.clone().acquire_owned() => {
+                Some(slot.expect("the connection semaphore is never closed"))
+            }
+        }
     }
-}
 
-impl StoppableListener {
     /// A failed `accept`: a connection reset before it was accepted is nothing; anything else
     /// (out of file descriptors) is logged and waited out, so as not to spin.
     async fn accept_failed(&self, e: std::io::Error) {
@@ -211,6 +265,207 @@ impl StoppableListener {
             _ = self.stop.cancelled() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+/// The connection-level time limits (the body's is enforced by the handler).
+#[derive(Debug, Clone, Copy)]
+struct ConnectionTimeouts {
+    header_read: Duration,
+    idle: Duration,
+}
+
+/// Where a connection is, as its watchdog sees it.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Waiting for a request head since then (the acceptance, or the first byte of the request).
+    Head(Instant),
+    /// That many requests being handled (more than one only over HTTP/2): no time limit here.
+    Busy(usize),
+    /// Idle since the last answer was ready.
+    Idle(Instant),
+}
+
+impl Phase {
+    /// When the connection is to be closed if nothing happens, if ever.
+    fn deadline(self, timeouts: ConnectionTimeouts) -> Option<Instant> {
+        match self {
+            Phase::Head(since) => since.checked_add(timeouts.header_read),
+            Phase::Busy(_) => None,
+            Phase::Idle(since) => since.checked_add(timeouts.idle),
+        }
+    }
+
+    /// What its deadline enforces, for the log.
+    fn limit(self) -> &'static str {
+        match self {
+            Phase::Head(_) => "header_read_timeout_secs",
+            Phase::Busy(_) | Phase::Idle(_) => "idle_timeout_secs",
+        }
+    }
+}
+
+/// Serves one connection until it ends, or until its watchdog closes it (by dropping it) for
+/// a request head that takes too long or an idle time that lasts too long. `_slot` is held
+/// until then.
+async fn serve_connection(
+    stream: TcpStream,
+    service: TowerToHyperService<Router>,
+    watcher: Watcher,
+    timeouts: ConnectionTimeouts,
+    _slot: OwnedSemaphorePermit,
+) {
+    let (phase, mut phase_changes) = watch::channel(Phase::Head(Instant::now()));
+    let phase = Arc::new(phase);
+    let io = TokioIo::new(WatchedIo {
+        inner: stream,
+        phase: phase.clone(),
+    });
+    let service = {
+        let phase = phase.clone();
+        hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            let handling = Handling::start(phase.clone());
+            let response = hyper::service::Service::call(&service, request);
+            async move {
+                let response = response.await;
+                drop(handling);
+                response
+            }
+        })
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The watchdog below times request heads: hyper's own timer would also cut kept-alive
+    // connections idle for that long (it runs while waiting for the next request).
+    builder.http1().header_read_timeout(None);
+    let connection = watcher.watch(builder.serve_connection_with_upgrades(io, service));
+    tokio::pin!(connection);
+    loop {
+        let deadline = phase_changes.borrow_and_update().deadline(timeouts);
+        tokio::select! {
+            biased;
+            ended = &mut connection => {
+                if let Err(e) = ended {
+                    tracing::trace!(error = %e, "http connection ended with an error");
+                }
+                return;
+            }
+            changed = phase_changes.changed() => {
+                if changed.is_err() {
+                    // No sender left: the connection's socket and service are gone.
+                    return;
+                }
+            }
+            () = sleep_until(deadline) => {
+                let now = *phase_changes.borrow_and_update();
+                if now.deadline(timeouts).is_some_and(|d| d <= Instant::now()) {
+                    tracing::debug!(
+                        limit = now.limit(),
+                        "http connection closed: the client is too slow"
+                    );
+                    // Dropping the connection closes its socket.
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A request being handled on a connection, from its complete head to its answer (or until
+/// hyper drops it).
+struct Handling(Arc<watch::Sender<Phase>>);
+
+impl Handling {
+    fn start(phase: Arc<watch::Sender<Phase>>) -> Handling {
+        phase.send_modify(|p| {
+            *p = match *p {
+                Phase::Busy(n) => Phase::Busy(n + 1),
+                Phase::Head(_) | Phase::Idle(_) => Phase::Busy(1),
+            }
+        });
+        Handling(phase)
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        self.0.send_modify(|p| {
+            *p = match *p {
+                Phase::Busy(n) if n > 1 => Phase::Busy(n - 1),
+                _ => Phase::Idle(Instant::now()),
+            }
+        });
+    }
+}
+
+/// A connection's socket that tells its watchdog when an idle connection receives bytes:
+/// from then on, the next request head is timed.
+struct WatchedIo {
+    inner: TcpStream,
+    phase: Arc<watch::Sender<Phase>>,
+}
+
+impl AsyncRead for WatchedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.phase.send_if_modified(|p| match p {
+                Phase::Idle(_) => {
+                    *p = Phase::Head(Instant::now());
+                    true
+                }
+                Phase::Head(_) | Phase::Busy(_) => false,
+            });
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for WatchedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -317,13 +572,26 @@ impl Shared {
         if let Some(length) = content_length(headers).filter(|&length| length > max) {
             return Err(body_too_large(length, max));
         }
-        let raw = axum::body::to_bytes(body, max).await.map_err(|e| {
-            if is_length_limit(&e) {
-                Rejection::too_large(format!("the body is over max_body_bytes ({max} bytes)"))
-            } else {
-                Rejection::bad_request(format!("cannot read the body: {e}"))
-            }
-        })?;
+        let read = axum::body::to_bytes(body, max);
+        let raw = tokio::time::timeout(self.config.body_read_timeout(), read)
+            .await
+            .map_err(|_| {
+                Rejection::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the body did not arrive within body_read_timeout_secs ({} s); \
+                         nothing of the request was kept: send it again",
+                        self.config.body_read_timeout_secs
+                    ),
+                )
+            })?
+            .map_err(|e| {
+                if is_length_limit(&e) {
+                    Rejection::too_large(format!("the body is over max_body_bytes ({max} bytes)"))
+                } else {
+                    Rejection::bad_request(format!("cannot read the body: {e}"))
+                }
+            })?;
         self.stats
             .bytes
             .fetch_add(raw.len() as u64, Ordering::Relaxed);
@@ -530,7 +798,8 @@ impl Rejection {
         }
     }
 
-    /// The JSON answer, with `Retry-After` on a 503 and `Allow` on a 405.
+    /// The JSON answer, with `Retry-After` on a 503, `Allow` on a 405 and `Connection: close`
+    /// on a 408 (the rest of the body may still be on its way).
     fn into_response(self, retry_after_secs: u64) -> Response {
         let mut response = (
             self.status,
@@ -546,6 +815,11 @@ impl Rejection {
             response
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -593,13 +867,20 @@ mod tests {
             max_body_bytes: 4096,
             max_event_bytes: 1000,
             retry_after_secs: RETRY_AFTER,
+            // The time limits and max_connections keep their defaults, far above what a test
+            // needs; the tests of the limits lower them.
+            ..HttpSourceConfig::default()
         }
     }
 
     async fn start() -> Harness {
+        start_with(source_config()).await
+    }
+
+    async fn start_with(config: HttpSourceConfig) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let queue = Queue::open(&queue_config(&dir)).unwrap();
-        start_on(dir, queue).await
+        start_on(dir, queue, config).await
     }
 
     /// A source on a queue that is full: it already holds more than its `max_bytes`.
@@ -619,7 +900,7 @@ mod tests {
             ..queue_config(&dir)
         })
         .unwrap();
-        start_on(dir, queue).await
+        start_on(dir, queue, source_config()).await
     }
 
     fn queue_config(dir: &tempfile::TempDir) -> QueueConfig {
@@ -629,10 +910,8 @@ mod tests {
         }
     }
 
-    async fn start_on(dir: tempfile::TempDir, queue: Queue) -> Harness {
-        let source = HttpSource::bind(source_config(), queue.clone())
-            .await
-            .unwrap();
+    async fn start_on(dir: tempfile::TempDir, queue: Queue, config: HttpSourceConfig) -> Harness {
+        let source = HttpSource::bind(config, queue.clone()).await.unwrap();
         let addr = source.local_addr();
         let stats = source.stats();
         let shutdown = CancellationToken::new();
@@ -1128,5 +1407,221 @@ mod tests {
         let events = h.stored();
         assert_eq!(events, [stored(KEY, None, "helloworld")]);
         h.stop().await;
+    }
+
+    /// The limit the tests of time limits set.
+    const LIMIT: Duration = Duration::from_secs(1);
+
+    /// `raw_read`, bounded by `WAIT`.
+    async fn raw_read_within(conn: &mut BufReader<TcpStream>) -> RawResponse {
+        tokio::time::timeout(WAIT, raw_read(conn))
+            .await
+            .expect("an answer")
+    }
+
+    /// Reads until the source closes the connection; returns what it sent before.
+    async fn read_until_closed(conn: &mut BufReader<TcpStream>) -> Vec<u8> {
+        let mut received = Vec::new();
+        tokio::time::timeout(WAIT, async {
+            let mut buf = [0; 1024];
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => received.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+                    Err(e) => panic!("reading: {e}"),
+                }
+            }
+        })
+        .await
+        .expect("the source closes the connection");
+        received
+    }
+
+    #[tokio::test]
+    async fn a_request_head_that_takes_too_long_is_disconnected() {
+        let h = start_with(HttpSourceConfig {
+            header_read_timeout_secs: 1,
+            idle_timeout_secs: 600,
+            ..source_config()
+        })
+        .await;
+
+        // Half a request line, then nothing.
+        let started = Instant::now();
+        let mut slow = raw_connect(h.addr).await;
+        raw_send(&mut slow, "POST /pla").await;
+        assert!(read_until_closed(&mut slow).await.is_empty(), "no answer");
+        assert!(started.elapsed() >= LIMIT);
+
+        // Nothing at all.
+        let started = Instant::now();
+        let mut silent = raw_connect(h.addr).await;
+        assert!(read_until_closed(&mut silent).await.is_empty(), "no answer");
+        assert!(started.elapsed() >= LIMIT);
+
+        // On a kept-alive connection, the next request head is timed from its first byte (the
+        // idle limit, far longer, does not apply to it).
+        let mut kept_alive = raw_connect(h.addr).await;
+        raw_send(&mut kept_alive, HEALTH_REQUEST).await;
+        assert_eq!(raw_read_within(&mut kept_alive).await.status, 200);
+        let started = Instant::now();
+        raw_send(&mut kept_alive, "GET /hea").await;
+        assert!(read_until_closed(&mut kept_alive).await.is_empty());
+        assert!(started.elapsed() >= LIMIT);
+
+        // The source still serves, and none of that was a request.
+        let (status, _) = json(h.client.get(h.url("/health")).send().await.unwrap()).await;
+        assert_eq!(status, 200);
+        assert_eq!(h.stats.requests.load(Ordering::Relaxed), 0);
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_idle_kept_alive_connection_is_closed() {
+        let idle = Duration::from_secs(2);
+        let h = start_with(HttpSourceConfig {
+            header_read_timeout_secs: 1,
+            idle_timeout_secs: idle.as_secs(),
+            ..source_config()
+        })
+        .await;
+        let mut conn = raw_connect(h.addr).await;
+        raw_send(&mut conn, HEALTH_REQUEST).await;
+        assert_eq!(raw_read_within(&mut conn).await.status, 200);
+        // Kept alive: served again.
+        let last_request = Instant::now();
+        raw_send(&mut conn, HEALTH_REQUEST).await;
+        assert_eq!(raw_read_within(&mut conn).await.status, 200);
+
+        assert!(read_until_closed(&mut conn).await.is_empty());
+        // Closed by the idle limit, counted from the last answer; not by the head's.
+        assert!(last_request.elapsed() >= idle);
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_body_that_takes_too_long_gets_408_and_nothing_is_kept() {
+        let h = start_with(HttpSourceConfig {
+            body_read_timeout_secs: 1,
+            ..source_config()
+        })
+        .await;
+        let started = Instant::now();
+        let mut conn = raw_connect(h.addr).await;
+        raw_send(
+            &mut conn,
+            &format!(
+                "POST /plain HTTP/1.1\r\nHost: t\r\nX-SEKOIAIO-INTAKE-KEY: {KEY}\r\n\
+                 Content-Length: 1000\r\n\r\n0123456789"
+            ),
+        )
+        .await;
+        let response = raw_read_within(&mut conn).await;
+        assert!(started.elapsed() >= LIMIT);
+        assert_eq!(response.status, 408);
+        assert_eq!(response.header("connection"), Some("close"));
+        assert_message(&response.body, "body_read_timeout_secs");
+        assert!(read_until_closed(&mut conn).await.is_empty());
+
+        assert!(h.stored().is_empty());
+        assert_eq!(h.stats.requests.load(Ordering::Relaxed), 1);
+        assert_eq!(h.stats.rejected_other.load(Ordering::Relaxed), 1);
+        assert_eq!(h.stats.accepted_requests.load(Ordering::Relaxed), 0);
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn connections_over_max_connections_wait_until_one_closes() {
+        let h = start_with(HttpSourceConfig {
+            max_connections: 2,
+            ..source_config()
+        })
+        .await;
+        let mut first = raw_connect(h.addr).await;
+        let mut second = raw_connect(h.addr).await;
+        for conn in [&mut first, &mut second] {
+            raw_send(conn, HEALTH_REQUEST).await;
+            assert_eq!(raw_read_within(conn).await.status, 200);
+        }
+
+        // The kernel completes the third connection (it waits in the backlog), but the source
+        // does not take it. (A negative: it can only be watched for a while.)
+        let mut third = raw_connect(h.addr).await;
+        raw_send(&mut third, HEALTH_REQUEST).await;
+        let mut byte = [0; 1];
+        let peeked =
+            tokio::time::timeout(Duration::from_millis(300), third.get_mut().peek(&mut byte)).await;
+        assert!(peeked.is_err(), "a third connection is served");
+
+        // The two open connections are still served.
+        raw_send(&mut second, HEALTH_REQUEST).await;
+        assert_eq!(raw_read_within(&mut second).await.status, 200);
+
+        // One closes: the third is taken and served.
+        drop(first);
+        assert_eq!(raw_read_within(&mut third).await.status, 200);
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_is_not_held_up_by_a_slow_client() {
+        let h = start_with(HttpSourceConfig {
+            header_read_timeout_secs: 1,
+            ..source_config()
+        })
+        .await;
+        let mut slow = raw_connect(h.addr).await;
+        raw_send(&mut slow, "POST /plain HTTP/1.1\r\nHost: t\r\n").await;
+        h.stop().await;
+        assert!(read_until_closed(&mut slow).await.is_empty());
+    }
+
+    #[test]
+    fn the_limits_are_options_of_the_source() {
+        use crate::config::{Config, SourceConfig};
+        use std::path::Path;
+
+        let default = HttpSourceConfig::default();
+        assert_eq!(
+            (
+                default.header_read_timeout_secs,
+                default.body_read_timeout_secs,
+                default.idle_timeout_secs,
+                default.max_connections
+            ),
+            (10, 30, 60, 1024)
+        );
+        let text = "[[source]]\ntype = \"http\"\nheader_read_timeout_secs = 2\n\
+                    body_read_timeout_secs = 3\nidle_timeout_secs = 4\nmax_connections = 5\n";
+        let config = Config::parse(text, Path::new("f.toml")).unwrap();
+        let SourceConfig::Http(http) = &config.sources[0];
+        assert_eq!(
+            (
+                http.header_read_timeout(),
+                http.body_read_timeout(),
+                http.idle_timeout(),
+                http.max_connections
+            ),
+            (
+                Duration::from_secs(2),
+                Duration::from_secs(3),
+                Duration::from_secs(4),
+                5
+            )
+        );
+        for key in [
+            "header_read_timeout_secs",
+            "body_read_timeout_secs",
+            "idle_timeout_secs",
+            "max_connections",
+        ] {
+            let text = format!("[[source]]\ntype = \"http\"\n{key} = 0\n");
+            let err = Config::parse(&text, Path::new("f.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("line 3"), "{err}");
+            assert!(err.contains(&format!("`source.{key}`")), "{err}");
+        }
     }
 }
