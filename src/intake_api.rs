@@ -145,6 +145,78 @@ impl RequestMeta {
     }
 }
 
+impl RequestMeta {
+    /// What a request says besides its body, from its headers and URI.
+    pub fn from_request(headers: &http::HeaderMap, uri: &http::Uri) -> RequestMeta {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        RequestMeta {
+            header_key: header(INTAKE_KEY_HEADER),
+            authorization: header(http::header::AUTHORIZATION.as_str()),
+            query: uri.query().map(str::to_owned),
+            event_timestamp: header(EVENT_TIMESTAMP_HEADER),
+        }
+    }
+}
+
+/// How a request body is encoded (`Content-Encoding`); the intake takes gzip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEncoding {
+    Identity,
+    Gzip,
+}
+
+impl BodyEncoding {
+    /// The encoding a `Content-Encoding` header names; 415 for one the intake does not take.
+    pub fn from_headers(headers: &http::HeaderMap) -> Result<BodyEncoding, ApiError> {
+        let Some(value) = headers.get(http::header::CONTENT_ENCODING) else {
+            return Ok(BodyEncoding::Identity);
+        };
+        let value = String::from_utf8_lossy(value.as_bytes())
+            .trim()
+            .to_ascii_lowercase();
+        match value.as_str() {
+            "" | "identity" => Ok(BodyEncoding::Identity),
+            "gzip" | "x-gzip" => Ok(BodyEncoding::Gzip),
+            other => Err(ApiError {
+                status: 415,
+                message: format!(
+                    "unsupported Content-Encoding `{other}`: send the body as is or gzip-compressed"
+                ),
+            }),
+        }
+    }
+
+    /// The body as the parser needs it, refusing to inflate a gzip body beyond `max` bytes (a
+    /// small body may decompress to gigabytes): 400 for bad gzip, 413 beyond the limit.
+    pub fn decode(self, body: bytes::Bytes, max: usize) -> Result<bytes::Bytes, ApiError> {
+        use std::io::Read;
+        match self {
+            BodyEncoding::Identity => Ok(body),
+            BodyEncoding::Gzip => {
+                let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+                let mut out = Vec::new();
+                flate2::read::MultiGzDecoder::new(&body[..])
+                    .take(limit)
+                    .read_to_end(&mut out)
+                    .map_err(|e| {
+                        ApiError::bad_request(format!("the body is not valid gzip: {e}"))
+                    })?;
+                if out.len() > max {
+                    return Err(ApiError::too_large(format!(
+                        "the body is over {max} bytes once decompressed"
+                    )));
+                }
+                Ok(out.into())
+            }
+        }
+    }
+}
+
 /// The password of an HTTP Basic `Authorization` header value.
 fn basic_password(value: &str) -> Option<String> {
     let (scheme, encoded) = value.trim().split_once(' ')?;
@@ -551,6 +623,37 @@ mod tests {
         };
         assert_eq!(meta.intake_key().as_deref(), Some("Q+k"));
         assert_eq!(RequestMeta::default().intake_key(), None);
+    }
+
+    #[test]
+    fn meta_and_encoding_from_headers() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(INTAKE_KEY_HEADER, http::HeaderValue::from_static("K"));
+        headers.insert(EVENT_TIMESTAMP_HEADER, http::HeaderValue::from_static("T"));
+        let uri: http::Uri = "/jsons?intake_key=Q".parse().unwrap();
+        let meta = RequestMeta::from_request(&headers, &uri);
+        assert_eq!(meta.intake_key().as_deref(), Some("K"));
+        assert_eq!(meta.event_timestamp.as_deref(), Some("T"));
+        assert_eq!(meta.query.as_deref(), Some("intake_key=Q"));
+        assert_eq!(
+            BodyEncoding::from_headers(&headers).unwrap(),
+            BodyEncoding::Identity
+        );
+        headers.insert("content-encoding", http::HeaderValue::from_static("br"));
+        assert_eq!(
+            BodyEncoding::from_headers(&headers).unwrap_err().status,
+            415
+        );
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &[b'a'; 100]).unwrap();
+        let gz = bytes::Bytes::from(gz.finish().unwrap());
+        assert_eq!(
+            BodyEncoding::Gzip.decode(gz.clone(), 100).unwrap().len(),
+            100
+        );
+        assert_eq!(BodyEncoding::Gzip.decode(gz, 99).unwrap_err().status, 413);
+        let bad = BodyEncoding::Gzip.decode(bytes::Bytes::from_static(b"nope"), 99);
+        assert_eq!(bad.unwrap_err().status, 400);
     }
 
     #[test]

@@ -26,7 +26,6 @@
 //! gets 408 (nothing is kept). At most `max_connections` connections are served at once: the
 //! next ones are accepted only when one closes, and wait in the kernel's backlog until then.
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +36,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use hyper::body::Incoming;
@@ -54,8 +53,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::HttpSourceConfig;
 use crate::intake_api::{
-    self, ApiError, Endpoint, ErrorResponse, EventIdResponse, EventIdsResponse, IncomingEvent,
-    Limits, RequestMeta,
+    self, ApiError, BodyEncoding, Endpoint, ErrorResponse, EventIdResponse, EventIdsResponse,
+    IncomingEvent, Limits, RequestMeta,
 };
 use crate::queue::{Queue, QueueError};
 
@@ -535,7 +534,7 @@ async fn intake(shared: &Shared, path: &str, request: Request) -> Result<Respons
     }
     shared.check_accepting()?;
     let (parts, body) = request.into_parts();
-    let meta = request_meta(&parts);
+    let meta = RequestMeta::from_request(&parts.headers, &parts.uri);
     let body = shared.read_body(&parts.headers, body).await?;
     let events = intake_api::parse_request(endpoint, &meta, &body, shared.limits())?;
     let count = events.len();
@@ -568,7 +567,7 @@ impl Shared {
     /// The request body, bounded by `max_body_bytes` and gunzipped if need be.
     async fn read_body(&self, headers: &HeaderMap, body: Body) -> Result<Bytes, Rejection> {
         let max = self.config.max_body_bytes;
-        let encoding = content_encoding(headers)?;
+        let encoding = BodyEncoding::from_headers(headers)?;
         if let Some(length) = content_length(headers).filter(|&length| length > max) {
             return Err(body_too_large(length, max));
         }
@@ -595,10 +594,7 @@ impl Shared {
         self.stats
             .bytes
             .fetch_add(raw.len() as u64, Ordering::Relaxed);
-        match encoding {
-            Encoding::Identity => Ok(raw),
-            Encoding::Gzip => gunzip(&raw, max).map(Bytes::from),
-        }
+        Ok(encoding.decode(raw, max)?)
     }
 
     /// Appends `events` and returns once they are durable, or says why the sender must keep them.
@@ -644,23 +640,6 @@ impl Shared {
     }
 }
 
-/// Where the key and the event date may come from, besides the body.
-fn request_meta(parts: &Parts) -> RequestMeta {
-    let header = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    RequestMeta {
-        header_key: header(intake_api::INTAKE_KEY_HEADER),
-        authorization: header(header::AUTHORIZATION.as_str()),
-        query: parts.uri.query().map(str::to_owned),
-        event_timestamp: header(intake_api::EVENT_TIMESTAMP_HEADER),
-    }
-}
-
 /// The 200 answer: one id for the single-event endpoints, one id per event otherwise.
 fn acknowledgement(endpoint: Endpoint, events: usize) -> Response {
     let new_id = || uuid::Uuid::new_v4().to_string();
@@ -669,32 +648,6 @@ fn acknowledgement(endpoint: Endpoint, events: usize) -> Response {
     } else {
         let event_ids = (0..events).map(|_| new_id()).collect();
         Json(EventIdsResponse { event_ids }).into_response()
-    }
-}
-
-/// How the body is encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Encoding {
-    Identity,
-    Gzip,
-}
-
-fn content_encoding(headers: &HeaderMap) -> Result<Encoding, Rejection> {
-    let Some(value) = headers.get(header::CONTENT_ENCODING) else {
-        return Ok(Encoding::Identity);
-    };
-    let value = String::from_utf8_lossy(value.as_bytes())
-        .trim()
-        .to_ascii_lowercase();
-    match value.as_str() {
-        "" | "identity" => Ok(Encoding::Identity),
-        "gzip" | "x-gzip" => Ok(Encoding::Gzip),
-        other => Err(Rejection::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!(
-                "unsupported Content-Encoding `{other}`: send the body as is or gzip-compressed"
-            ),
-        )),
     }
 }
 
@@ -724,23 +677,6 @@ fn is_length_limit(error: &axum::Error) -> bool {
         source = e.source();
     }
     false
-}
-
-/// Decompresses a gzip body, refusing to inflate it beyond `max` bytes (a small body may
-/// decompress to gigabytes).
-fn gunzip(compressed: &[u8], max: usize) -> Result<Vec<u8>, Rejection> {
-    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
-    let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(compressed)
-        .take(limit)
-        .read_to_end(&mut out)
-        .map_err(|e| Rejection::bad_request(format!("the body is not valid gzip: {e}")))?;
-    if out.len() > max {
-        return Err(Rejection::too_large(format!(
-            "the decompressed body is over max_body_bytes ({max} bytes)"
-        )));
-    }
-    Ok(out)
 }
 
 fn set_retry_after(response: &mut Response, secs: u64) {
