@@ -95,6 +95,16 @@ pub struct IntakeConfig {
     pub backoff_max_ms: u64,
     /// Retry delay for an intake key that the intake refuses (401/403).
     pub auth_retry_secs: u64,
+    /// Compression of request bodies: `none` or `gzip` (the intake accepts gzip bodies).
+    pub compression: Compression,
+}
+
+/// `[intake] compression`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
 }
 
 impl Default for IntakeConfig {
@@ -109,6 +119,7 @@ impl Default for IntakeConfig {
             backoff_initial_ms: 500,
             backoff_max_ms: 60_000,
             auth_retry_secs: 300,
+            compression: Compression::None,
         }
     }
 }

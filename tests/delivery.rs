@@ -51,6 +51,22 @@ async fn events_reach_the_intake_and_leave_the_queue() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn gzip_compressed_delivery() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock.url(), "compression = \"gzip\"", "");
+    let fwd = Forwarder::start(&config);
+    let client = reqwest::Client::new();
+    let acked = send_events(&client, &fwd.url(), KEY, 0, 300, 100).await;
+    wait_delivered(&mock, &acked).await;
+    fwd.wait_drained().await;
+    assert_eq!(assert_all_delivered(&mock, &acked), 0);
+    let stats = mock.stats();
+    assert!(stats.gzip_requests > 0, "{stats:?}");
+    assert_eq!(stats.gzip_requests, stats.requests, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_what_went_through() {
     let mock = mock().await;
     let dir = tempfile::tempdir().unwrap();
