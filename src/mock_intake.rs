@@ -425,8 +425,18 @@ impl Shared {
 
     /// Records the events of one accepted request and hands them to the CLI printer.
     fn record(&self, events: Vec<IncomingEvent>) {
-        let events: Vec<ReceivedEvent> = events.into_iter().map(ReceivedEvent::from).collect();
         let max = self.settings.max_kept_events;
+        if max == 0 && self.settings.tap.is_none() {
+            // Count only (benchmarks): nothing is kept, so nothing is copied.
+            let n = events.len() as u64;
+            self.update(|st| {
+                st.stats.accepted_requests += 1;
+                st.stats.accepted_events += n;
+                st.stats.forgotten_events += n;
+            });
+            return;
+        }
+        let events: Vec<ReceivedEvent> = events.into_iter().map(ReceivedEvent::from).collect();
         self.update(|st| {
             st.stats.accepted_requests += 1;
             st.stats.accepted_events += events.len() as u64;
@@ -478,6 +488,17 @@ impl MockIntake {
     /// Listens on `addr` (port 0 picks a free port) and serves until shut down.
     pub async fn start(addr: SocketAddr) -> std::io::Result<MockIntake> {
         Self::start_with(addr, Settings::default()).await
+    }
+
+    /// Like [`MockIntake::start`], but keeps no event in memory: it only counts them
+    /// ([`MockStats::accepted_events`]; [`MockIntake::events`] stays empty). For benchmarks
+    /// that push millions of events through it.
+    pub async fn start_count_only(addr: SocketAddr) -> std::io::Result<MockIntake> {
+        let settings = Settings {
+            tap: None,
+            max_kept_events: 0,
+        };
+        Self::start_with(addr, settings).await
     }
 
     async fn start_with(addr: SocketAddr, settings: Settings) -> std::io::Result<MockIntake> {
@@ -1930,6 +1951,22 @@ mod tests {
         for expected in ["1", "2", "3"] {
             assert_eq!(rx.recv().await.unwrap().raw, expected);
         }
+    }
+
+    #[tokio::test]
+    async fn count_only_counts_events_without_keeping_them() {
+        let mock = MockIntake::start_count_only(localhost()).await.unwrap();
+        let c = client();
+        let r = post_jsons(&c, &mock, &["1", "2", "3"]).await;
+        assert_eq!(ids(r.unwrap()).await.len(), 3);
+        let r = post_jsons(&c, &mock, &["4"]).await;
+        assert_eq!(status_of(r).await, 200);
+        assert!(mock.events().is_empty());
+        let stats = mock.stats();
+        assert_eq!(stats.accepted_requests, 2);
+        assert_eq!((stats.accepted_events, stats.forgotten_events), (4, 4));
+        assert_eq!(stats.status_count(200), 2);
+        assert!(mock.wait_for_stats(|s| s.accepted_events == 4, WAIT).await);
     }
 
     #[test]
