@@ -234,7 +234,7 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, ops: Vec<Op>) {
+    fn commit(&mut self, mut ops: Vec<Op>) {
         let mut staged = Staged {
             batch: sled::Batch::default(),
             touched: HashMap::new(),
@@ -245,7 +245,7 @@ impl Writer {
             next_dead_seq: self.state.next_dead_seq,
         };
         let mut result = Ok(());
-        for op in &ops {
+        for op in &mut ops {
             let step = match op {
                 Op::Append { groups, .. } => self.stage_append(&mut staged, groups),
                 Op::Ack { lane, ack, .. } => self.stage_ack(&mut staged, *lane, ack),
@@ -284,7 +284,9 @@ impl Writer {
         }
     }
 
-    fn stage_append(&self, staged: &mut Staged, groups: &[Group]) -> Result<(), QueueError> {
+    /// Stages the chunks of `groups`, moving their bytes into the batch (the sender only
+    /// waits for the answer; it does not need them back).
+    fn stage_append(&self, staged: &mut Staged, groups: &mut [Group]) -> Result<(), QueueError> {
         for group in groups {
             let id = match self.state.by_key.get(&group.intake_key) {
                 Some(id) => *id,
@@ -321,8 +323,9 @@ impl Writer {
                 let lane = self
                     .lane_state(staged, id)
                     .ok_or_else(|| QueueError::Storage(format!("lane {id} vanished")))?;
-                for chunk in &group.chunks {
-                    inserts.push((record::chunk_key(id, lane.next_seq), chunk.bytes.clone()));
+                for chunk in &mut group.chunks {
+                    let bytes = std::mem::take(&mut chunk.bytes);
+                    inserts.push((record::chunk_key(id, lane.next_seq), bytes));
                     lane.next_seq += 1;
                     lane.events += u64::from(chunk.header.events);
                     lane.bytes += u64::from(chunk.header.payload_bytes);

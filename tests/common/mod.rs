@@ -166,9 +166,15 @@ impl Forwarder {
 
     /// The `/status` report of the running forwarder.
     pub async fn status(&self) -> serde_json::Value {
-        reqwest::get(format!("http://{}/status", self.admin))
+        // A timeout, so that a forwarder that stopped answering fails the test, not hangs it.
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("client")
+            .get(format!("http://{}/status", self.admin))
+            .send()
             .await
-            .expect("status")
+            .unwrap_or_else(|e| panic!("no status: {e}\n{}", self.log()))
             .json()
             .await
             .expect("status json")
