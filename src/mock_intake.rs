@@ -74,7 +74,6 @@
 //! For example: `curl -X PUT localhost:18080/_mock/faults -d '{"script": [{"fault": "drop", "times": 3}]}'`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -82,9 +81,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{
-    HeaderValue, ALLOW, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER,
-};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -97,8 +94,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::intake_api::{
-    parse_request, ApiError, Endpoint, ErrorResponse, EventIdResponse, EventIdsResponse,
-    IncomingEvent, Limits, RequestMeta, EVENT_TIMESTAMP_HEADER, INTAKE_KEY_HEADER, MAX_BODY_BYTES,
+    parse_request, ApiError, BodyEncoding, Endpoint, ErrorResponse, EventIdResponse,
+    EventIdsResponse, IncomingEvent, Limits, RequestMeta, MAX_BODY_BYTES,
 };
 use crate::queue::redact_key;
 
@@ -746,9 +743,9 @@ async fn accept(
     req: Request<Incoming>,
     scripted: Option<ScriptedFault>,
 ) -> Outcome {
-    let meta = request_meta(&req);
-    let encoding = header_text(&req, CONTENT_ENCODING.as_str());
-    let gzip = encoding.as_deref().is_some_and(is_gzip);
+    let meta = RequestMeta::from_request(req.headers(), req.uri());
+    let encoding = BodyEncoding::from_headers(req.headers());
+    let gzip = encoding == Ok(BodyEncoding::Gzip);
     let rules = shared.faults();
     let limit = rules
         .max_body_bytes
@@ -766,7 +763,7 @@ async fn accept(
         return outcome;
     }
     let events = match body
-        .and_then(|body| decode_body(encoding.as_deref(), body, limit))
+        .and_then(|body| encoding.and_then(|e| e.decode(body, limit)))
         .and_then(|body| parse_request(endpoint, &meta, &body, Limits::default()))
         .and_then(|events| apply_rules(&rules, events))
     {
@@ -877,29 +874,6 @@ fn apply_rules(
     Ok(events)
 }
 
-/// The key, Basic credentials, query and event date of a request.
-fn request_meta(req: &Request<Incoming>) -> RequestMeta {
-    RequestMeta {
-        header_key: header_text(req, INTAKE_KEY_HEADER),
-        authorization: header_text(req, AUTHORIZATION.as_str()),
-        query: req.uri().query().map(str::to_owned),
-        event_timestamp: header_text(req, EVENT_TIMESTAMP_HEADER),
-    }
-}
-
-/// A header's value, if present and text.
-fn header_text(req: &Request<Incoming>, name: &str) -> Option<String> {
-    req.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-}
-
-fn is_gzip(encoding: &str) -> bool {
-    let encoding = encoding.trim();
-    encoding.eq_ignore_ascii_case("gzip") || encoding.eq_ignore_ascii_case("x-gzip")
-}
-
 #[derive(Debug)]
 enum BodyError {
     /// The body is bigger than the limit; `size` is how much of it was seen.
@@ -930,34 +904,6 @@ async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError>
         return Err(BodyError::TooLarge { size });
     }
     Ok(kept.freeze())
-}
-
-/// The body as the parser needs it: gunzipped if it came gzipped.
-fn decode_body(encoding: Option<&str>, body: Bytes, limit: usize) -> Result<Bytes, ApiError> {
-    match encoding.map(str::trim) {
-        None | Some("") => Ok(body),
-        Some(e) if e.eq_ignore_ascii_case("identity") => Ok(body),
-        Some(e) if is_gzip(e) => gunzip(&body, limit),
-        Some(other) => Err(ApiError {
-            status: 415,
-            message: format!("Content-Encoding {other:?} is not supported: send gzip or nothing"),
-        }),
-    }
-}
-
-/// Gunzips a body, refusing one that grows over `limit` (a gzip bomb must not eat the memory).
-fn gunzip(data: &[u8], limit: usize) -> Result<Bytes, ApiError> {
-    let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(data)
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| ApiError::bad_request(format!("the body is not valid gzip: {e}")))?;
-    if out.len() > limit {
-        return Err(ApiError::too_large(format!(
-            "the body is over {limit} bytes once gunzipped"
-        )));
-    }
-    Ok(Bytes::from(out))
 }
 
 fn too_large(size: u64, limit: usize) -> ApiError {
@@ -1214,7 +1160,8 @@ async fn print_events(mut events: mpsc::UnboundedReceiver<ReceivedEvent>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::intake_api::check_ack;
+    use crate::intake_api::{check_ack, EVENT_TIMESTAMP_HEADER, INTAKE_KEY_HEADER};
+    use hyper::header::CONTENT_ENCODING;
     use std::io::Write;
     use std::time::Instant;
     use tokio::io::AsyncReadExt;
