@@ -310,6 +310,15 @@ pub fn assert_all_delivered(mock: &MockIntake, acked: &[String]) -> usize {
 
 /// Waits until the mock holds every event of `acked`.
 pub async fn wait_delivered(mock: &MockIntake, acked: &[String]) {
+    wait_for_all(mock, acked, String::new).await
+}
+
+/// [`wait_delivered`], printing the forwarder's log if it fails.
+pub async fn wait_delivered_from(fwd: &Forwarder, mock: &MockIntake, acked: &[String]) {
+    wait_for_all(mock, acked, || fwd.log()).await
+}
+
+async fn wait_for_all(mock: &MockIntake, acked: &[String], log: impl FnOnce() -> String) {
     let want: std::collections::HashSet<&str> = acked.iter().map(|s| s.as_str()).collect();
     let ok = mock
         .wait_for(
@@ -323,28 +332,9 @@ pub async fn wait_delivered(mock: &MockIntake, acked: &[String]) {
         .await;
     assert!(
         ok || want.is_empty(),
-        "not every acknowledged event reached the mock in time"
-    );
-}
-
-/// [`wait_delivered`], printing the forwarder's log if it fails.
-pub async fn wait_delivered_from(fwd: &Forwarder, mock: &MockIntake, acked: &[String]) {
-    let want: std::collections::HashSet<&str> = acked.iter().map(|s| s.as_str()).collect();
-    let ok = mock
-        .wait_for(
-            |events| {
-                let have: std::collections::HashSet<&str> =
-                    events.iter().map(|e| e.raw.as_str()).collect();
-                want.iter().all(|w| have.contains(w))
-            },
-            DEADLINE,
-        )
-        .await;
-    assert!(
-        ok,
         "not every acknowledged event reached the mock in time ({} of {} distinct events there):\n{}",
         mock.events().len(),
         acked.len(),
-        fwd.log()
+        log()
     );
 }
