@@ -29,17 +29,16 @@ fn check_names_file_line_and_key() {
 }
 
 #[test]
-fn check_accepts_the_documented_example() {
-    let out = Command::new(binary())
-        .args(["check", "--config", "examples/quickstart.toml"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+fn check_accepts_the_shipped_configurations() {
+    for file in ["examples/quickstart.toml", "packaging/config.toml"] {
+        let out = Command::new(binary())
+            .args(["check", "--config", file])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{file}: {err}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+    }
 }
 
 #[test]
