@@ -51,6 +51,20 @@ async fn events_reach_the_intake_and_leave_the_queue() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn large_requests_are_parsed_off_the_async_workers_and_delivered() {
+    // 5,000 events of ~200 bytes: a 1 MB body, parsed on the blocking pool.
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock.url(), "", "");
+    let fwd = Forwarder::start(&config);
+    let acked = send_events(&reqwest::Client::new(), &fwd.url(), KEY, 0, 5000, 5000).await;
+    assert_eq!(acked.len(), 5000);
+    wait_delivered(&mock, &acked).await;
+    fwd.wait_drained().await;
+    assert_eq!(assert_all_delivered(&mock, &acked), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn gzip_compressed_delivery() {
     let mock = mock().await;
     let dir = tempfile::tempdir().unwrap();
