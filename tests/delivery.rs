@@ -51,8 +51,8 @@ async fn events_reach_the_intake_and_leave_the_queue() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn large_requests_are_parsed_off_the_async_workers_and_delivered() {
-    // 5,000 events of ~200 bytes: a 1 MB body, parsed on the blocking pool.
+async fn large_requests_are_delivered() {
+    // 5,000 events of ~200 bytes in one 1 MB request.
     let mock = mock().await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &mock.url(), "", "");

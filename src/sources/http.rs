@@ -536,36 +536,10 @@ async fn intake(shared: &Shared, path: &str, request: Request) -> Result<Respons
     let (parts, body) = request.into_parts();
     let meta = RequestMeta::from_request(&parts.headers, &parts.uri);
     let body = shared.read_body(&parts.headers, body).await?;
-    let events = parse(endpoint, meta, body, shared.limits()).await?;
+    let events = intake_api::parse_request(endpoint, &meta, &body, shared.limits())?;
     let count = events.len();
     shared.store(events).await?;
     Ok(acknowledgement(endpoint, count))
-}
-
-/// Bodies larger than this are parsed on the blocking pool, so that a 10 MiB body does not hold
-/// an async worker (and every connection it serves) for tens of milliseconds.
-const PARSE_INLINE_MAX: usize = 64 * 1024;
-
-async fn parse(
-    endpoint: Endpoint,
-    meta: RequestMeta,
-    body: Bytes,
-    limits: Limits,
-) -> Result<Vec<IncomingEvent>, Rejection> {
-    if body.len() <= PARSE_INLINE_MAX {
-        return Ok(intake_api::parse_request(endpoint, &meta, &body, limits)?);
-    }
-    let parsed = tokio::task::spawn_blocking(move || {
-        intake_api::parse_request(endpoint, &meta, &body, limits)
-    })
-    .await
-    .map_err(|e| {
-        Rejection::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("the request could not be parsed: {e}"),
-        )
-    })?;
-    Ok(parsed?)
 }
 
 impl Shared {
