@@ -411,6 +411,7 @@ pub fn parse_request(
     if events.is_empty() {
         return Err(ApiError::bad_request("the request carries no event"));
     }
+    check_keys(&events)?;
     if let Some((i, e)) = events
         .iter()
         .enumerate()
@@ -423,6 +424,25 @@ pub fn parse_request(
         )));
     }
     Ok(events)
+}
+
+/// Refuses a key that could never be delivered: it travels in an HTTP header, so it must be
+/// visible ASCII. (A key from a JSON body could hold anything.)
+fn check_keys(events: &[IncomingEvent]) -> Result<(), ApiError> {
+    let mut last: Option<&str> = None;
+    for e in events {
+        if last == Some(e.intake_key.as_str()) {
+            continue;
+        }
+        let key = e.intake_key.as_str();
+        if !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ApiError::unauthorized(
+                "the intake key has characters an intake key cannot have (only visible ASCII)",
+            ));
+        }
+        last = Some(key);
+    }
+    Ok(())
 }
 
 fn require_key(meta: &RequestMeta) -> Result<String, ApiError> {
@@ -654,6 +674,26 @@ mod tests {
         assert_eq!(BodyEncoding::Gzip.decode(gz, 99).unwrap_err().status, 413);
         let bad = BodyEncoding::Gzip.decode(bytes::Bytes::from_static(b"nope"), 99);
         assert_eq!(bad.unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn keys_that_cannot_travel_in_a_header_are_refused() {
+        let err = parse_request(
+            Endpoint::Array,
+            &RequestMeta::default(),
+            "[{\"intake_key\": \"ok\", \"json\": \"a\"}, {\"intake_key\": \"bad\\nkey\", \"json\": \"b\"}]".as_bytes(),
+            Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.status, 401);
+        let err = parse_request(
+            Endpoint::Structured,
+            &RequestMeta::default(),
+            "{\"intake_key\": \"clé\", \"json\": \"a\"}".as_bytes(),
+            Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.status, 401);
     }
 
     #[test]
