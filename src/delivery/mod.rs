@@ -311,3 +311,71 @@ async fn quarantine(ctx: &Ctx, lane: &Lane, read: &ReadBatch) {
         .fetch_add(read.corrupt.len() as u64, Ordering::Relaxed);
     ctx.write_back(lane.id, ack).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::QueueConfig;
+    use crate::intake_api::IncomingEvent;
+    use crate::mock_intake::MockIntake;
+
+    /// A chunk that cannot be decoded (a corrupt queue) is moved to the dead letters with its
+    /// raw bytes, and the events around it are still delivered.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn undecodable_chunks_are_quarantined_and_the_lane_goes_on() {
+        let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::open(&QueueConfig {
+            path: dir.path().join("q"),
+            ..QueueConfig::default()
+        })
+        .unwrap();
+        let event = |raw: &str| IncomingEvent {
+            intake_key: "corrupt-queue-test-key-01".into(),
+            timestamp: None,
+            raw: raw.into(),
+        };
+        for raw in ["before", "lost 1", "lost 2", "after"] {
+            queue.append(vec![event(raw)]).await.unwrap();
+        }
+        // Chunks 1 and 2 rot on disk.
+        queue.insert_raw_chunk(0, 1, b"\x01 not a chunk");
+        queue.insert_raw_chunk(0, 2, b"\x07");
+
+        let config = IntakeConfig {
+            url: mock.url().parse().unwrap(),
+            linger_ms: 10,
+            ..IntakeConfig::default()
+        };
+        let stop = CancellationToken::new();
+        let delivery = Delivery::new(config, queue.clone(), stop.clone()).unwrap();
+        let running = tokio::spawn(delivery.run(Duration::from_secs(5)));
+        let delivered = mock
+            .wait_for(|e| e.len() >= 2, Duration::from_secs(30))
+            .await;
+        assert!(delivered, "got {:?}", mock.events());
+        let raws: Vec<String> = mock.events().into_iter().map(|e| e.raw).collect();
+        assert_eq!(raws, ["before", "after"]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while queue.dead_letter_count() < 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let dead = queue.dead_letters().unwrap();
+        assert_eq!(dead.len(), 2);
+        assert!(dead.iter().all(|d| d.reason == "undecodable chunk"));
+        assert_eq!(dead[0].event.as_bytes(), b"\x01 not a chunk");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while queue.totals().0 > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            queue.totals().0,
+            0,
+            "the lane must be empty once all is handled"
+        );
+        stop.cancel();
+        running.await.unwrap();
+    }
+}

@@ -404,6 +404,16 @@ impl Queue {
         }
     }
 
+    /// Stores raw bytes as a chunk of `lane`, bypassing the writer: how tests make a corrupt
+    /// queue.
+    #[cfg(test)]
+    pub(crate) fn insert_raw_chunk(&self, lane: u32, seq: u64, bytes: &[u8]) {
+        self.shared
+            .tree
+            .insert(record::chunk_key(lane, seq), bytes)
+            .expect("insert");
+    }
+
     /// Dead letters kept in the queue.
     pub fn dead_letter_count(&self) -> u64 {
         self.shared.stats.dead_letters.load(Ordering::Relaxed)
