@@ -69,17 +69,22 @@ impl Observed {
     }
 }
 
-/// Binds the admin listener and serves until `shutdown`.
-pub async fn serve(
-    listen: SocketAddr,
-    observed: Observed,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+/// Binds the admin listener: at start, so that a taken port stops the start with a clear error.
+pub async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (admin)"))?;
     let addr = listener.local_addr()?;
     tracing::info!(addr = %addr, "admin listening (/health, /status, /metrics)");
+    Ok(listener)
+}
+
+/// Serves the admin endpoints until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    observed: Observed,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/health", get(health))
         .route("/status", get(status))

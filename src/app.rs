@@ -68,8 +68,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             delivery: delivery.stats(),
             http_sources,
         };
+        let listener = admin::bind(config.admin.listen).await?;
         Some(tokio::spawn(admin::serve(
-            config.admin.listen,
+            listener,
             observed,
             admin_stop.clone(),
         )))
@@ -98,11 +99,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sources.abort_all();
     }
     delivery_stop.cancel();
-    let _ = delivery.await;
+    if let Err(e) = delivery.await {
+        tracing::error!(error = %e, "delivery task failed");
+    }
     queue.close().await.context("cannot close the queue")?;
     admin_stop.cancel();
     if let Some(admin) = admin {
-        let _ = admin.await;
+        match admin.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "admin listener failed"),
+            Err(e) => tracing::error!(error = %e, "admin task failed"),
+            Ok(Ok(())) => {}
+        }
     }
     let (events, bytes) = queue.totals();
     tracing::info!(

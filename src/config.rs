@@ -131,6 +131,15 @@ impl IntakeConfig {
     pub fn linger(&self) -> Duration {
         Duration::from_millis(self.linger_ms)
     }
+    pub fn backoff_initial(&self) -> Duration {
+        Duration::from_millis(self.backoff_initial_ms)
+    }
+    pub fn backoff_max(&self) -> Duration {
+        Duration::from_millis(self.backoff_max_ms)
+    }
+    pub fn auth_retry(&self) -> Duration {
+        Duration::from_secs(self.auth_retry_secs)
+    }
 }
 
 /// One `[[source]]`.

@@ -46,18 +46,6 @@ pub(crate) struct Ctx {
     shutdown: CancellationToken,
 }
 
-impl IntakeConfig {
-    fn backoff_initial(&self) -> Duration {
-        Duration::from_millis(self.backoff_initial_ms)
-    }
-    fn backoff_max(&self) -> Duration {
-        Duration::from_millis(self.backoff_max_ms)
-    }
-    fn auth_retry(&self) -> Duration {
-        Duration::from_secs(self.auth_retry_secs)
-    }
-}
-
 impl Ctx {
     /// One request, holding a global slot only while it is on the wire.
     async fn send(

@@ -109,7 +109,6 @@ pub struct Stats {
     pub fsyncs: AtomicU64,
     pub appended_events: AtomicU64,
     pub acked_events: AtomicU64,
-    pub dead_events: AtomicU64,
     /// Dead letters kept in the store.
     pub dead_letters: AtomicU64,
     pub disk_bytes: AtomicU64,
