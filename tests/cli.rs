@@ -83,18 +83,7 @@ async fn status_reads_a_stopped_queue() {
     let acked = send_events(&reqwest::Client::new(), &fwd.url(), key, 0, 30, 10).await;
     assert_eq!(acked.len(), 30);
     assert!(fwd.terminate().success());
-    let out = Command::new(binary())
-        .args(["status", "--json", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let (text, report) = run_json_command("status", &config);
     assert_eq!(report["queue"]["events"], 30, "{report}");
     assert!(!text.contains(key), "status printed the intake key");
 }

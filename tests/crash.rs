@@ -76,14 +76,8 @@ async fn restart_and_check(config: &std::path::Path, mock: &MockIntake, acked: &
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_at_random_instants_loses_nothing_acknowledged() {
-    let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
     // A slow intake keeps a backlog in the queue while the forwarder is killed.
-    mock.set_faults(FaultConfig {
-        delay_ms: 20,
-        ..FaultConfig::default()
-    });
+    let mock = slow_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &mock.url(), "", "");
     let mut acked = Vec::new();
@@ -106,13 +100,7 @@ async fn kill_9_at_random_instants_loses_nothing_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
-    let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    mock.set_faults(FaultConfig {
-        delay_ms: 20,
-        ..FaultConfig::default()
-    });
+    let mock = slow_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &mock.url(), "", "");
     let mut fwd = Forwarder::start(&config);

@@ -264,17 +264,7 @@ async fn refused_events_are_dead_lettered_and_the_rest_delivered() {
     // And with the forwarder stopped, from the command line.
     let mut fwd = fwd;
     assert!(fwd.terminate().success());
-    let out = std::process::Command::new(binary())
-        .args(["dead-letters", "--json", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (_, listed) = run_json_command("dead-letters", &config);
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
 }
 

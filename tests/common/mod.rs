@@ -338,3 +338,33 @@ async fn wait_for_all(mock: &MockIntake, acked: &[String], log: impl FnOnce() ->
         log()
     );
 }
+
+/// Runs `sekoia-forwarder <command> --json --config <config>`; returns its output as text and
+/// as JSON. Fails the test if the command fails.
+pub fn run_json_command(command: &str, config: &Path) -> (String, serde_json::Value) {
+    let out = Command::new(binary())
+        .args([command, "--json", "--config"])
+        .arg(config)
+        .output()
+        .expect("run the binary");
+    assert!(
+        out.status.success(),
+        "{command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{command}: {e}: {text}"));
+    (text, json)
+}
+
+/// A mock intake that answers after 20 ms, so that a queue holds a backlog under load.
+pub async fn slow_mock() -> MockIntake {
+    let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("mock intake");
+    mock.set_faults(FaultConfig {
+        delay_ms: 20,
+        ..FaultConfig::default()
+    });
+    mock
+}
