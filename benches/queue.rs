@@ -5,7 +5,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sekoia_forwarder::config::QueueConfig;
 use sekoia_forwarder::intake_api::IncomingEvent;
-use sekoia_forwarder::queue::{Ack, Queue};
+use sekoia_forwarder::queue::{Ack, Position, Queue};
 
 const EVENT_BYTES: usize = 200;
 
@@ -87,14 +87,15 @@ fn drain(c: &mut Criterion) {
             |(dir, queue)| {
                 rt.block_on(async {
                     let lane = queue.lanes()[0].id;
-                    let mut cursor = 0;
+                    let mut cursor = Position::default();
                     loop {
                         let batch = queue.read(lane, cursor, 10_000, 5 << 20).expect("read");
                         if batch.chunks.is_empty() {
                             break;
                         }
-                        cursor = batch.next_seq;
+                        cursor = batch.next;
                         let ack = Ack {
+                            gen: batch.gen,
                             remove: batch.chunks.iter().map(|c| c.seq).collect(),
                             ..Ack::default()
                         };

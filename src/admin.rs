@@ -188,9 +188,24 @@ impl Collector for Observed {
                 load(&q.fsyncs),
             ),
             (
+                "queue_meta_fsyncs",
+                "fsyncs of the queue's meta database (new intake keys, dead letters)",
+                load(&q.meta_fsyncs),
+            ),
+            (
                 "queue_storage_errors",
                 "Failed queue commits",
                 load(&q.storage_errors),
+            ),
+            (
+                "queue_rotations",
+                "Queue generations sealed",
+                load(&q.rotations),
+            ),
+            (
+                "queue_deleted_generations",
+                "Delivered queue generations deleted (their disk space given back)",
+                load(&q.deleted_generations),
             ),
             (
                 "delivery_requests",
@@ -238,6 +253,16 @@ impl Collector for Observed {
                 "queue_disk_bytes",
                 "Bytes the queue holds on disk",
                 load(&q.disk_bytes) as i64,
+            ),
+            (
+                "queue_generations",
+                "sled databases (generations) the queue is split into",
+                load(&q.generations) as i64,
+            ),
+            (
+                "queue_open_generations",
+                "Queue generations open (in memory) now",
+                load(&q.open_generations) as i64,
             ),
             (
                 "queue_full",
@@ -360,7 +385,8 @@ pub fn print_dead_letters(config: &Config, json: bool) -> anyhow::Result<()> {
 /// The queue, opened, if no forwarder holds it; `None` if a running forwarder does.
 fn open_existing(config: &Config) -> anyhow::Result<Option<Queue>> {
     let path = &config.queue.path;
-    if !path.join("db").exists() {
+    // `meta/` since the generations layout, `db` for a queue of the first layout.
+    if !path.join("meta").join("db").exists() && !path.join("db").exists() {
         anyhow::bail!(
             "no queue at {}: the forwarder has not run with this configuration",
             path.display()

@@ -56,6 +56,9 @@ pub struct QueueConfig {
     pub cache_capacity_bytes: u64,
     /// Target payload of one stored chunk of events.
     pub chunk_bytes: usize,
+    /// Payload after which the queue starts a new sled database (generation); a delivered
+    /// generation is deleted whole, which gives its disk space back.
+    pub generation_bytes: u64,
     /// Free space kept on the queue's file system: below it, sources get back-pressure, so
     /// that delivery can still record removals (which need a little space too).
     pub min_free_bytes: u64,
@@ -68,6 +71,7 @@ impl Default for QueueConfig {
             max_bytes: 4 * 1024 * 1024 * 1024,
             cache_capacity_bytes: 32 * 1024 * 1024,
             chunk_bytes: 16 * 1024,
+            generation_bytes: 32 * 1024 * 1024,
             min_free_bytes: 256 * 1024 * 1024,
         }
     }
@@ -319,6 +323,11 @@ impl Config {
             "queue.min_free_bytes",
             "expected at least 33554432 (32 MiB, four of sled's segments): removing delivered \
              events needs space too",
+        )?;
+        check(
+            (64 * 1024..=1024 * 1024 * 1024).contains(&q.generation_bytes),
+            "queue.generation_bytes",
+            "expected 65536 (64 KiB) to 1073741824 (1 GiB)",
         )?;
         check(
             (1024..=64 * 1024).contains(&q.chunk_bytes),

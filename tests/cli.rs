@@ -67,7 +67,7 @@ fn runs_out_of_the_box_on_the_built_in_default() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let queue = dir.path().join("sekoia-forwarder-data");
-    assert!(queue.join("db").exists());
+    assert!(queue.join("meta").join("db").exists());
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&queue).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "the queue directory must be private");

@@ -173,6 +173,34 @@ mod crash_points {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn crash_after_sealing_a_generation_before_creating_the_next() {
+        crash_at("queue-rotate-after-summary").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn crash_after_creating_a_generation_before_using_it() {
+        crash_at("queue-rotate-after-create").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn crash_before_deleting_a_delivered_generation() {
+        crash_at("queue-delete-before-rename").await;
+    }
+
+    /// vectordotdev/vector#25525: a crash between deleting a finished file and recording it
+    /// left Vector in a crash loop. Here the rename is the commit point; the next open removes
+    /// what is left.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn crash_after_renaming_a_delivered_generation_before_removing_it() {
+        crash_at("queue-delete-after-rename").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn crash_after_removing_a_delivered_generation() {
+        crash_at("queue-delete-after-remove").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn crash_after_intake_answer_before_check() {
         crash_at("delivery-after-answer").await;
     }

@@ -34,6 +34,8 @@ enum Fate {
 
 pub struct Batch {
     pub lane: u32,
+    /// The queue generation the chunks were read from.
+    pub gen: u64,
     pub intake_key: String,
     pub timestamp: Option<String>,
     pub chunks: Vec<StoredChunk>,
@@ -111,6 +113,7 @@ impl Progress {
     /// are rewritten with the rest, dead letters are stored.
     fn take_ack(&mut self) -> Ack {
         let mut ack = Ack {
+            gen: self.batch.gen,
             dead: std::mem::take(&mut self.dead),
             ..Ack::default()
         };

@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::IntakeConfig;
-use crate::queue::{now_ms, redact_key, Ack, DeadLetter, Lane, Queue, QueueError, ReadBatch};
+use crate::queue::{
+    now_ms, redact_key, Ack, DeadLetter, Lane, Position, Queue, QueueError, ReadBatch,
+};
 use client::{IntakeClient, Outcome};
 
 /// Counters shown by metrics.
@@ -172,7 +174,7 @@ impl Delivery {
 /// Reads one lane in order and starts its batches.
 async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
     let slots = Arc::new(Semaphore::new(ctx.config.max_in_flight));
-    let mut cursor = 0u64;
+    let mut cursor = Position::default();
     let key = redact_key(&lane.intake_key);
     tracing::debug!(lane = lane.id, intake_key = %key, "delivering lane");
     loop {
@@ -196,7 +198,7 @@ async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
             quarantine(&ctx, &lane, &read).await;
         }
         if read.chunks.is_empty() {
-            cursor = read.next_seq;
+            cursor = read.next;
             drop(slot);
             tokio::select! {
                 _ = lane.notify.notified() => {}
@@ -211,10 +213,11 @@ async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
             }
             continue;
         }
-        cursor = read.next_seq;
+        cursor = read.next;
         let first = &read.chunks[0].chunk;
         let batch = batch::Batch {
             lane: lane.id,
+            gen: read.gen,
             intake_key: first.intake_key.clone(),
             timestamp: first.timestamp.clone(),
             chunks: read.chunks,
@@ -227,7 +230,11 @@ async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
     }
 }
 
-async fn read_lane(ctx: &Arc<Ctx>, lane: u32, cursor: u64) -> Result<ReadBatch, anyhow::Error> {
+async fn read_lane(
+    ctx: &Arc<Ctx>,
+    lane: u32,
+    cursor: Position,
+) -> Result<ReadBatch, anyhow::Error> {
     let queue = ctx.queue.clone();
     let (max_events, max_bytes) = (ctx.config.batch_max_events, ctx.config.batch_max_bytes);
     let read = tokio::task::spawn_blocking(move || queue.read(lane, cursor, max_events, max_bytes))
@@ -275,7 +282,10 @@ async fn wait_for_more(
 
 /// Moves chunks that cannot be decoded out of the lane, into the dead letters.
 async fn quarantine(ctx: &Ctx, lane: &Lane, read: &ReadBatch) {
-    let mut ack = Ack::default();
+    let mut ack = Ack {
+        gen: read.gen,
+        ..Ack::default()
+    };
     for (seq, bytes) in &read.corrupt {
         tracing::error!(
             lane = lane.id,

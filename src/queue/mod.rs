@@ -12,30 +12,32 @@
 //!   answered with one id per event.
 //!
 //! Events are stored in chunks (one sled value holds many events of one intake key), in one
-//! *lane* per intake key. See [`record`] for the layout.
+//! *lane* per intake key, in a series of sled databases ([`generation`]) so that delivered
+//! space is given back whole. See [`record`] for the layout of one database.
 
+pub mod generation;
 pub mod record;
 mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::QueueConfig;
 use crate::intake_api::IncomingEvent;
+use generation::{GenDb, Generation};
 pub use record::{Chunk, DeadLetter};
 
-/// sled segment size. sled writes a page (a node of up to ~17 keys) that is larger than a
-/// quarter of a segment to a `blobs/` file of its own, which sled never fsyncs. With 8 MiB
-/// segments that threshold is 2 MiB: a leaf of 17 chunks of `chunk_bytes` (at most 64 KiB)
-/// stays well below it, so blobs are rare (large events only); the writer fsyncs those it
-/// finds (`Writer::sync_blobs`).
-const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
 /// How many bytes of appends one group commit gathers at most.
 const COMMIT_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Version of the queue directory's layout, kept in the meta database: 2 = generations. (A
+/// directory of layout 1, one sled database at the root, is moved into generation 0.)
+pub const LAYOUT_VERSION: u32 = 2;
+/// Page cache of the meta database, which holds little.
+const META_CACHE_BYTES: u64 = 1024 * 1024;
 
 /// Why the queue could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -115,13 +117,30 @@ pub struct Stats {
     pub free_bytes: AtomicU64,
     /// Blob files of sled fsynced by the writer.
     pub blob_fsyncs: AtomicU64,
+    /// fsyncs of the meta database (new lanes, dead letters).
+    pub meta_fsyncs: AtomicU64,
     pub storage_errors: AtomicU64,
+    /// Generations on disk, and how many are open.
+    pub generations: AtomicU64,
+    pub open_generations: AtomicU64,
+    /// Generations sealed, and delivered generations deleted, since start.
+    pub rotations: AtomicU64,
+    pub deleted_generations: AtomicU64,
+}
+
+/// The generations as readers see them.
+#[derive(Debug, Default)]
+pub(crate) struct GenList {
+    /// Oldest first.
+    pub gens: Vec<Arc<Generation>>,
+    pub active: u64,
 }
 
 /// State shared by the queue handle, the writer thread and readers.
 #[derive(Debug)]
 struct Shared {
-    tree: sled::Db,
+    meta: sled::Db,
+    gens: RwLock<GenList>,
     path: PathBuf,
     max_bytes: u64,
     min_free_bytes: u64,
@@ -131,6 +150,23 @@ struct Shared {
     stats: Stats,
 }
 
+impl Shared {
+    fn lanes_read(&self) -> RwLockReadGuard<'_, Vec<Arc<Lane>>> {
+        self.lanes.read().unwrap_or_else(|p| p.into_inner())
+    }
+    fn lanes_write(&self) -> RwLockWriteGuard<'_, Vec<Arc<Lane>>> {
+        self.lanes.write().unwrap_or_else(|p| p.into_inner())
+    }
+    fn gens_write(&self) -> RwLockWriteGuard<'_, GenList> {
+        self.gens.write().unwrap_or_else(|p| p.into_inner())
+    }
+    /// The generations now, oldest first, and the active one's id.
+    fn gens_snapshot(&self) -> (Vec<Arc<Generation>>, u64) {
+        let list = self.gens.read().unwrap_or_else(|p| p.into_inner());
+        (list.gens.clone(), list.active)
+    }
+}
+
 /// A handle on the queue; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Queue {
@@ -138,23 +174,35 @@ pub struct Queue {
     ops: mpsc::Sender<writer::Op>,
     chunk_bytes: usize,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// The flock on `<path>/lock`, held as long as a handle lives.
+    _lock: Arc<std::fs::File>,
 }
 
-/// A chunk read from a lane, with its place.
+/// A place in a lane: generation, then sequence number. Reading from a position returns the
+/// chunks at or after it, in this order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub gen: u64,
+    pub seq: u64,
+}
+
+/// A chunk read from a lane, with its sequence number in its generation.
 #[derive(Debug, Clone)]
 pub struct StoredChunk {
     pub seq: u64,
     pub chunk: Chunk,
 }
 
-/// What [`Queue::read`] found: chunks in order, and chunks whose bytes could not be decoded.
+/// What [`Queue::read`] found, all in one generation: chunks in order, and chunks whose bytes
+/// could not be decoded.
 #[derive(Debug, Default)]
 pub struct ReadBatch {
+    pub gen: u64,
     pub chunks: Vec<StoredChunk>,
     /// Sequence numbers and raw bytes of undecodable chunks found on the way.
     pub corrupt: Vec<(u64, Vec<u8>)>,
-    /// Sequence number after the last entry read (where the next read starts).
-    pub next_seq: u64,
+    /// Where the next read starts.
+    pub next: Position,
 }
 
 impl ReadBatch {
@@ -166,6 +214,8 @@ impl ReadBatch {
 /// What delivery reports for a lane once the intake answered.
 #[derive(Debug, Default, Clone)]
 pub struct Ack {
+    /// The generation of the chunks named below ([`ReadBatch::gen`]).
+    pub gen: u64,
     /// Chunks whose every event is acknowledged (or dead-lettered).
     pub remove: Vec<u64>,
     /// Chunks of which only some events are done: the rest, to keep.
@@ -196,6 +246,11 @@ pub struct QueueStatus {
     pub free_bytes: u64,
     pub full: bool,
     pub dead_letters: u64,
+    /// sled databases the queue is split into, and how many are open now.
+    #[serde(default)]
+    pub generations: u64,
+    #[serde(default)]
+    pub open_generations: u64,
     pub lanes: Vec<LaneStatus>,
 }
 
@@ -217,31 +272,25 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Queue {
-    /// Opens (or creates) the queue described by `config`.
+    /// Opens (or creates) the queue described by `config`: the meta database and the active
+    /// generation. Sealed generations are opened later, when delivery reads them.
     pub fn open(config: &QueueConfig) -> Result<Queue, QueueError> {
         let path = config.path.clone();
         prepare_dir(&path)?;
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(config.cache_capacity_bytes)
-            .segment_size(SEGMENT_SIZE)
-            .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    QueueError::Locked(path.clone())
-                }
-                sled::Error::Io(ref io) if io.to_string().contains("lock") => {
-                    QueueError::Locked(path.clone())
-                }
-                other => QueueError::from(other),
-            })?;
-        check_format(&db, &path)?;
-        let state = writer::WriterState::load(&db)?;
+        let lock = lock_dir(&path)?;
+        let listing = generation::scan_root(&path)?;
+        let meta_dir = path.join(generation::META_DIR);
+        let meta = GenDb::open(&meta_dir, META_CACHE_BYTES)?;
+        check_format(&meta.db, &meta_dir, LAYOUT_VERSION)?;
+        let cache = (config.cache_capacity_bytes / 4).max(1024 * 1024);
+        let state = writer::WriterState::load(&path, &meta, &listing.gens, cache)?;
         let lanes: Vec<Arc<Lane>> = state.lanes_for_readers();
         let shared = Arc::new(Shared {
-            tree: db,
+            meta: meta.db.clone(),
+            gens: RwLock::new(GenList {
+                gens: state.generations(),
+                active: state.active(),
+            }),
             path: path.clone(),
             max_bytes: config.max_bytes,
             min_free_bytes: config.min_free_bytes,
@@ -253,10 +302,12 @@ impl Queue {
                 ..Stats::default()
             },
         });
-        let data_file = std::fs::File::open(path.join("db"))?;
-        sync_dir(&path)?;
+        generation::sync_dir(&path)?;
         let (tx, rx) = mpsc::channel(4096);
-        let mut writer = writer::Writer::new(shared.clone(), state, data_file);
+        // A generation is at most an eighth of max_bytes, so that sealed generations can be
+        // deleted long before the limit.
+        let generation_bytes = config.generation_bytes.min(config.max_bytes / 8).max(1);
+        let mut writer = writer::Writer::new(shared.clone(), state, meta, generation_bytes);
         writer.update_disk_usage();
         let handle = std::thread::Builder::new()
             .name("queue-writer".into())
@@ -267,6 +318,7 @@ impl Queue {
             ops: tx,
             chunk_bytes: config.chunk_bytes,
             writer: Arc::new(std::sync::Mutex::new(Some(handle))),
+            _lock: Arc::new(lock),
         })
     }
 
@@ -295,62 +347,45 @@ impl Queue {
         wait.await.map_err(|_| QueueError::Closed)?
     }
 
-    /// Reads chunks of `lane` from `from_seq` on, in order: at least one chunk if there is any,
-    /// then more while they fit in `max_events` and `max_bytes` (payload) and share the first
-    /// chunk's event date (one request carries one date).
+    /// Reads chunks of `lane` from `from` on, in order and from one generation: at least one
+    /// chunk if there is any, then more while they fit in `max_events` and `max_bytes`
+    /// (payload) and share the first chunk's event date (one request carries one date).
+    ///
+    /// Sealed generations that hold nothing of the lane are skipped without being opened.
     pub fn read(
         &self,
         lane: u32,
-        from_seq: u64,
+        from: Position,
         max_events: usize,
         max_bytes: usize,
     ) -> Result<ReadBatch, QueueError> {
-        let start = record::chunk_key(lane, from_seq);
-        let end = record::chunk_key(lane, u64::MAX);
-        let mut batch = ReadBatch {
-            next_seq: from_seq,
-            ..Default::default()
-        };
-        let (mut events, mut bytes) = (0usize, 0usize);
-        for item in self.shared.tree.range(start..=end) {
-            let (key, value) = item?;
-            let (_, seq) =
-                record::parse_chunk_key(&key).map_err(|e| QueueError::Storage(e.to_string()))?;
-            let chunk = match Chunk::decode(&value) {
-                Ok(chunk) => chunk,
-                Err(_) => {
-                    batch.corrupt.push((seq, value.to_vec()));
-                    batch.next_seq = seq + 1;
-                    continue;
-                }
+        let (gens, active) = self.shared.gens_snapshot();
+        let mut next = from;
+        for gen in gens.iter().filter(|g| g.id >= from.gen) {
+            let start = if gen.id == from.gen { from.seq } else { 0 };
+            next = Position {
+                gen: gen.id,
+                seq: start,
             };
-            let (n, b) = (chunk.events.len(), chunk.payload_bytes());
-            if let Some(first) = batch.chunks.first() {
-                if events + n > max_events
-                    || bytes + b > max_bytes
-                    || first.chunk.timestamp != chunk.timestamp
-                {
-                    break;
-                }
+            if gen.id != active && !gen.may_hold(lane) {
+                continue;
             }
-            events += n;
-            bytes += b;
-            batch.next_seq = seq + 1;
-            batch.chunks.push(StoredChunk { seq, chunk });
-            if events >= max_events || bytes >= max_bytes {
-                break;
+            let Some(db) = gen.db()? else { continue };
+            let batch = read_generation(&db.db, gen.id, lane, start, max_events, max_bytes)?;
+            if !batch.chunks.is_empty() || !batch.corrupt.is_empty() {
+                return Ok(batch);
             }
         }
-        Ok(batch)
+        Ok(ReadBatch {
+            gen: next.gen,
+            next,
+            ..ReadBatch::default()
+        })
     }
 
     /// The lanes known now.
     pub fn lanes(&self) -> Vec<Arc<Lane>> {
-        self.shared
-            .lanes
-            .read()
-            .map(|l| l.clone())
-            .unwrap_or_default()
+        self.shared.lanes_read().clone()
     }
 
     /// Resolves when a lane is created after this call started waiting.
@@ -399,16 +434,23 @@ impl Queue {
             free_bytes: self.shared.stats.free_bytes.load(Ordering::Relaxed),
             full: self.is_full(),
             dead_letters: self.dead_letter_count(),
+            generations: self.shared.stats.generations.load(Ordering::Relaxed),
+            open_generations: self.shared.stats.open_generations.load(Ordering::Relaxed),
             lanes,
         }
     }
 
-    /// Stores raw bytes as a chunk of `lane`, bypassing the writer: how tests make a corrupt
-    /// queue.
+    /// Stores raw bytes as a chunk of `lane` in the active generation, bypassing the writer:
+    /// how tests make a corrupt queue.
     #[cfg(test)]
     pub(crate) fn insert_raw_chunk(&self, lane: u32, seq: u64, bytes: &[u8]) {
-        self.shared
-            .tree
+        let (gens, active) = self.shared.gens_snapshot();
+        let gen = gens
+            .iter()
+            .find(|g| g.id == active)
+            .expect("active generation");
+        let db = gen.db().expect("open").expect("not deleted");
+        db.db
             .insert(record::chunk_key(lane, seq), bytes)
             .expect("insert");
     }
@@ -421,7 +463,7 @@ impl Queue {
     /// Dead letters, oldest first.
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {
         self.shared
-            .tree
+            .meta
             .scan_prefix([record::DEAD_PREFIX])
             .map(|item| {
                 let (_, v) = item?;
@@ -511,13 +553,70 @@ fn prepare_dir(path: &Path) -> Result<(), QueueError> {
     Ok(())
 }
 
-/// Makes the directory's entries (sled's files) durable.
-fn sync_dir(path: &Path) -> Result<(), QueueError> {
-    std::fs::File::open(path)?.sync_all()?;
-    Ok(())
+/// Reads chunks of `lane` from `start` on in one generation's database.
+fn read_generation(
+    db: &sled::Db,
+    gen: u64,
+    lane: u32,
+    start: u64,
+    max_events: usize,
+    max_bytes: usize,
+) -> Result<ReadBatch, QueueError> {
+    let range = record::chunk_key(lane, start)..=record::chunk_key(lane, u64::MAX);
+    let mut batch = ReadBatch {
+        gen,
+        next: Position { gen, seq: start },
+        ..Default::default()
+    };
+    let (mut events, mut bytes) = (0usize, 0usize);
+    for item in db.range(range) {
+        let (key, value) = item?;
+        let (_, seq) =
+            record::parse_chunk_key(&key).map_err(|e| QueueError::Storage(e.to_string()))?;
+        let chunk = match Chunk::decode(&value) {
+            Ok(chunk) => chunk,
+            Err(_) => {
+                batch.corrupt.push((seq, value.to_vec()));
+                batch.next.seq = seq + 1;
+                continue;
+            }
+        };
+        let (n, b) = (chunk.events.len(), chunk.payload_bytes());
+        if let Some(first) = batch.chunks.first() {
+            if events + n > max_events
+                || bytes + b > max_bytes
+                || first.chunk.timestamp != chunk.timestamp
+            {
+                break;
+            }
+        }
+        events += n;
+        bytes += b;
+        batch.next.seq = seq + 1;
+        batch.chunks.push(StoredChunk { seq, chunk });
+        if events >= max_events || bytes >= max_bytes {
+            break;
+        }
+    }
+    Ok(batch)
 }
 
-fn check_format(db: &sled::Db, path: &Path) -> Result<(), QueueError> {
+/// Takes the queue directory's lock: one forwarder per queue.
+fn lock_dir(path: &Path) -> Result<std::fs::File, QueueError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path.join("lock"))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(QueueError::Locked(path.to_owned())),
+        Err(e) => Err(QueueError::Storage(format!("cannot lock the queue: {e}"))),
+    }
+}
+
+/// Checks (or writes, in a new database) the format marker of a database of the queue.
+pub(crate) fn check_format(db: &sled::Db, path: &Path, supported: u32) -> Result<(), QueueError> {
     match db.get(record::META_FORMAT_KEY)? {
         Some(v) => {
             let found = v
@@ -525,19 +624,16 @@ fn check_format(db: &sled::Db, path: &Path) -> Result<(), QueueError> {
                 .try_into()
                 .map(u32::from_be_bytes)
                 .map_err(|_| QueueError::Storage("bad format marker".into()))?;
-            if found > record::FORMAT_VERSION {
+            if found > supported {
                 return Err(QueueError::NewerFormat {
                     path: path.to_owned(),
                     found,
-                    supported: record::FORMAT_VERSION,
+                    supported,
                 });
             }
         }
         None => {
-            db.insert(
-                record::META_FORMAT_KEY,
-                &record::FORMAT_VERSION.to_be_bytes(),
-            )?;
+            db.insert(record::META_FORMAT_KEY, &supported.to_be_bytes())?;
         }
     }
     Ok(())

@@ -24,7 +24,7 @@ fn events(key: &str, n: usize, size: usize) -> Vec<IncomingEvent> {
 }
 
 fn read_all(q: &Queue, lane: u32) -> Vec<String> {
-    q.read(lane, 0, usize::MAX, usize::MAX)
+    q.read(lane, Position::default(), usize::MAX, usize::MAX)
         .unwrap()
         .chunks
         .into_iter()
@@ -99,7 +99,9 @@ async fn lanes_keep_order_per_key_and_chunk_by_bytes() {
     assert_eq!(a.events(), 4);
     assert_eq!(b.events(), 2);
     // chunk_bytes is 1024: three 400-byte events make two chunks, the trailing event a third.
-    let batch = q.read(a.id, 0, usize::MAX, usize::MAX).unwrap();
+    let batch = q
+        .read(a.id, Position::default(), usize::MAX, usize::MAX)
+        .unwrap();
     let sizes: Vec<usize> = batch.chunks.iter().map(|c| c.chunk.events.len()).collect();
     assert_eq!(sizes, [2, 1, 1]);
 }
@@ -112,21 +114,21 @@ async fn read_respects_limits_and_timestamps() {
     let mut stamped = events("K", 1, 5);
     stamped[0].timestamp = Some("2024-01-01T00:00:00Z".into());
     q.append(stamped).await.unwrap();
-    let first = q.read(0, 0, 4, usize::MAX).unwrap();
+    let first = q.read(0, Position::default(), 4, usize::MAX).unwrap();
     assert_eq!(first.events(), 4);
-    let rest = q.read(0, first.next_seq, usize::MAX, usize::MAX).unwrap();
+    let rest = q.read(0, first.next, usize::MAX, usize::MAX).unwrap();
     assert_eq!(
         rest.events(),
         6,
         "stops before the chunk with another event date"
     );
-    let last = q.read(0, rest.next_seq, usize::MAX, usize::MAX).unwrap();
+    let last = q.read(0, rest.next, usize::MAX, usize::MAX).unwrap();
     assert_eq!(
         last.chunks[0].chunk.timestamp.as_deref(),
         Some("2024-01-01T00:00:00Z")
     );
     // A single chunk larger than the limits is still returned, so nothing can stall.
-    let one = q.read(0, 0, 1, 1).unwrap();
+    let one = q.read(0, Position::default(), 1, 1).unwrap();
     assert_eq!(one.chunks.len(), 1);
 }
 
@@ -135,11 +137,14 @@ async fn ack_removes_rewrites_and_never_underflows() {
     let dir = tempfile::tempdir().unwrap();
     let q = Queue::open(&config(dir.path())).unwrap();
     q.append(events("K", 4, 400)).await.unwrap(); // chunks: [0,1] [2,3]
-    let batch = q.read(0, 0, usize::MAX, usize::MAX).unwrap();
+    let batch = q
+        .read(0, Position::default(), usize::MAX, usize::MAX)
+        .unwrap();
     let (c0, c1) = (&batch.chunks[0], &batch.chunks[1]);
     let mut kept = c1.chunk.clone();
     let refused = kept.events.remove(0);
     let ack = Ack {
+        gen: batch.gen,
         remove: vec![c0.seq],
         rewrite: vec![(c1.seq, kept.clone())],
         dead: vec![DeadLetter {
@@ -159,6 +164,7 @@ async fn ack_removes_rewrites_and_never_underflows() {
     assert_eq!(q.dead_letters().unwrap()[0].event, refused);
     // Removing the same chunks again (a duplicate ack) must not move the counters.
     let again = Ack {
+        gen: batch.gen,
         remove: vec![c0.seq, 999],
         ..Ack::default()
     };
@@ -167,6 +173,7 @@ async fn ack_removes_rewrites_and_never_underflows() {
     q.ack(
         0,
         Ack {
+            gen: batch.gen,
             remove: vec![c1.seq],
             ..Ack::default()
         },
@@ -177,6 +184,7 @@ async fn ack_removes_rewrites_and_never_underflows() {
     q.ack(
         0,
         Ack {
+            gen: batch.gen,
             remove: vec![c1.seq],
             ..Ack::default()
         },
@@ -208,7 +216,8 @@ async fn ordinary_chunks_stay_out_of_blob_files() {
     for _ in 0..40 {
         q.append(events("K", 400, 200)).await.unwrap();
     }
-    let count = std::fs::read_dir(cfg.path.join("blobs")).map_or(0, |d| d.count());
+    let count =
+        std::fs::read_dir(generation::gen_dir(&cfg.path, 1).join("blobs")).map_or(0, |d| d.count());
     assert_eq!(count, 0, "sled wrote blob files for ordinary chunks");
 }
 
@@ -225,7 +234,8 @@ async fn blob_files_of_large_events_are_fsynced() {
             .await
             .unwrap();
     }
-    let blobs = std::fs::read_dir(cfg.path.join("blobs")).map_or(0, |d| d.count());
+    let blobs =
+        std::fs::read_dir(generation::gen_dir(&cfg.path, 1).join("blobs")).map_or(0, |d| d.count());
     let synced = q.stats().blob_fsyncs.load(Ordering::Relaxed);
     assert!(synced > 0, "the test wrote no blob file: it tests nothing");
     assert!(
@@ -240,15 +250,14 @@ async fn corrupt_chunks_are_reported_not_fatal() {
     let q = Queue::open(&config(dir.path())).unwrap();
     q.append(events("K", 1, 10)).await.unwrap();
     q.append(events("K", 1, 10)).await.unwrap();
-    q.shared
-        .tree
-        .insert(record::chunk_key(0, 7), &b"\x09zz"[..])
+    q.insert_raw_chunk(0, 7, b"\x09zz");
+    let batch = q
+        .read(0, Position::default(), usize::MAX, usize::MAX)
         .unwrap();
-    let batch = q.read(0, 0, usize::MAX, usize::MAX).unwrap();
     assert_eq!(batch.corrupt.len(), 1);
     assert_eq!(batch.corrupt[0].0, 7);
     assert_eq!(batch.events(), 2);
-    assert_eq!(batch.next_seq, 8);
+    assert_eq!(batch.next.seq, 8);
 }
 
 #[tokio::test]
@@ -268,4 +277,239 @@ fn redaction_never_shows_a_usable_key() {
     assert_eq!(redact_key("short"), "…");
     let shown = redact_key("0123456789abcdef0123");
     assert_eq!(shown, "…0123");
+}
+
+fn small_generations(dir: &Path) -> QueueConfig {
+    QueueConfig {
+        generation_bytes: 64 * 1024,
+        ..config(dir)
+    }
+}
+
+fn gen_dirs(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("gen-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Reads a lane from the start to the end, over every generation, acknowledging each batch
+/// when `ack` is set.
+async fn drain(q: &Queue, lane: u32, ack: bool) -> Vec<String> {
+    let mut from = Position::default();
+    let mut got = Vec::new();
+    loop {
+        let batch = q.read(lane, from, 500, usize::MAX).unwrap();
+        assert!(batch.corrupt.is_empty());
+        if batch.chunks.is_empty() {
+            return got;
+        }
+        assert!(batch.next > from, "reads must move forward");
+        from = batch.next;
+        if ack {
+            let remove = batch.chunks.iter().map(|c| c.seq).collect();
+            q.ack(
+                lane,
+                Ack {
+                    gen: batch.gen,
+                    remove,
+                    ..Ack::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+        got.extend(batch.chunks.into_iter().flat_map(|c| c.chunk.events));
+    }
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn generations_rotate_keep_order_and_are_deleted_once_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_generations(dir.path());
+    let q = Queue::open(&cfg).unwrap();
+    let mut want = Vec::new();
+    for round in 0..40 {
+        let batch = events("K", 50, 100);
+        want.extend(batch.iter().map(|e| format!("{round}:{}", e.raw)));
+        let batch = batch
+            .into_iter()
+            .map(|mut e| {
+                e.raw = format!("{round}:{}", e.raw);
+                e
+            })
+            .collect();
+        q.append(batch).await.unwrap();
+    }
+    let gens = gen_dirs(&cfg.path);
+    assert!(gens.len() >= 4, "200 KB in 64 KiB generations: {gens:?}");
+    // Order holds across generations, and reading alone removes nothing.
+    assert_eq!(drain(&q, 0, false).await, want);
+    assert_eq!(q.totals().0, 2000);
+    let disk_full = generation::disk_usage(&cfg.path);
+
+    assert_eq!(drain(&q, 0, true).await, want);
+    assert_eq!(q.totals(), (0, 0));
+    // Sealed generations go as soon as they are empty (readers may hold one for a moment).
+    wait_for("delivered generations deleted", || {
+        gen_dirs(&cfg.path).len() == 1
+    })
+    .await;
+    let disk_empty = generation::disk_usage(&cfg.path);
+    assert!(
+        disk_empty < disk_full,
+        "space is given back: {disk_empty} bytes after the drain, {disk_full} before"
+    );
+    // The queue goes on after the deletions, and after a reopen.
+    q.append(events("K", 3, 10)).await.unwrap();
+    q.close().await.unwrap();
+    drop(q);
+    let q = Queue::open(&cfg).unwrap();
+    assert_eq!(q.totals(), (3, 30));
+    assert_eq!(drain(&q, 0, false).await.len(), 3);
+}
+
+#[tokio::test]
+async fn a_backlog_in_many_generations_reopens_without_opening_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_generations(dir.path());
+    {
+        let q = Queue::open(&cfg).unwrap();
+        for _ in 0..30 {
+            q.append(events("A", 40, 100)).await.unwrap();
+            q.append(events("B", 10, 100)).await.unwrap();
+        }
+        q.close().await.unwrap();
+    }
+    let q = Queue::open(&cfg).unwrap();
+    let status = q.status();
+    assert!(status.generations >= 3, "{status:?}");
+    assert_eq!(
+        status.open_generations, 1,
+        "only the active generation is open after a reopen"
+    );
+    assert_eq!(q.totals(), (1500, 150_000));
+    let a = q.lanes().iter().find(|l| l.intake_key == "A").unwrap().id;
+    let b = q.lanes().iter().find(|l| l.intake_key == "B").unwrap().id;
+    assert_eq!(drain(&q, a, false).await.len(), 1200);
+    assert_eq!(drain(&q, b, true).await.len(), 300);
+    assert_eq!(q.totals(), (1200, 120_000));
+    // New appends go after the old ones, in the newest generation.
+    q.append(events("A", 1, 7)).await.unwrap();
+    let all = drain(&q, a, true).await;
+    assert_eq!(all.len(), 1201);
+    assert_eq!(all.last().unwrap().len(), 7);
+    wait_for("all generations but the active one deleted", || {
+        gen_dirs(&cfg.path).len() == 1
+    })
+    .await;
+}
+
+/// A crash after the last acknowledgement of a sealed generation but before its deletion
+/// leaves a generation whose summary (written when it was sealed) still counts events. It must
+/// be found empty and deleted even though delivery will never read it again.
+#[tokio::test]
+async fn a_generation_emptied_before_a_crash_is_found_and_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_generations(dir.path());
+    {
+        let q = Queue::open(&cfg).unwrap();
+        for _ in 0..20 {
+            q.append(events("K", 50, 100)).await.unwrap();
+        }
+        q.close().await.unwrap();
+    }
+    // Empty the oldest generation behind the queue's back, as the acks before a crash would.
+    let oldest = generation::gen_dir(&cfg.path, 1);
+    let removed = {
+        let db = generation::open_sled(&oldest, 1 << 20).unwrap();
+        let mut removed = 0u64;
+        for item in db.scan_prefix([record::CHUNK_PREFIX]) {
+            let (k, v) = item.unwrap();
+            removed += u64::from(record::ChunkHeader::decode(&v).unwrap().events);
+            db.remove(k).unwrap();
+        }
+        let rec = record::LaneRecord {
+            intake_key: "K".into(),
+            events: 0,
+            bytes: 0,
+        };
+        db.insert(record::lane_key(0), record::encode_value(&rec))
+            .unwrap();
+        db.flush().unwrap();
+        removed
+    };
+    assert!(removed > 0);
+    let q = Queue::open(&cfg).unwrap();
+    assert_eq!(q.totals().0, 1000, "the summary still counts them");
+    wait_for("the empty generation deleted", || !oldest.exists()).await;
+    assert_eq!(q.totals().0, 1000 - removed);
+    assert_eq!(drain(&q, 0, false).await.len() as u64, 1000 - removed);
+}
+
+/// The first release kept one sled database at the root of the queue directory, with dead
+/// letters in it. This release moves it into generation 0 and reads it.
+#[tokio::test]
+async fn a_queue_of_the_first_layout_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    {
+        std::fs::create_dir_all(&cfg.path).unwrap();
+        let db = generation::open_sled(&cfg.path, 1 << 20).unwrap();
+        db.insert(record::META_FORMAT_KEY, &1u32.to_be_bytes())
+            .unwrap();
+        let rec = record::LaneRecord {
+            intake_key: "OLD".into(),
+            events: 3,
+            bytes: 6,
+        };
+        db.insert(record::lane_key(0), record::encode_value(&rec))
+            .unwrap();
+        let chunk = Chunk {
+            intake_key: "OLD".into(),
+            timestamp: None,
+            received_at_ms: 1,
+            events: vec!["a1".into(), "a2".into(), "a3".into()],
+        };
+        db.insert(record::chunk_key(0, 4), chunk.encode()).unwrap();
+        let dead = DeadLetter {
+            intake_key: "OLD".into(),
+            timestamp: None,
+            received_at_ms: 1,
+            event: "refused".into(),
+            status: 400,
+            reason: "bad".into(),
+            dead_at_ms: 2,
+        };
+        db.insert(record::dead_key(0), record::encode_value(&dead))
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let q = Queue::open(&cfg).unwrap();
+    assert!(!cfg.path.join("db").exists());
+    assert!(generation::gen_dir(&cfg.path, 0).join("db").exists());
+    assert_eq!(q.lanes()[0].intake_key, "OLD");
+    assert_eq!(q.totals(), (3, 6));
+    assert_eq!(read_all(&q, 0), ["a1", "a2", "a3"]);
+    assert_eq!(q.dead_letters().unwrap()[0].event, "refused");
+    // New events go to the same lane, after the old ones.
+    q.append(events("OLD", 1, 4)).await.unwrap();
+    assert_eq!(drain(&q, 0, false).await.len(), 4);
+    q.close().await.unwrap();
+    drop(q);
+    let q = Queue::open(&cfg).unwrap();
+    assert_eq!(q.totals().0, 4);
+    assert_eq!(q.dead_letter_count(), 1, "dead letters are moved once");
 }

@@ -1,27 +1,40 @@
-//! The one thread that changes the store: group commit.
+//! The one thread that changes the store: group commit, rotation and deletion of generations.
 //!
 //! It takes every operation waiting in its channel (up to `COMMIT_MAX_BYTES` of appends),
-//! applies them as one atomic sled batch, then `flush()`es sled and fsyncs its data file, and
-//! only then answers. So one fsync covers every sender of the group, and no sender hears "done"
-//! before its events would survive a power cut.
+//! stages them as one atomic sled batch per database they touch, then for each database in
+//! turn applies its batch, `flush()`es sled and fsyncs its data file, and only then answers.
+//! So one fsync covers every sender of the group, and no sender hears "done" before its events
+//! would survive a power cut.
+//!
+//! The meta database (new lanes, dead letters) is made durable before any generation of the
+//! same commit: a dead letter is on disk before the chunk it comes from is rewritten, so a
+//! crash between the two duplicates a dead letter instead of losing an event.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::generation::{self, GenDb, GenLane, GenSummary, Generation};
 use super::record::{self, Chunk, ChunkHeader, LaneRecord};
 use super::{Ack, Lane, QueueError, Shared, COMMIT_MAX_BYTES};
 use crate::crash_point;
 
-/// Bytes of disk sled takes per byte of payload while it is queued. sled rewrites a B-tree
-/// node on consolidation and keeps the old versions until its segments are cleaned: measured
-/// here at 3.4x to 4.7x (8 MB of 200-byte events took 27 to 41 MB, whatever the chunk size).
+/// Bytes of disk sled takes per byte of payload while it is queued: a generation's files reach
+/// about 2x its payload (sled writes a value to its log, then again in the consolidated leaf
+/// node). The writer refuses appends that could eat into the free-space reserve by this
+/// estimate.
 const SLED_AMPLIFICATION: u64 = 4;
+/// A sealed generation nobody used for this long is closed (its memory given back).
+const IDLE_CLOSE: Duration = Duration::from_secs(2);
+/// An active generation that has held at least this much and is now empty is rotated away on
+/// the next refresh, so a drained queue gives its space back even with little traffic.
+const ROTATE_EMPTY_AFTER: u64 = 1024 * 1024;
 
 /// A chunk encoded by the sender's task, so that the writer only stores bytes.
 #[derive(Debug)]
@@ -65,7 +78,8 @@ pub enum Op {
     Close {
         done: Done,
     },
-    /// Measure disk use and free space again (sent every second by the monitor thread).
+    /// Housekeeping, sent every second by the monitor thread: measure the disk, close idle
+    /// generations, delete delivered ones.
     Refresh,
 }
 
@@ -83,7 +97,8 @@ impl Op {
     }
 }
 
-/// The writer's own view of a lane; readers see it through [`Lane`]'s atomics.
+/// The writer's own view of a lane, over all generations; readers see it through [`Lane`]'s
+/// atomics.
 #[derive(Debug, Clone)]
 struct LaneState {
     intake_key: String,
@@ -92,58 +107,305 @@ struct LaneState {
     bytes: u64,
 }
 
+/// A lane's share of one generation.
+#[derive(Debug, Clone, Copy, Default)]
+struct GenCount {
+    events: u64,
+    bytes: u64,
+    end_seq: u64,
+}
+
+#[derive(Debug)]
+struct GenState {
+    handle: Arc<Generation>,
+    lanes: HashMap<u32, GenCount>,
+    /// Counts read from the generation itself; false while they come from its summary (an
+    /// upper bound), until the writer first touches it.
+    exact: bool,
+    /// Payload appended while it was active.
+    appended: u64,
+}
+
+impl GenState {
+    fn new(handle: Arc<Generation>, lanes: HashMap<u32, GenCount>, exact: bool) -> GenState {
+        let state = GenState {
+            handle,
+            lanes,
+            exact,
+            appended: 0,
+        };
+        state.publish();
+        state
+    }
+
+    fn events(&self) -> u64 {
+        self.lanes.values().map(|c| c.events).sum()
+    }
+
+    fn publish(&self) {
+        self.handle
+            .set_lane_events(self.lanes.iter().map(|(l, c)| (*l, c.events)).collect());
+    }
+
+    fn summary(&self) -> GenSummary {
+        let mut lanes: Vec<GenLane> = self
+            .lanes
+            .iter()
+            .map(|(lane, c)| GenLane {
+                lane: *lane,
+                events: c.events,
+                bytes: c.bytes,
+                end_seq: c.end_seq,
+            })
+            .collect();
+        lanes.sort_by_key(|l| l.lane);
+        GenSummary { lanes }
+    }
+}
+
 /// What the store holds, as loaded at open and kept by the writer.
 #[derive(Debug)]
 pub struct WriterState {
     lanes: Vec<LaneState>,
     by_key: HashMap<String, u32>,
+    gens: BTreeMap<u64, GenState>,
+    active: u64,
     next_dead_seq: u64,
     /// Dead letters in the store at open.
     pub dead_letters: u64,
+    cache_bytes: u64,
+}
+
+/// Counts of one generation read from the generation itself.
+struct Loaded {
+    lanes: HashMap<u32, GenCount>,
+    names: Vec<(u32, String)>,
+}
+
+/// Reads a generation's lane records (counters and intake keys) and, for each lane, where its
+/// last chunk is. O(lanes), not O(events).
+fn load_generation(db: &sled::Db, dir: &Path) -> Result<Loaded, QueueError> {
+    check_gen_format(db, dir)?;
+    let mut lanes = HashMap::new();
+    let mut names = Vec::new();
+    for item in db.scan_prefix([record::LANE_PREFIX]) {
+        let (key, value) = item?;
+        let id = record::parse_lane_key(&key).map_err(storage)?;
+        let rec: LaneRecord = record::decode_value(&value).map_err(storage)?;
+        let end_seq = match db
+            .range(record::chunk_key(id, 0)..=record::chunk_key(id, u64::MAX))
+            .next_back()
+        {
+            Some(item) => record::parse_chunk_key(&item?.0).map_err(storage)?.1 + 1,
+            None => 0,
+        };
+        lanes.insert(
+            id,
+            GenCount {
+                events: rec.events,
+                bytes: rec.bytes,
+                end_seq,
+            },
+        );
+        names.push((id, rec.intake_key));
+    }
+    Ok(Loaded { lanes, names })
+}
+
+fn check_gen_format(db: &sled::Db, dir: &Path) -> Result<(), QueueError> {
+    super::check_format(db, dir, record::FORMAT_VERSION)
+}
+
+/// Moves dead letters found in a generation (a queue of the first layout kept them there) into
+/// the meta database, durably, then removes them from the generation.
+fn import_dead_letters(
+    gen: &GenDb,
+    meta: &GenDb,
+    next_dead_seq: &mut u64,
+) -> Result<u64, QueueError> {
+    let mut to_meta = sled::Batch::default();
+    let mut from_gen = sled::Batch::default();
+    let mut moved = 0;
+    for item in gen.db.scan_prefix([record::DEAD_PREFIX]) {
+        let (key, value) = item?;
+        to_meta.insert(&record::dead_key(*next_dead_seq), value);
+        from_gen.remove(key);
+        *next_dead_seq += 1;
+        moved += 1;
+    }
+    if moved > 0 {
+        meta.db.apply_batch(to_meta)?;
+        meta.db.flush()?;
+        meta.sync_data_file()?;
+        gen.db.apply_batch(from_gen)?;
+        gen.db.flush()?;
+        gen.sync_data_file()?;
+    }
+    Ok(moved)
+}
+
+/// Creates generation `id` durably: its database with its format marker, and its directory
+/// entry.
+fn create_generation(root: &Path, gen: &Generation) -> Result<(), QueueError> {
+    let Some(db) = gen.db()? else {
+        return Err(QueueError::Storage(format!(
+            "generation {} was deleted",
+            gen.id
+        )));
+    };
+    db.db.insert(
+        record::META_FORMAT_KEY,
+        &record::FORMAT_VERSION.to_be_bytes(),
+    )?;
+    db.db.flush()?;
+    db.sync_data_file()?;
+    generation::sync_dir(&gen.dir)?;
+    generation::sync_dir(root)?;
+    Ok(())
 }
 
 impl WriterState {
-    /// Loads lanes and counters from the store: O(lanes), not O(events), so a large backlog
-    /// opens at once.
-    pub fn load(db: &sled::Db) -> Result<WriterState, QueueError> {
-        let mut lanes = Vec::new();
-        let mut by_key = HashMap::new();
-        for item in db.scan_prefix([record::LANE_PREFIX]) {
+    /// Loads lanes and counters: the meta database, the active (newest) generation, and the
+    /// summaries of sealed ones. A sealed generation without a summary is opened once to count
+    /// it. Creates the first generation of a new queue.
+    pub fn load(
+        root: &Path,
+        meta: &GenDb,
+        gen_ids: &[u64],
+        cache_bytes: u64,
+    ) -> Result<WriterState, QueueError> {
+        let mut names: BTreeMap<u32, String> = BTreeMap::new();
+        for item in meta.db.scan_prefix([record::LANE_PREFIX]) {
             let (key, value) = item?;
             let id = record::parse_lane_key(&key).map_err(storage)?;
-            let rec: LaneRecord = record::decode_value(&value).map_err(storage)?;
+            names.insert(id, record::decode_value(&value).map_err(storage)?);
+        }
+        let mut next_dead_seq = match meta.db.scan_prefix([record::DEAD_PREFIX]).next_back() {
+            Some(item) => record::parse_dead_key(&item?.0).map_err(storage)? + 1,
+            None => 0,
+        };
+        let mut summaries = HashMap::new();
+        let mut stale = Vec::new();
+        for item in meta.db.scan_prefix([generation::SUMMARY_PREFIX]) {
+            let (key, value) = item?;
+            let Some(id) = generation::parse_summary_key(&key) else {
+                continue;
+            };
+            if gen_ids.binary_search(&id).is_ok() {
+                let summary: GenSummary = record::decode_value(&value).map_err(storage)?;
+                summaries.insert(id, summary);
+            } else {
+                stale.push(key);
+            }
+        }
+
+        let mut gen_ids = gen_ids.to_vec();
+        let mut first = None;
+        if gen_ids.is_empty() {
+            gen_ids.push(1);
+            let handle = Arc::new(Generation::new(root, 1, cache_bytes));
+            create_generation(root, &handle)?;
+            first = Some(handle);
+        }
+        let active = *gen_ids.last().unwrap_or(&1);
+        let mut gens = BTreeMap::new();
+        let mut found_names = Vec::new();
+        for id in gen_ids {
+            let handle = match first.take() {
+                Some(handle) => handle,
+                None => Arc::new(Generation::new(root, id, cache_bytes)),
+            };
+            let summary = summaries.remove(&id).filter(|_| id != active);
+            let (lanes, exact) = match summary {
+                Some(summary) => {
+                    let lanes = summary
+                        .lanes
+                        .iter()
+                        .map(|l| {
+                            let count = GenCount {
+                                events: l.events,
+                                bytes: l.bytes,
+                                end_seq: l.end_seq,
+                            };
+                            (l.lane, count)
+                        })
+                        .collect();
+                    (lanes, false)
+                }
+                None => {
+                    let db = handle.db()?.ok_or_else(|| storage("generation deleted"))?;
+                    let loaded = load_generation(&db.db, &handle.dir)?;
+                    import_dead_letters(&db, meta, &mut next_dead_seq)?;
+                    found_names.extend(loaded.names);
+                    drop(db);
+                    if id != active {
+                        handle.close_if_idle(Duration::ZERO);
+                    }
+                    (loaded.lanes, true)
+                }
+            };
+            gens.insert(id, GenState::new(handle, lanes, exact));
+        }
+
+        // The lane map: the meta database's, plus lanes that only a generation names (a queue
+        // of the first layout, or a crash between the two).
+        let mut meta_batch = sled::Batch::default();
+        for (id, key) in found_names {
+            match names.get(&id) {
+                Some(known) if *known != key => {
+                    return Err(storage(format!(
+                        "lane {id} has two intake keys in the queue's records"
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    meta_batch.insert(&record::lane_key(id), record::encode_value(&key));
+                    names.insert(id, key);
+                }
+            }
+        }
+        for key in stale {
+            meta_batch.remove(key);
+        }
+        meta.db.apply_batch(meta_batch)?;
+        meta.db.flush()?;
+        meta.sync_data_file()?;
+
+        let mut lanes = Vec::with_capacity(names.len());
+        let mut by_key = HashMap::new();
+        for (id, intake_key) in names {
             if id as usize != lanes.len() {
-                return Err(QueueError::Storage(format!(
+                return Err(storage(format!(
                     "lane {id} found where lane {} was expected",
                     lanes.len()
                 )));
             }
-            let next_seq = match db
-                .range(record::chunk_key(id, 0)..=record::chunk_key(id, u64::MAX))
-                .next_back()
-            {
-                Some(item) => record::parse_chunk_key(&item?.0).map_err(storage)?.1 + 1,
-                None => 0,
+            let mut lane = LaneState {
+                intake_key: intake_key.clone(),
+                next_seq: 0,
+                events: 0,
+                bytes: 0,
             };
-            by_key.insert(rec.intake_key.clone(), id);
-            lanes.push(LaneState {
-                intake_key: rec.intake_key,
-                next_seq,
-                events: rec.events,
-                bytes: rec.bytes,
-            });
+            for g in gens.values() {
+                if let Some(c) = g.lanes.get(&id) {
+                    lane.events += c.events;
+                    lane.bytes += c.bytes;
+                    lane.next_seq = lane.next_seq.max(c.end_seq);
+                }
+            }
+            by_key.insert(intake_key, id);
+            lanes.push(lane);
         }
-        let next_dead_seq = match db.scan_prefix([record::DEAD_PREFIX]).next_back() {
-            Some(item) => record::parse_dead_key(&item?.0).map_err(storage)? + 1,
-            None => 0,
-        };
         // Dead letters are few (events refused for good); counting them once at open is cheap.
-        let dead_letters = db.scan_prefix([record::DEAD_PREFIX]).count() as u64;
+        let dead_letters = meta.db.scan_prefix([record::DEAD_PREFIX]).count() as u64;
         Ok(WriterState {
             lanes,
             by_key,
+            gens,
+            active,
             next_dead_seq,
             dead_letters,
+            cache_bytes,
         })
     }
 
@@ -153,6 +415,15 @@ impl WriterState {
             .enumerate()
             .map(|(id, l)| new_lane(id as u32, l))
             .collect()
+    }
+
+    /// The generations, oldest first, for readers.
+    pub fn generations(&self) -> Vec<Arc<Generation>> {
+        self.gens.values().map(|g| g.handle.clone()).collect()
+    }
+
+    pub fn active(&self) -> u64 {
+        self.active
     }
 }
 
@@ -174,31 +445,47 @@ fn storage(e: impl std::fmt::Display) -> QueueError {
 pub struct Writer {
     shared: Arc<Shared>,
     state: WriterState,
-    data_file: File,
+    meta: GenDb,
+    /// Payload after which the active generation is sealed.
+    generation_bytes: u64,
     last_disk_check: Instant,
-    /// Names of the files in sled's `blobs/` directory already fsynced.
-    synced_blobs: HashSet<OsString>,
+    /// Names of the files in each generation's `blobs/` directory already fsynced.
+    synced_blobs: HashMap<u64, HashSet<OsString>>,
 }
 
 /// Changes staged for one commit, made visible only if the commit succeeds.
+#[derive(Default)]
 struct Staged {
-    batch: sled::Batch,
+    meta: sled::Batch,
+    meta_dirty: bool,
+    gens: BTreeMap<u64, sled::Batch>,
+    /// Per generation and lane, counts after this commit.
+    counts: HashMap<(u64, u32), GenCount>,
+    /// Chunks changed earlier in this commit: their header now (`None`: removed).
+    changed: HashMap<(u64, u32, u64), Option<ChunkHeader>>,
     touched: HashMap<u32, LaneState>,
     new_lanes: Vec<u32>,
     appended: HashMap<u32, u64>,
+    appended_payload: u64,
     acked_events: u64,
     dead: u64,
     next_dead_seq: u64,
 }
 
 impl Writer {
-    pub fn new(shared: Arc<Shared>, state: WriterState, data_file: File) -> Writer {
+    pub fn new(
+        shared: Arc<Shared>,
+        state: WriterState,
+        meta: GenDb,
+        generation_bytes: u64,
+    ) -> Writer {
         Writer {
             shared,
             state,
-            data_file,
+            meta,
+            generation_bytes,
             last_disk_check: Instant::now(),
-            synced_blobs: HashSet::new(),
+            synced_blobs: HashMap::new(),
         }
     }
 
@@ -217,13 +504,13 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let refresh = ops.iter().any(|op| matches!(op, Op::Refresh));
             ops.retain(|op| !matches!(op, Op::Refresh));
             let ops = self.refuse_appends_if_disk_low(ops);
-            if ops.is_empty() {
-                self.update_disk_usage();
-            } else {
+            if !ops.is_empty() {
                 self.commit(ops);
             }
+            self.maintain(refresh);
             if closing {
                 break;
             }
@@ -236,13 +523,8 @@ impl Writer {
 
     fn commit(&mut self, mut ops: Vec<Op>) {
         let mut staged = Staged {
-            batch: sled::Batch::default(),
-            touched: HashMap::new(),
-            new_lanes: Vec::new(),
-            appended: HashMap::new(),
-            acked_events: 0,
-            dead: 0,
             next_dead_seq: self.state.next_dead_seq,
+            ..Staged::default()
         };
         let mut result = Ok(());
         for op in &mut ops {
@@ -284,169 +566,288 @@ impl Writer {
         }
     }
 
-    /// Stages the chunks of `groups`, moving their bytes into the batch (the sender only
-    /// waits for the answer; it does not need them back).
+    fn gen_count<'a>(&self, staged: &'a mut Staged, gen: u64, lane: u32) -> &'a mut GenCount {
+        staged.counts.entry((gen, lane)).or_insert_with(|| {
+            self.state
+                .gens
+                .get(&gen)
+                .and_then(|g| g.lanes.get(&lane).copied())
+                .unwrap_or_default()
+        })
+    }
+
+    /// The lane of `intake_key`, created (in this commit) if it is new.
+    fn lane_for(&self, staged: &mut Staged, intake_key: &str) -> u32 {
+        if let Some(id) = self.state.by_key.get(intake_key) {
+            return *id;
+        }
+        let pending = staged.new_lanes.iter().copied().find(|id| {
+            staged
+                .touched
+                .get(id)
+                .is_some_and(|l| l.intake_key == intake_key)
+        });
+        if let Some(id) = pending {
+            return id;
+        }
+        let id = (self.state.lanes.len() + staged.new_lanes.len()) as u32;
+        staged.new_lanes.push(id);
+        staged.touched.insert(
+            id,
+            LaneState {
+                intake_key: intake_key.to_owned(),
+                next_seq: 0,
+                events: 0,
+                bytes: 0,
+            },
+        );
+        staged.meta.insert(
+            &record::lane_key(id),
+            record::encode_value(&intake_key.to_owned()),
+        );
+        staged.meta_dirty = true;
+        id
+    }
+
+    /// Stages the chunks of `groups` in the active generation, moving their bytes into the
+    /// batch (the sender only waits for the answer; it does not need them back).
     fn stage_append(&self, staged: &mut Staged, groups: &mut [Group]) -> Result<(), QueueError> {
+        let active = self.state.active;
         for group in groups {
-            let id = match self.state.by_key.get(&group.intake_key) {
-                Some(id) => *id,
-                None => {
-                    // A lane created earlier in this same commit?
-                    let pending = staged.new_lanes.iter().copied().find(|id| {
-                        staged
-                            .touched
-                            .get(id)
-                            .is_some_and(|l| l.intake_key == group.intake_key)
-                    });
-                    match pending {
-                        Some(id) => id,
-                        None => {
-                            let id = (self.state.lanes.len() + staged.new_lanes.len()) as u32;
-                            staged.new_lanes.push(id);
-                            staged.touched.insert(
-                                id,
-                                LaneState {
-                                    intake_key: group.intake_key.clone(),
-                                    next_seq: 0,
-                                    events: 0,
-                                    bytes: 0,
-                                },
-                            );
-                            id
-                        }
-                    }
-                }
-            };
-            let mut appended = 0;
+            let id = self.lane_for(staged, &group.intake_key);
+            let (mut events, mut bytes) = (0u64, 0u64);
             let mut inserts = Vec::with_capacity(group.chunks.len());
-            {
+            let end_seq = {
                 let lane = self
                     .lane_state(staged, id)
-                    .ok_or_else(|| QueueError::Storage(format!("lane {id} vanished")))?;
+                    .ok_or_else(|| storage(format!("lane {id} vanished")))?;
                 for chunk in &mut group.chunks {
-                    let bytes = std::mem::take(&mut chunk.bytes);
-                    inserts.push((record::chunk_key(id, lane.next_seq), bytes));
+                    let value = std::mem::take(&mut chunk.bytes);
+                    inserts.push((record::chunk_key(id, lane.next_seq), value));
                     lane.next_seq += 1;
-                    lane.events += u64::from(chunk.header.events);
-                    lane.bytes += u64::from(chunk.header.payload_bytes);
-                    appended += u64::from(chunk.header.events);
+                    events += u64::from(chunk.header.events);
+                    bytes += u64::from(chunk.header.payload_bytes);
                 }
-            }
+                lane.events += events;
+                lane.bytes += bytes;
+                lane.next_seq
+            };
+            let count = self.gen_count(staged, active, id);
+            count.events += events;
+            count.bytes += bytes;
+            count.end_seq = end_seq;
+            let batch = staged.gens.entry(active).or_default();
             for (k, v) in inserts {
-                staged.batch.insert(&k, v);
+                batch.insert(&k, v);
             }
-            *staged.appended.entry(id).or_default() += appended;
+            *staged.appended.entry(id).or_default() += events;
+            staged.appended_payload += bytes;
         }
         Ok(())
     }
 
-    fn stage_ack(&self, staged: &mut Staged, id: u32, ack: &Ack) -> Result<(), QueueError> {
-        let tree = &self.shared.tree;
+    fn stage_ack(&mut self, staged: &mut Staged, id: u32, ack: &Ack) -> Result<(), QueueError> {
+        for dead in &ack.dead {
+            staged.meta.insert(
+                &record::dead_key(staged.next_dead_seq),
+                record::encode_value(dead),
+            );
+            staged.meta_dirty = true;
+            staged.next_dead_seq += 1;
+            staged.dead += 1;
+        }
+        let gen = ack.gen;
+        if !self.state.gens.contains_key(&gen) {
+            // Deleted: everything it held was acknowledged already.
+            return Ok(());
+        }
+        self.make_exact(gen)?;
+        let Some(db) = self.gen_db(gen)? else {
+            return Ok(());
+        };
         let mut removed_events = 0u64;
         let mut removed_bytes = 0u64;
-        let mut changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut changes: Vec<(u64, Option<Vec<u8>>, Option<ChunkHeader>)> = Vec::new();
+        let header_now = |seq: u64| -> Result<Option<ChunkHeader>, QueueError> {
+            if let Some(h) = staged.changed.get(&(gen, id, seq)) {
+                return Ok(*h);
+            }
+            Ok(db
+                .db
+                .get(record::chunk_key(id, seq))?
+                .map(|old| ChunkHeader::decode(&old).unwrap_or_default()))
+        };
+        // A chunk that is not there (already removed) changes nothing: counters follow the
+        // store, so they can never go below zero.
         for seq in &ack.remove {
-            let key = record::chunk_key(id, *seq);
-            // A chunk that is not there (already removed) changes nothing: counters follow the
-            // store, so they can never go below zero.
-            if let Some(old) = tree.get(key)? {
-                let h = ChunkHeader::decode(&old).unwrap_or_default();
+            if let Some(h) = header_now(*seq)? {
                 removed_events += u64::from(h.events);
                 removed_bytes += u64::from(h.payload_bytes);
-                changes.push((key.to_vec(), None));
+                changes.push((*seq, None, None));
             }
         }
         for (seq, chunk) in &ack.rewrite {
-            let key = record::chunk_key(id, *seq);
-            if let Some(old) = tree.get(key)? {
-                let h = ChunkHeader::decode(&old).unwrap_or_default();
+            if let Some(h) = header_now(*seq)? {
                 let kept_events = chunk.events.len() as u64;
                 let kept_bytes = chunk.payload_bytes() as u64;
                 removed_events += u64::from(h.events).saturating_sub(kept_events);
                 removed_bytes += u64::from(h.payload_bytes).saturating_sub(kept_bytes);
-                changes.push((key.to_vec(), Some(chunk.encode())));
+                let header = ChunkHeader {
+                    events: kept_events as u32,
+                    payload_bytes: kept_bytes as u32,
+                };
+                changes.push((*seq, Some(chunk.encode()), Some(header)));
             }
         }
-        for dead in &ack.dead {
-            changes.push((
-                record::dead_key(staged.next_dead_seq).to_vec(),
-                Some(record::encode_value(dead)),
-            ));
-            staged.next_dead_seq += 1;
-            staged.dead += 1;
+        drop(db);
+        let batch = staged.gens.entry(gen).or_default();
+        for (seq, value, header) in changes {
+            let key = record::chunk_key(id, seq);
+            match value {
+                Some(v) => batch.insert(&key, v),
+                None => batch.remove(&key),
+            }
+            staged.changed.insert((gen, id, seq), header);
         }
-        let dead_events = ack.dead.len() as u64;
+        let count = self.gen_count(staged, gen, id);
+        count.events = count.events.saturating_sub(removed_events);
+        count.bytes = count.bytes.saturating_sub(removed_bytes);
         let lane = self
             .lane_state(staged, id)
-            .ok_or_else(|| QueueError::Storage(format!("ack for unknown lane {id}")))?;
+            .ok_or_else(|| storage(format!("ack for unknown lane {id}")))?;
         lane.events = lane.events.saturating_sub(removed_events);
         lane.bytes = lane.bytes.saturating_sub(removed_bytes);
-        for (k, v) in changes {
-            match v {
-                Some(v) => staged.batch.insert(k, v),
-                None => staged.batch.remove(k),
-            }
-        }
-        staged.acked_events += removed_events.saturating_sub(dead_events);
+        staged.acked_events += removed_events.saturating_sub(ack.dead.len() as u64);
         Ok(())
     }
 
-    /// Applies the staged batch atomically, makes it durable, then publishes it.
+    fn gen_db(&self, gen: u64) -> Result<Option<Arc<GenDb>>, QueueError> {
+        match self.state.gens.get(&gen) {
+            Some(g) => g.handle.db(),
+            None => Ok(None),
+        }
+    }
+
+    /// Replaces a sealed generation's counts from its summary (an upper bound) by its own
+    /// records, and corrects the lanes' totals by the difference.
+    fn make_exact(&mut self, gen: u64) -> Result<(), QueueError> {
+        let Some(g) = self.state.gens.get(&gen) else {
+            return Ok(());
+        };
+        if g.exact {
+            return Ok(());
+        }
+        let Some(db) = g.handle.db()? else {
+            return Ok(());
+        };
+        let loaded = load_generation(&db.db, &g.handle.dir)?;
+        let mut next_dead_seq = self.state.next_dead_seq;
+        let moved = import_dead_letters(&db, &self.meta, &mut next_dead_seq)?;
+        self.state.next_dead_seq = next_dead_seq;
+        self.state.dead_letters += moved;
+        self.shared
+            .stats
+            .dead_letters
+            .fetch_add(moved, Ordering::Relaxed);
+        drop(db);
+        let readers = self.shared.lanes_read();
+        let Some(g) = self.state.gens.get_mut(&gen) else {
+            return Ok(());
+        };
+        let ids: HashSet<u32> = g.lanes.keys().chain(loaded.lanes.keys()).copied().collect();
+        for id in ids {
+            let old = g.lanes.get(&id).copied().unwrap_or_default();
+            let new = loaded.lanes.get(&id).copied().unwrap_or_default();
+            if let Some(lane) = self.state.lanes.get_mut(id as usize) {
+                lane.events = (lane.events + new.events).saturating_sub(old.events);
+                lane.bytes = (lane.bytes + new.bytes).saturating_sub(old.bytes);
+                if let Some(reader) = readers.get(id as usize) {
+                    reader.events.store(lane.events, Ordering::Release);
+                    reader.bytes.store(lane.bytes, Ordering::Release);
+                }
+            }
+        }
+        g.lanes = loaded.lanes;
+        g.exact = true;
+        g.publish();
+        Ok(())
+    }
+
+    /// Applies the staged batches atomically per database, makes them durable, then publishes.
     fn write(&mut self, mut staged: Staged) -> Result<(), QueueError> {
-        for (id, lane) in &staged.touched {
+        let counts: Vec<((u64, u32), GenCount)> =
+            staged.counts.iter().map(|(k, c)| (*k, *c)).collect();
+        for ((gen, lane), count) in counts {
+            let Some(state) = self.lane_state(&mut staged, lane).cloned() else {
+                continue;
+            };
             let rec = LaneRecord {
-                intake_key: lane.intake_key.clone(),
-                events: lane.events,
-                bytes: lane.bytes,
+                intake_key: state.intake_key,
+                events: count.events,
+                bytes: count.bytes,
             };
             staged
-                .batch
-                .insert(&record::lane_key(*id), record::encode_value(&rec));
+                .gens
+                .entry(gen)
+                .or_default()
+                .insert(&record::lane_key(lane), record::encode_value(&rec));
         }
         crash_point!("queue-before-apply");
-        self.shared.tree.apply_batch(staged.batch)?;
-        crash_point!("queue-after-apply");
-        self.shared.tree.flush()?;
-        crash_point!("queue-after-flush");
-        self.sync_blobs()?;
-        self.sync_data_file()?;
-        crash_point!("queue-after-fsync");
+        if staged.meta_dirty {
+            self.meta.db.apply_batch(std::mem::take(&mut staged.meta))?;
+            self.meta.db.flush()?;
+            self.meta.sync_data_file()?;
+            self.shared
+                .stats
+                .meta_fsyncs
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        for (gen, batch) in std::mem::take(&mut staged.gens) {
+            let Some(db) = self.gen_db(gen)? else {
+                continue;
+            };
+            db.db.apply_batch(batch)?;
+            crash_point!("queue-after-apply");
+            db.db.flush()?;
+            crash_point!("queue-after-flush");
+            self.sync_blobs(gen)?;
+            self.sync_data_file(&db)?;
+            crash_point!("queue-after-fsync");
+        }
         self.shared.stats.commits.fetch_add(1, Ordering::Relaxed);
-        self.publish(
-            staged.touched,
-            staged.new_lanes,
-            &staged.appended,
-            staged.acked_events,
-            staged.dead,
-        );
         self.state.next_dead_seq = staged.next_dead_seq;
+        self.publish(staged);
         if self.last_disk_check.elapsed() >= Duration::from_millis(100) {
             self.update_disk_usage();
         }
         Ok(())
     }
 
-    fn publish(
-        &mut self,
-        touched: HashMap<u32, LaneState>,
-        mut new_lanes: Vec<u32>,
-        appended: &HashMap<u32, u64>,
-        acked: u64,
-        dead: u64,
-    ) {
-        new_lanes.sort_unstable();
-        let mut readers = match self.shared.lanes.write() {
-            Ok(l) => l,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        for id in &new_lanes {
-            if let Some(state) = touched.get(id) {
+    fn publish(&mut self, mut staged: Staged) {
+        for ((gen, lane), count) in staged.counts.drain() {
+            if let Some(g) = self.state.gens.get_mut(&gen) {
+                g.lanes.insert(lane, count);
+            }
+        }
+        let touched_gens: HashSet<u64> = staged.changed.keys().map(|k| k.0).collect();
+        for gen in touched_gens.iter().chain([&self.state.active]) {
+            if let Some(g) = self.state.gens.get(gen) {
+                g.publish();
+            }
+        }
+        if let Some(active) = self.state.gens.get_mut(&self.state.active) {
+            active.appended += staged.appended_payload;
+        }
+        staged.new_lanes.sort_unstable();
+        let mut readers = self.shared.lanes_write();
+        for id in &staged.new_lanes {
+            if let Some(state) = staged.touched.get(id) {
                 self.state.by_key.insert(state.intake_key.clone(), *id);
                 self.state.lanes.push(state.clone());
                 readers.push(new_lane(*id, state));
             }
         }
-        for (id, state) in touched {
+        for (id, state) in staged.touched {
             if let (Some(mine), Some(theirs)) = (
                 self.state.lanes.get_mut(id as usize),
                 readers.get(id as usize),
@@ -457,46 +858,53 @@ impl Writer {
             }
         }
         let stats = &self.shared.stats;
-        for (id, n) in appended {
+        for (id, n) in &staged.appended {
             if let Some(lane) = readers.get(*id as usize) {
                 lane.appended.fetch_add(*n, Ordering::AcqRel);
                 stats.appended_events.fetch_add(*n, Ordering::Relaxed);
                 lane.notify.notify_one();
             }
         }
-        stats.acked_events.fetch_add(acked, Ordering::Relaxed);
-        stats.dead_letters.fetch_add(dead, Ordering::Relaxed);
+        stats
+            .acked_events
+            .fetch_add(staged.acked_events, Ordering::Relaxed);
+        stats.dead_letters.fetch_add(staged.dead, Ordering::Relaxed);
         drop(readers);
-        if !new_lanes.is_empty() {
+        if !staged.new_lanes.is_empty() {
             self.shared.lanes_changed.notify_waiters();
         }
     }
 
-    /// fsyncs sled's data file, and counts it: the count is what the fsync-regression test
-    /// compares with the number of commits, so it must be taken here and nowhere else.
-    fn sync_data_file(&self) -> Result<(), QueueError> {
-        self.data_file.sync_all()?;
+    /// fsyncs a generation's data file, and counts it: the count is what the fsync-regression
+    /// test compares with the number of commits, so it must be taken here and nowhere else.
+    fn sync_data_file(&self, db: &GenDb) -> Result<(), QueueError> {
+        db.sync_data_file()?;
         self.shared.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// fsyncs the files sled wrote to `blobs/` since the last commit, and the directory.
+    /// fsyncs the files sled wrote to a generation's `blobs/` since the last commit, and the
+    /// directory.
     ///
     /// sled writes pages too large for its log segments to one file each under `blobs/`,
     /// without any fsync (`shared/notes/measurements.md`); an acknowledged event in such a page
     /// would not survive a power cut. The directory is normally empty, so listing it is cheap.
-    fn sync_blobs(&mut self) -> Result<(), QueueError> {
-        let dir = self.shared.path.join("blobs");
+    fn sync_blobs(&mut self, gen: u64) -> Result<(), QueueError> {
+        let Some(g) = self.state.gens.get(&gen) else {
+            return Ok(());
+        };
+        let dir = g.handle.dir.join("blobs");
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e.into()),
         };
+        let synced_before = self.synced_blobs.entry(gen).or_default();
         let mut present = HashSet::new();
         let mut synced = 0;
         for entry in entries {
             let name = entry?.file_name();
-            if !self.synced_blobs.contains(&name) {
+            if !synced_before.contains(&name) {
                 match File::open(dir.join(&name)) {
                     Ok(f) => f.sync_all()?,
                     // sled removed it meanwhile: nothing to make durable.
@@ -508,15 +916,190 @@ impl Writer {
             present.insert(name);
         }
         if synced > 0 {
-            File::open(&dir)?.sync_all()?;
-            File::open(&self.shared.path)?.sync_all()?;
+            generation::sync_dir(&dir)?;
+            generation::sync_dir(&g.handle.dir)?;
             self.shared
                 .stats
                 .blob_fsyncs
                 .fetch_add(synced, Ordering::Relaxed);
         }
-        self.synced_blobs = present;
+        *synced_before = present;
         Ok(())
+    }
+
+    /// Housekeeping after each commit (rotation, deletion) and, on `refresh`, every second:
+    /// disk measurement, closing idle generations, finishing counts of sealed generations.
+    fn maintain(&mut self, refresh: bool) {
+        let active = self.state.gens.get(&self.state.active);
+        let (appended, events) = active.map_or((0, 0), |g| (g.appended, g.events()));
+        let rotate = appended >= self.generation_bytes
+            || (refresh
+                && events == 0
+                && appended >= ROTATE_EMPTY_AFTER.min(self.generation_bytes));
+        if rotate {
+            if let Err(e) = self.rotate() {
+                self.shared
+                    .stats
+                    .storage_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "cannot start a new queue generation; appending to the current one");
+            }
+        }
+        if let Err(e) = self.delete_delivered() {
+            tracing::error!(error = %e, "cannot delete a delivered queue generation; will retry");
+        }
+        if refresh {
+            self.close_idle();
+            if let Err(e) = self.count_one_sealed() {
+                tracing::warn!(error = %e, "cannot count a sealed queue generation; will retry");
+            }
+            self.update_disk_usage();
+        }
+    }
+
+    /// Seals the active generation and starts the next one.
+    fn rotate(&mut self) -> Result<(), QueueError> {
+        let old = self.state.active;
+        let Some(g) = self.state.gens.get(&old) else {
+            return Err(storage("no active generation"));
+        };
+        let summary = g.summary();
+        self.meta
+            .db
+            .insert(generation::summary_key(old), record::encode_value(&summary))?;
+        self.meta.db.flush()?;
+        self.meta.sync_data_file()?;
+        crash_point!("queue-rotate-after-summary");
+        let id = old + 1;
+        let root = &self.shared.path;
+        let handle = Arc::new(Generation::new(root, id, self.state.cache_bytes));
+        create_generation(root, &handle)?;
+        crash_point!("queue-rotate-after-create");
+        self.state
+            .gens
+            .insert(id, GenState::new(handle, HashMap::new(), true));
+        self.state.active = id;
+        self.synced_blobs.remove(&old);
+        self.publish_generations();
+        self.shared.stats.rotations.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(sealed = old, active = id, "queue generation sealed");
+        Ok(())
+    }
+
+    /// Deletes sealed generations whose every event was delivered.
+    fn delete_delivered(&mut self) -> Result<(), QueueError> {
+        let done: Vec<u64> = self
+            .state
+            .gens
+            .iter()
+            .filter(|(id, g)| **id != self.state.active && g.exact && g.events() == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            let Some(g) = self.state.gens.get(&id) else {
+                continue;
+            };
+            let handle = g.handle.clone();
+            // Counters say empty; the store must agree before its files go.
+            if let Some(db) = handle.db()? {
+                if db.db.scan_prefix([record::CHUNK_PREFIX]).next().is_some() {
+                    tracing::error!(
+                        generation = id,
+                        "queue counters say a generation is empty but it holds chunks; recounting it"
+                    );
+                    drop(db);
+                    self.recount(id)?;
+                    continue;
+                }
+            }
+            if !handle.retire() {
+                continue; // a reader holds it: next time
+            }
+            generation::delete_generation(&self.shared.path, &handle)?;
+            self.state.gens.remove(&id);
+            self.synced_blobs.remove(&id);
+            // A summary left behind is ignored and removed at the next open.
+            self.meta.db.remove(generation::summary_key(id))?;
+            self.publish_generations();
+            self.shared
+                .stats
+                .deleted_generations
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(generation = id, "delivered queue generation deleted");
+        }
+        Ok(())
+    }
+
+    /// Counts a generation from its chunks (the lane records disagreed with the store).
+    fn recount(&mut self, gen: u64) -> Result<(), QueueError> {
+        let Some(db) = self.gen_db(gen)? else {
+            return Ok(());
+        };
+        let mut lanes: HashMap<u32, GenCount> = HashMap::new();
+        for item in db.db.scan_prefix([record::CHUNK_PREFIX]) {
+            let (key, value) = item?;
+            let (lane, seq) = record::parse_chunk_key(&key).map_err(storage)?;
+            let h = ChunkHeader::decode(&value).unwrap_or(ChunkHeader {
+                events: 1,
+                payload_bytes: value.len() as u32,
+            });
+            let c = lanes.entry(lane).or_default();
+            c.events += u64::from(h.events);
+            c.bytes += u64::from(h.payload_bytes);
+            c.end_seq = c.end_seq.max(seq + 1);
+        }
+        drop(db);
+        if let Some(g) = self.state.gens.get_mut(&gen) {
+            let readers = self.shared.lanes_read();
+            for (id, c) in &lanes {
+                if let Some(lane) = self.state.lanes.get_mut(*id as usize) {
+                    let old = g.lanes.get(id).copied().unwrap_or_default();
+                    lane.events = (lane.events + c.events).saturating_sub(old.events);
+                    lane.bytes = (lane.bytes + c.bytes).saturating_sub(old.bytes);
+                    if let Some(reader) = readers.get(*id as usize) {
+                        reader.events.store(lane.events, Ordering::Release);
+                        reader.bytes.store(lane.bytes, Ordering::Release);
+                    }
+                }
+            }
+            g.lanes = lanes;
+            g.exact = true;
+            g.publish();
+        }
+        Ok(())
+    }
+
+    fn close_idle(&mut self) {
+        for (id, g) in &self.state.gens {
+            if *id != self.state.active && g.handle.close_if_idle(IDLE_CLOSE) {
+                tracing::trace!(generation = id, "idle queue generation closed");
+            }
+        }
+    }
+
+    /// Reads the real counts of one sealed generation still counted from its summary, so that
+    /// a generation delivered before a crash is found empty and deleted even if delivery never
+    /// needs to read it again.
+    fn count_one_sealed(&mut self) -> Result<(), QueueError> {
+        let Some(id) = self
+            .state
+            .gens
+            .iter()
+            .find(|(_, g)| !g.exact)
+            .map(|(id, _)| *id)
+        else {
+            return Ok(());
+        };
+        self.make_exact(id)
+    }
+
+    fn publish_generations(&self) {
+        let list = self.state.generations();
+        let mut gens = self.shared.gens_write();
+        *gens = super::GenList {
+            gens: list,
+            active: self.state.active,
+        };
     }
 
     /// Answers `Full` to the appends of this group if writing them could fill the disk.
@@ -532,7 +1115,7 @@ impl Writer {
         if append_bytes == 0 {
             return ops;
         }
-        let free = self.usable_space();
+        let free = free_space(&self.shared.path).unwrap_or(u64::MAX);
         if free
             >= self
                 .shared
@@ -555,26 +1138,31 @@ impl Writer {
         kept
     }
 
-    /// Measures what the queue holds on disk and the free space left, and sets the
-    /// back-pressure flag.
-    ///
-    /// sled keeps freed space for reuse rather than shrinking its file, so a file at its high
-    /// water mark with little queued is not full: sources are held back when the disk use
-    /// reaches `max_bytes` while at least half of it is queued payload, when the queued
-    /// payload alone reaches `max_bytes`, or when the file system has less than
-    /// `min_free_bytes` free (removals need space too: a disk filled to the last byte could
-    /// not even record what was delivered).
+    /// Measures what the queue takes on disk and the free space left, and sets the
+    /// back-pressure flag: sources are held back when the disk use or the queued payload
+    /// reaches `max_bytes`, or when the file system has less than `min_free_bytes` free
+    /// (removals need space too: a disk filled to the last byte could not even record what was
+    /// delivered).
     pub fn update_disk_usage(&mut self) {
         self.last_disk_check = Instant::now();
-        let disk = self.shared.tree.size_on_disk().unwrap_or(0);
-        self.shared.stats.disk_bytes.store(disk, Ordering::Relaxed);
-        let free = self.usable_space();
-        let queued = self.queued_bytes();
+        let disk = generation::disk_usage(&self.shared.path);
+        let stats = &self.shared.stats;
+        stats.disk_bytes.store(disk, Ordering::Relaxed);
+        stats
+            .generations
+            .store(self.state.gens.len() as u64, Ordering::Relaxed);
+        let open = self
+            .state
+            .gens
+            .values()
+            .filter(|g| g.handle.is_open())
+            .count();
+        stats.open_generations.store(open as u64, Ordering::Relaxed);
+        let free = free_space(&self.shared.path).unwrap_or(u64::MAX);
+        let queued: u64 = self.state.lanes.iter().map(|l| l.bytes).sum();
         let max = self.shared.max_bytes;
-        let full = queued >= max
-            || (disk >= max && queued >= max / 2)
-            || free < self.shared.min_free_bytes;
-        self.shared.stats.free_bytes.store(free, Ordering::Relaxed);
+        let full = queued >= max || disk >= max || free < self.shared.min_free_bytes;
+        stats.free_bytes.store(free, Ordering::Relaxed);
         let was = self.shared.full.swap(full, Ordering::AcqRel);
         if full != was {
             if full {
@@ -598,24 +1186,8 @@ impl Writer {
     }
 }
 
-impl Writer {
-    fn queued_bytes(&self) -> u64 {
-        self.state.lanes.iter().map(|l| l.bytes).sum()
-    }
-
-    /// Space the queue can still write to: free space on the file system, plus the part of
-    /// sled's files not taken by queued events, which sled reuses (it does not shrink its files
-    /// after removals). Live data is counted [`SLED_AMPLIFICATION`] times over.
-    fn usable_space(&self) -> u64 {
-        let free = free_space(&self.shared.path).unwrap_or(u64::MAX);
-        let disk = self.shared.stats.disk_bytes.load(Ordering::Relaxed);
-        let live = self.queued_bytes().saturating_mul(SLED_AMPLIFICATION);
-        free.saturating_add(disk.saturating_sub(live))
-    }
-}
-
 /// Bytes an unprivileged writer may still use on the file system holding `path`.
-fn free_space(path: &std::path::Path) -> Option<u64> {
+fn free_space(path: &Path) -> Option<u64> {
     let st = rustix::fs::statvfs(path).ok()?;
     Some(st.f_bavail.saturating_mul(st.f_frsize))
 }

@@ -876,14 +876,14 @@ mod tests {
         fn stored(&self) -> Vec<Stored> {
             let mut all = Vec::new();
             for lane in self.queue.lanes() {
-                let mut from = 0;
+                let mut from = crate::queue::Position::default();
                 loop {
                     let batch = self.queue.read(lane.id, from, 10_000, 100 << 20).unwrap();
                     assert!(batch.corrupt.is_empty());
                     if batch.chunks.is_empty() {
                         break;
                     }
-                    from = batch.next_seq;
+                    from = batch.next;
                     for stored in batch.chunks {
                         let chunk = stored.chunk;
                         for raw in chunk.events {

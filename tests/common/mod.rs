@@ -39,6 +39,8 @@ pub fn write_config(
         r#"
 [queue]
 path = "{queue}"
+# Small generations, so that every test also rotates and deletes generations.
+generation_bytes = 131072
 
 [intake]
 url = "{intake_url}"

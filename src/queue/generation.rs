@@ -1,0 +1,413 @@
+//! Generations: the queue is a series of sled databases, and old ones are deleted whole.
+//!
+//! sled 0.34 is a poor queue on its own: it keeps its files at their high-water mark after
+//! removals, never deletes the `blobs/` files of large nodes, keeps inserted values in memory
+//! while the database is open, and replays its whole log at open. So the queue directory holds
+//! one sled database per *generation*:
+//!
+//! ```text
+//! <path>/lock                  flock held by the running forwarder
+//! <path>/meta/                 sled: format, lane map, dead letters, generation summaries
+//! <path>/gen-00000000000000000001/   sled: chunks and per-generation lane counters
+//! <path>/gen-00000000000000000002/   ... the newest is the *active* generation
+//! ```
+//!
+//! Appends go to the active generation only; when it holds `generation_bytes` of payload the
+//! writer *seals* it and starts the next one. Sealed generations only lose chunks (delivery's
+//! acknowledgements). When a sealed generation holds no event any more its directory is
+//! renamed to `gen-….deleted` and removed: the disk space, blobs included, is given back at
+//! once, and a crash halfway through leaves a `.deleted` directory that the next open removes.
+//!
+//! Sealed generations are opened only while delivery reads them and closed when idle, which
+//! bounds sled's memory and makes opening the queue cost one small database, not the backlog.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{now_ms, QueueError};
+
+/// Directory of the meta database.
+pub const META_DIR: &str = "meta";
+const GEN_PREFIX: &str = "gen-";
+const DELETED_SUFFIX: &str = ".deleted";
+/// Where a queue of the first layout (one sled database at the root) is moved, step by step.
+const LEGACY_TMP: &str = "legacy-gen.tmp";
+/// The files sled 0.34 keeps in its directory.
+const SLED_FILES: [&str; 3] = ["db", "conf", "blobs"];
+
+/// Meta key: generation summary, `G` + generation id (u64 BE).
+pub const SUMMARY_PREFIX: u8 = b'G';
+
+/// sled segment size. sled writes a page (a node of up to ~17 keys) that is larger than a
+/// quarter of a segment to a `blobs/` file of its own, which sled never fsyncs. With 8 MiB
+/// segments that threshold is 2 MiB: a leaf of 17 chunks of `chunk_bytes` (at most 64 KiB)
+/// stays well below it, so blobs are rare (large events only); the writer fsyncs those it
+/// finds.
+const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
+
+pub fn summary_key(gen: u64) -> [u8; 9] {
+    let mut k = [SUMMARY_PREFIX; 9];
+    k[1..].copy_from_slice(&gen.to_be_bytes());
+    k
+}
+
+pub fn parse_summary_key(key: &[u8]) -> Option<u64> {
+    match key {
+        [SUMMARY_PREFIX, rest @ ..] => Some(u64::from_be_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+/// What a sealed generation held when it was sealed, kept in the meta database so that opening
+/// the queue does not open every generation. Acknowledgements later only lower the counts, so
+/// a summary is an upper bound; the generation's own lane records are the truth, read the first
+/// time the writer touches the generation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenSummary {
+    pub lanes: Vec<GenLane>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenLane {
+    pub lane: u32,
+    pub events: u64,
+    pub bytes: u64,
+    /// Sequence number after the lane's last chunk in this generation.
+    pub end_seq: u64,
+}
+
+pub fn gen_dir(root: &Path, id: u64) -> PathBuf {
+    root.join(format!("{GEN_PREFIX}{id:020}"))
+}
+
+fn parse_gen_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(GEN_PREFIX)?;
+    if digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()) {
+        digits.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// Opens (or creates) a sled database the way the queue uses it: the writer flushes and
+/// fsyncs itself, so sled's own periodic flush is off.
+///
+/// sled's background threads may hold a database that this process just closed for a few
+/// moments more, and with it the database's file lock. The queue directory's own lock rules out
+/// any other process, so a lock conflict here is such a moment: wait for it to pass.
+pub fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, QueueError> {
+    let config = sled::Config::new()
+        .path(dir)
+        .cache_capacity(cache_bytes)
+        .segment_size(SEGMENT_SIZE)
+        .mode(sled::Mode::HighThroughput)
+        .flush_every_ms(None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other.map_err(QueueError::from),
+        }
+    }
+}
+
+/// An open generation: its database and the file whose fsync makes it durable.
+#[derive(Debug)]
+pub struct GenDb {
+    pub db: sled::Db,
+    data_file: File,
+}
+
+impl GenDb {
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<GenDb, QueueError> {
+        let db = open_sled(dir, cache_bytes)?;
+        let data_file = File::open(dir.join("db"))?;
+        Ok(GenDb { db, data_file })
+    }
+
+    /// fsyncs sled's data file (after a `flush()`, which is not an fsync).
+    pub fn sync_data_file(&self) -> Result<(), QueueError> {
+        self.data_file.sync_all()?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    open: Option<Arc<GenDb>>,
+    /// Set once the directory is being removed: the generation must never be opened again
+    /// (sled would create an empty database in its place).
+    deleted: bool,
+}
+
+/// One generation, open or closed. Shared by the writer and readers.
+#[derive(Debug)]
+pub struct Generation {
+    pub id: u64,
+    pub dir: PathBuf,
+    cache_bytes: u64,
+    slot: Mutex<Slot>,
+    last_used_ms: AtomicU64,
+    /// Events of each lane in this generation, as the writer last published them (a sealed
+    /// generation whose lane holds none need not be opened to read that lane).
+    lane_events: Mutex<Vec<(u32, u64)>>,
+}
+
+impl Generation {
+    pub fn new(root: &Path, id: u64, cache_bytes: u64) -> Generation {
+        Generation {
+            id,
+            dir: gen_dir(root, id),
+            cache_bytes,
+            slot: Mutex::default(),
+            last_used_ms: AtomicU64::new(now_ms()),
+            lane_events: Mutex::default(),
+        }
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The open database, opening it if needed; `None` once the generation is deleted.
+    pub fn db(&self) -> Result<Option<Arc<GenDb>>, QueueError> {
+        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+        let mut slot = self.slot();
+        if slot.deleted {
+            return Ok(None);
+        }
+        if let Some(db) = &slot.open {
+            return Ok(Some(db.clone()));
+        }
+        let db = Arc::new(GenDb::open(&self.dir, self.cache_bytes)?);
+        slot.open = Some(db.clone());
+        Ok(Some(db))
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.slot().open.is_some()
+    }
+
+    /// Closes the database if nobody else holds it and it was not used for `idle`.
+    pub fn close_if_idle(&self, idle: Duration) -> bool {
+        let idle_ms = now_ms().saturating_sub(self.last_used_ms.load(Ordering::Relaxed));
+        if u128::from(idle_ms) < idle.as_millis() {
+            return false;
+        }
+        let mut slot = self.slot();
+        match &slot.open {
+            Some(db) if Arc::strong_count(db) == 1 => {
+                slot.open = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Marks the generation deleted and closes it, if nobody else holds it open. After `true`
+    /// nobody can open it again.
+    pub fn retire(&self) -> bool {
+        let mut slot = self.slot();
+        if slot
+            .open
+            .as_ref()
+            .is_some_and(|db| Arc::strong_count(db) > 1)
+        {
+            return false;
+        }
+        slot.open = None;
+        slot.deleted = true;
+        true
+    }
+
+    /// Whether `lane` may have chunks here (always true for the active generation, which the
+    /// caller checks).
+    pub fn may_hold(&self, lane: u32) -> bool {
+        let counts = self.lane_events.lock().unwrap_or_else(|p| p.into_inner());
+        counts.iter().any(|(l, n)| *l == lane && *n > 0)
+    }
+
+    pub fn set_lane_events(&self, counts: Vec<(u32, u64)>) {
+        *self.lane_events.lock().unwrap_or_else(|p| p.into_inner()) = counts;
+    }
+}
+
+/// What [`scan_root`] found in the queue directory.
+#[derive(Debug, Default)]
+pub struct RootListing {
+    /// Generation ids, ascending.
+    pub gens: Vec<u64>,
+}
+
+/// Lists the generations, finishing any deletion or migration a crash interrupted.
+pub fn scan_root(root: &Path) -> Result<RootListing, QueueError> {
+    finish_legacy_migration(root)?;
+    let mut gens = Vec::new();
+    for entry in std::fs::read_dir(root)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.ends_with(DELETED_SUFFIX) {
+            // A deletion that a crash interrupted: the rename was its commit point.
+            std::fs::remove_dir_all(entry.path())?;
+            tracing::info!(dir = %entry.path().display(), "removed a delivered generation left by a crash");
+        } else if let Some(id) = parse_gen_name(name) {
+            gens.push(id);
+        }
+    }
+    gens.sort_unstable();
+    Ok(RootListing { gens })
+}
+
+/// Removes a delivered generation: rename (the commit point, atomic), sync the directory, then
+/// remove the files. The caller has retired it (closed, never to be reopened).
+pub fn delete_generation(root: &Path, gen: &Generation) -> Result<(), QueueError> {
+    let doomed = root.join(format!(
+        "{}{DELETED_SUFFIX}",
+        gen.dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("gen")
+    ));
+    crate::crash_point!("queue-delete-before-rename");
+    std::fs::rename(&gen.dir, &doomed)?;
+    sync_dir(root)?;
+    crate::crash_point!("queue-delete-after-rename");
+    std::fs::remove_dir_all(&doomed)?;
+    crate::crash_point!("queue-delete-after-remove");
+    Ok(())
+}
+
+/// Makes a directory's entries durable.
+pub fn sync_dir(path: &Path) -> Result<(), QueueError> {
+    File::open(path)?.sync_all()?;
+    Ok(())
+}
+
+/// Moves a queue of the first release's layout (one sled database at the root) into
+/// generation 0, so that it is read and delivered like any other generation.
+///
+/// Each step is a rename, and the directory is renamed to its final name last, so a crash at
+/// any point leaves either the old layout, or a `legacy-gen.tmp` that the next open completes.
+fn finish_legacy_migration(root: &Path) -> Result<(), QueueError> {
+    let tmp = root.join(LEGACY_TMP);
+    let legacy = root.join("db").exists();
+    if !legacy && !tmp.exists() {
+        return Ok(());
+    }
+    if legacy {
+        tracing::info!(path = %root.display(), "moving a queue of the previous layout into generation 0");
+    }
+    std::fs::create_dir_all(&tmp)?;
+    for entry in std::fs::read_dir(root)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if SLED_FILES.contains(&name) || name.starts_with("snap.") {
+            std::fs::rename(entry.path(), tmp.join(name))?;
+        }
+    }
+    sync_dir(&tmp)?;
+    std::fs::rename(&tmp, gen_dir(root, 0))?;
+    sync_dir(root)?;
+    Ok(())
+}
+
+/// Bytes a directory tree really takes on disk (allocated blocks, not apparent sizes).
+pub fn disk_usage(path: &Path) -> u64 {
+    fn walk(path: &Path, depth: u32) -> u64 {
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return 0;
+        };
+        let own = allocated(&meta);
+        if !meta.is_dir() || depth == 0 {
+            return own;
+        }
+        let Ok(entries) = std::fs::read_dir(path) else {
+            return own;
+        };
+        own + entries
+            .flatten()
+            .map(|e| walk(&e.path(), depth - 1))
+            .sum::<u64>()
+    }
+    walk(path, 4)
+}
+
+#[cfg(unix)]
+fn allocated(meta: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.blocks() * 512
+}
+
+#[cfg(not(unix))]
+fn allocated(meta: &std::fs::Metadata) -> u64 {
+    meta.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_sort() {
+        let root = Path::new("/q");
+        let name = |id| {
+            gen_dir(root, id)
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(parse_gen_name(&name(7)), Some(7));
+        assert_eq!(parse_gen_name(&name(u64::MAX)), Some(u64::MAX));
+        assert!(name(9) < name(10), "directory names sort like ids");
+        assert_eq!(parse_gen_name("gen-1"), None);
+        assert_eq!(parse_gen_name("gen-00000000000000000001.deleted"), None);
+        assert_eq!(parse_summary_key(&summary_key(5)), Some(5));
+        assert_eq!(parse_summary_key(b"Lxxxx"), None);
+    }
+
+    #[test]
+    fn interrupted_deletions_are_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(gen_dir(root, 3)).unwrap();
+        let doomed = root.join("gen-00000000000000000002.deleted");
+        std::fs::create_dir_all(doomed.join("blobs")).unwrap();
+        std::fs::write(doomed.join("db"), b"x").unwrap();
+        let listing = scan_root(root).unwrap();
+        assert_eq!(listing.gens, [3]);
+        assert!(!doomed.exists());
+    }
+
+    #[test]
+    fn legacy_layout_moves_into_generation_zero_even_if_interrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("db"), b"data").unwrap();
+        std::fs::write(root.join("conf"), b"conf").unwrap();
+        std::fs::write(root.join("snap.0000001"), b"s").unwrap();
+        // A crash after the first rename: `conf` already moved, `db` not yet.
+        std::fs::create_dir_all(root.join(LEGACY_TMP)).unwrap();
+        std::fs::rename(root.join("conf"), root.join(LEGACY_TMP).join("conf")).unwrap();
+        let listing = scan_root(root).unwrap();
+        assert_eq!(listing.gens, [0]);
+        let g0 = gen_dir(root, 0);
+        assert_eq!(std::fs::read(g0.join("db")).unwrap(), b"data");
+        assert_eq!(std::fs::read(g0.join("conf")).unwrap(), b"conf");
+        assert!(g0.join("snap.0000001").exists());
+        assert!(!root.join("db").exists());
+    }
+}
