@@ -321,7 +321,7 @@ impl Config {
         check(
             q.min_free_bytes >= 32 * 1024 * 1024,
             "queue.min_free_bytes",
-            "expected at least 33554432 (32 MiB, four of sled's segments): removing delivered \
+            "expected at least 33554432 (32 MiB): removing delivered \
              events needs space too",
         )?;
         check(
@@ -332,7 +332,7 @@ impl Config {
         check(
             (1024..=64 * 1024).contains(&q.chunk_bytes),
             "queue.chunk_bytes",
-            "expected 1024 to 65536 (larger chunks make sled write leaf nodes to blob files)",
+            "expected 1024 to 65536",
         )?;
         check(
             matches!(i.url.scheme(), "http" | "https"),

@@ -44,11 +44,15 @@ const SLED_FILES: [&str; 3] = ["db", "conf", "blobs"];
 pub const SUMMARY_PREFIX: u8 = b'G';
 
 /// sled segment size. sled writes a page (a node of up to ~17 keys) that is larger than a
-/// quarter of a segment to a `blobs/` file of its own, which sled never fsyncs. With 8 MiB
-/// segments that threshold is 2 MiB: a leaf of 17 chunks of `chunk_bytes` (at most 64 KiB)
-/// stays well below it, so blobs are rare (large events only); the writer fsyncs those it
-/// finds.
-const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
+/// quarter of a segment to a `blobs/` file of its own, which sled never fsyncs (the writer
+/// fsyncs those it finds) and never deletes (the generation's deletion does). With 2 MiB
+/// segments that threshold is 512 KiB: a leaf of 17 chunks of the default 16 KiB stays below
+/// it, so blobs come only from large events or `chunk_bytes` over 16 KiB.
+///
+/// Measured on 2,000,000 events of 200 bytes in 32 MiB generations: the files took 1.78x the
+/// payload with 2 MiB segments, 1.96x with 4 MiB, 2.1x with 8 MiB (sled leaves the last
+/// segments of a database partly used), for the same peak memory.
+const SEGMENT_SIZE: usize = 2 * 1024 * 1024;
 
 pub fn summary_key(gen: u64) -> [u8; 9] {
     let mut k = [SUMMARY_PREFIX; 9];
@@ -321,6 +325,20 @@ fn finish_legacy_migration(root: &Path) -> Result<(), QueueError> {
     std::fs::rename(&tmp, gen_dir(root, 0))?;
     sync_dir(root)?;
     Ok(())
+}
+
+/// Gives the memory freed by closing generations back to the operating system.
+///
+/// sled allocates a buffer per page from whichever thread touches it; once a generation is
+/// closed that memory is free but stays in glibc's per-thread arenas, so the process would keep
+/// the high-water mark of every generation it ever had open (measured: 294 MiB resident with
+/// one generation open, 58 MiB after a trim).
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; no pointer is passed.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Bytes a directory tree really takes on disk (allocated blocks, not apparent sizes).

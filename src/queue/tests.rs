@@ -211,7 +211,7 @@ async fn second_opener_is_refused() {
 async fn ordinary_chunks_stay_out_of_blob_files() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
-    cfg.chunk_bytes = 64 * 1024;
+    cfg.chunk_bytes = 16 * 1024;
     let q = Queue::open(&cfg).unwrap();
     for _ in 0..40 {
         q.append(events("K", 400, 200)).await.unwrap();

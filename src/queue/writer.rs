@@ -30,8 +30,10 @@ use crate::crash_point;
 /// node). The writer refuses appends that could eat into the free-space reserve by this
 /// estimate.
 const SLED_AMPLIFICATION: u64 = 4;
-/// A sealed generation nobody used for this long is closed (its memory given back).
-const IDLE_CLOSE: Duration = Duration::from_secs(2);
+/// A sealed generation nobody used for this long is closed (its memory given back). Short,
+/// because sled keeps what was written to a database in memory while it is open: during a fast
+/// ingest with the intake down, a generation is sealed every fraction of a second.
+const IDLE_CLOSE: Duration = Duration::from_millis(250);
 /// An active generation that has held at least this much and is now empty is rotated away on
 /// the next refresh, so a drained queue gives its space back even with little traffic.
 const ROTATE_EMPTY_AFTER: u64 = 1024 * 1024;
@@ -451,6 +453,8 @@ pub struct Writer {
     last_disk_check: Instant,
     /// Names of the files in each generation's `blobs/` directory already fsynced.
     synced_blobs: HashMap<u64, HashSet<OsString>>,
+    /// A generation was deleted since the last trim of the allocator.
+    freed_since_trim: bool,
 }
 
 /// Changes staged for one commit, made visible only if the commit succeeds.
@@ -486,6 +490,7 @@ impl Writer {
             generation_bytes,
             last_disk_check: Instant::now(),
             synced_blobs: HashMap::new(),
+            freed_since_trim: false,
         }
     }
 
@@ -948,8 +953,8 @@ impl Writer {
         if let Err(e) = self.delete_delivered() {
             tracing::error!(error = %e, "cannot delete a delivered queue generation; will retry");
         }
+        self.close_idle();
         if refresh {
-            self.close_idle();
             if let Err(e) = self.count_one_sealed() {
                 tracing::warn!(error = %e, "cannot count a sealed queue generation; will retry");
             }
@@ -975,6 +980,13 @@ impl Writer {
         let handle = Arc::new(Generation::new(root, id, self.state.cache_bytes));
         create_generation(root, &handle)?;
         crash_point!("queue-rotate-after-create");
+        // Delivery far behind (the sealed generation still holds most of what it received):
+        // it will not read this generation for a while, so give its memory back now rather
+        // than after IDLE_CLOSE, during which a fast ingest could fill another generation.
+        let queued: u64 = g.lanes.values().map(|c| c.bytes).sum();
+        if queued * 2 > g.appended && g.handle.close_if_idle(Duration::ZERO) {
+            generation::release_freed_memory();
+        }
         self.state
             .gens
             .insert(id, GenState::new(handle, HashMap::new(), true));
@@ -1018,6 +1030,7 @@ impl Writer {
             generation::delete_generation(&self.shared.path, &handle)?;
             self.state.gens.remove(&id);
             self.synced_blobs.remove(&id);
+            self.freed_since_trim = true;
             // A summary left behind is ignored and removed at the next open.
             self.meta.db.remove(generation::summary_key(id))?;
             self.publish_generations();
@@ -1070,10 +1083,16 @@ impl Writer {
     }
 
     fn close_idle(&mut self) {
+        let mut closed = false;
         for (id, g) in &self.state.gens {
             if *id != self.state.active && g.handle.close_if_idle(IDLE_CLOSE) {
                 tracing::trace!(generation = id, "idle queue generation closed");
+                closed = true;
             }
+        }
+        if closed || self.freed_since_trim {
+            generation::release_freed_memory();
+            self.freed_since_trim = false;
         }
     }
 
