@@ -426,6 +426,10 @@ fn print_text(r: &StatusReport) {
         q.max_bytes,
         if q.full { ", FULL" } else { "" }
     );
+    println!(
+        "generations  {} sled databases, {} open",
+        q.generations, q.open_generations
+    );
     println!("dead letters {}", q.dead_letters);
     for l in &q.lanes {
         println!(

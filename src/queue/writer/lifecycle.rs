@@ -1,0 +1,257 @@
+//! The life of generations: sealing the active one, counting sealed ones exactly, closing idle
+//! ones, deleting delivered ones.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::load::{create_generation, import_dead_letters, load_generation};
+use super::{storage, GenCount, GenState, Writer, IDLE_CLOSE, ROTATE_EMPTY_AFTER};
+use crate::crash_point;
+use crate::queue::generation::{self, Generation};
+use crate::queue::record::{self, ChunkHeader};
+use crate::queue::QueueError;
+
+impl Writer {
+    /// Housekeeping after each commit (rotation, deletion) and, on `refresh`, every second:
+    /// disk measurement, closing idle generations, finishing counts of sealed generations.
+    pub(super) fn maintain(&mut self, refresh: bool) {
+        let active = self.state.gens.get(&self.state.active);
+        let (appended, events) = active.map_or((0, 0), |g| (g.appended, g.events()));
+        let rotate = appended >= self.generation_bytes
+            || (refresh
+                && events == 0
+                && appended >= ROTATE_EMPTY_AFTER.min(self.generation_bytes));
+        if rotate && Instant::now() >= self.rotate_retry_at {
+            if let Err(e) = self.rotate() {
+                self.shared
+                    .stats
+                    .storage_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                self.rotate_retry_at = Instant::now() + Duration::from_secs(1);
+                tracing::error!(error = %e, "cannot start a new queue generation; appending to the current one, retrying in 1 s");
+            }
+        }
+        if let Err(e) = self.delete_delivered() {
+            tracing::error!(error = %e, "cannot delete a delivered queue generation; will retry");
+        }
+        self.close_idle();
+        if refresh {
+            if let Err(e) = self.count_one_sealed() {
+                tracing::warn!(error = %e, "cannot count a sealed queue generation; will retry");
+            }
+            self.update_disk_usage();
+        }
+    }
+
+    /// Seals the active generation and starts the next one.
+    fn rotate(&mut self) -> Result<(), QueueError> {
+        let old = self.state.active;
+        let Some(g) = self.state.gens.get(&old) else {
+            return Err(storage("no active generation"));
+        };
+        let summary = g.summary();
+        self.meta
+            .db
+            .insert(generation::summary_key(old), record::encode_value(&summary))?;
+        self.meta.db.flush()?;
+        self.meta.sync_data_file()?;
+        crash_point!("queue-rotate-after-summary");
+        let id = old + 1;
+        let root = &self.shared.path;
+        let handle = Arc::new(Generation::new(root, id, self.state.cache_bytes));
+        if let Err(e) = create_generation(root, &handle) {
+            // Leave no half-made generation behind: the next open would take it for the
+            // active one. It holds nothing yet.
+            handle.retire();
+            let _ = std::fs::remove_dir_all(&handle.dir);
+            return Err(e);
+        }
+        crash_point!("queue-rotate-after-create");
+        // Delivery far behind (the sealed generation still holds most of what it received):
+        // it will not read this generation for a while, so give its memory back now rather
+        // than after IDLE_CLOSE, during which a fast ingest could fill another generation.
+        let queued: u64 = g.lanes.values().map(|c| c.bytes).sum();
+        if queued * 2 > g.appended && g.handle.close_if_idle(Duration::ZERO) {
+            generation::release_freed_memory();
+        }
+        self.state
+            .gens
+            .insert(id, GenState::new(handle, HashMap::new(), true));
+        self.state.active = id;
+        self.synced_blobs.remove(&old);
+        self.publish_generations();
+        self.shared.stats.rotations.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(sealed = old, active = id, "queue generation sealed");
+        Ok(())
+    }
+
+    /// Deletes sealed generations whose every event was delivered.
+    fn delete_delivered(&mut self) -> Result<(), QueueError> {
+        let done: Vec<u64> = self
+            .state
+            .gens
+            .iter()
+            .filter(|(id, g)| **id != self.state.active && g.exact && g.events() == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            let Some(g) = self.state.gens.get(&id) else {
+                continue;
+            };
+            let handle = g.handle.clone();
+            // Counters say empty; the store must agree before its files go.
+            if let Some(db) = handle.db()? {
+                if db.db.scan_prefix([record::CHUNK_PREFIX]).next().is_some() {
+                    tracing::error!(
+                        generation = id,
+                        "queue counters say a generation is empty but it holds chunks; recounting it"
+                    );
+                    drop(db);
+                    self.recount(id)?;
+                    continue;
+                }
+            }
+            if !handle.retire() {
+                continue; // a reader holds it: next time
+            }
+            generation::delete_generation(&self.shared.path, &handle)?;
+            self.state.gens.remove(&id);
+            self.synced_blobs.remove(&id);
+            self.freed_since_trim = true;
+            // A summary left behind is ignored and removed at the next open.
+            self.meta.db.remove(generation::summary_key(id))?;
+            self.publish_generations();
+            self.shared
+                .stats
+                .deleted_generations
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(generation = id, "delivered queue generation deleted");
+        }
+        Ok(())
+    }
+
+    /// Counts a generation from its chunks (the lane records disagreed with the store).
+    fn recount(&mut self, gen: u64) -> Result<(), QueueError> {
+        let Some(db) = self.gen_db(gen)? else {
+            return Ok(());
+        };
+        let mut lanes: HashMap<u32, GenCount> = HashMap::new();
+        for item in db.db.scan_prefix([record::CHUNK_PREFIX]) {
+            let (key, value) = item?;
+            let (lane, seq) = record::parse_chunk_key(&key).map_err(storage)?;
+            let h = ChunkHeader::decode(&value).unwrap_or(ChunkHeader {
+                events: 1,
+                payload_bytes: value.len() as u32,
+            });
+            let c = lanes.entry(lane).or_default();
+            c.events += u64::from(h.events);
+            c.bytes += u64::from(h.payload_bytes);
+            c.end_seq = c.end_seq.max(seq + 1);
+        }
+        drop(db);
+        if let Some(g) = self.state.gens.get_mut(&gen) {
+            let readers = self.shared.lanes_read();
+            for (id, c) in &lanes {
+                if let Some(lane) = self.state.lanes.get_mut(*id as usize) {
+                    let old = g.lanes.get(id).copied().unwrap_or_default();
+                    lane.events = (lane.events + c.events).saturating_sub(old.events);
+                    lane.bytes = (lane.bytes + c.bytes).saturating_sub(old.bytes);
+                    if let Some(reader) = readers.get(*id as usize) {
+                        reader.events.store(lane.events, Ordering::Release);
+                        reader.bytes.store(lane.bytes, Ordering::Release);
+                    }
+                }
+            }
+            g.lanes = lanes;
+            g.exact = true;
+            g.publish();
+        }
+        Ok(())
+    }
+
+    fn close_idle(&mut self) {
+        let mut closed = false;
+        for (id, g) in &self.state.gens {
+            if *id != self.state.active && g.handle.close_if_idle(IDLE_CLOSE) {
+                tracing::trace!(generation = id, "idle queue generation closed");
+                closed = true;
+            }
+        }
+        if closed || self.freed_since_trim {
+            generation::release_freed_memory();
+            self.freed_since_trim = false;
+        }
+    }
+
+    /// Reads the real counts of one sealed generation still counted from its summary, so that
+    /// a generation delivered before a crash is found empty and deleted even if delivery never
+    /// needs to read it again.
+    fn count_one_sealed(&mut self) -> Result<(), QueueError> {
+        let Some(id) = self
+            .state
+            .gens
+            .iter()
+            .find(|(_, g)| !g.exact)
+            .map(|(id, _)| *id)
+        else {
+            return Ok(());
+        };
+        self.make_exact(id)
+    }
+
+    fn publish_generations(&self) {
+        let list = self.state.generations();
+        let mut gens = self.shared.gens_write();
+        *gens = crate::queue::GenList {
+            gens: list,
+            active: self.state.active,
+        };
+    }
+
+    /// Replaces a sealed generation's counts from its summary (an upper bound) by its own
+    /// records, and corrects the lanes' totals by the difference.
+    pub(super) fn make_exact(&mut self, gen: u64) -> Result<(), QueueError> {
+        let Some(g) = self.state.gens.get(&gen) else {
+            return Ok(());
+        };
+        if g.exact {
+            return Ok(());
+        }
+        let Some(db) = g.handle.db()? else {
+            return Ok(());
+        };
+        let loaded = load_generation(&db.db, &g.handle.dir)?;
+        let mut next_dead_seq = self.state.next_dead_seq;
+        let moved = import_dead_letters(&db, &self.meta, &mut next_dead_seq)?;
+        self.state.next_dead_seq = next_dead_seq;
+        self.state.dead_letters += moved;
+        self.shared
+            .stats
+            .dead_letters
+            .fetch_add(moved, Ordering::Relaxed);
+        drop(db);
+        let readers = self.shared.lanes_read();
+        let Some(g) = self.state.gens.get_mut(&gen) else {
+            return Ok(());
+        };
+        let ids: HashSet<u32> = g.lanes.keys().chain(loaded.lanes.keys()).copied().collect();
+        for id in ids {
+            let old = g.lanes.get(&id).copied().unwrap_or_default();
+            let new = loaded.lanes.get(&id).copied().unwrap_or_default();
+            if let Some(lane) = self.state.lanes.get_mut(id as usize) {
+                lane.events = (lane.events + new.events).saturating_sub(old.events);
+                lane.bytes = (lane.bytes + new.bytes).saturating_sub(old.bytes);
+                if let Some(reader) = readers.get(id as usize) {
+                    reader.events.store(lane.events, Ordering::Release);
+                    reader.bytes.store(lane.bytes, Ordering::Release);
+                }
+            }
+        }
+        g.lanes = loaded.lanes;
+        g.exact = true;
+        g.publish();
+        Ok(())
+    }
+}
