@@ -35,6 +35,8 @@ use super::{now_ms, QueueError};
 pub const META_DIR: &str = "meta";
 const GEN_PREFIX: &str = "gen-";
 const DELETED_SUFFIX: &str = ".deleted";
+/// A generation being created: renamed to its name once complete.
+const NEW_SUFFIX: &str = ".new";
 /// Where a queue of the first layout (one sled database at the root) is moved, step by step.
 const LEGACY_TMP: &str = "legacy-gen.tmp";
 /// The files sled 0.34 keeps in its directory.
@@ -203,35 +205,38 @@ impl Generation {
     }
 
     /// Closes the database if nobody else holds it and it was not used for `idle`.
-    pub fn close_if_idle(&self, idle: Duration) -> bool {
+    /// The database is handed back for the caller to drop where it likes.
+    pub fn close_if_idle(&self, idle: Duration) -> Option<Arc<GenDb>> {
         let idle_ms = now_ms().saturating_sub(self.last_used_ms.load(Ordering::Relaxed));
         if u128::from(idle_ms) < idle.as_millis() {
-            return false;
+            return None;
         }
         let mut slot = self.slot();
         match &slot.open {
-            Some(db) if Arc::strong_count(db) == 1 => {
-                slot.open = None;
-                true
-            }
-            _ => false,
+            Some(db) if Arc::strong_count(db) == 1 => slot.open.take(),
+            _ => None,
         }
     }
 
-    /// Marks the generation deleted and closes it, if nobody else holds it open. After `true`
-    /// nobody can open it again.
-    pub fn retire(&self) -> bool {
+    /// Marks the generation deleted, if nobody else holds it open, and hands back its open
+    /// database (if any) for the caller to drop where it likes: closing sled takes a while.
+    /// After `Some`, nobody can open it again.
+    pub fn retire(&self) -> Option<Option<Arc<GenDb>>> {
         let mut slot = self.slot();
         if slot
             .open
             .as_ref()
             .is_some_and(|db| Arc::strong_count(db) > 1)
         {
-            return false;
+            return None;
         }
-        slot.open = None;
         slot.deleted = true;
-        true
+        Some(slot.open.take())
+    }
+
+    /// Whether the database is open now, without opening it.
+    pub fn open_db(&self) -> Option<Arc<GenDb>> {
+        self.slot().open.clone()
     }
 
     /// Whether `lane` may have chunks here (always true for the active generation, which the
@@ -261,7 +266,10 @@ pub fn scan_root(root: &Path) -> Result<RootListing, QueueError> {
         let entry = entry?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.ends_with(DELETED_SUFFIX) {
+        if name.ends_with(NEW_SUFFIX) && name.starts_with(GEN_PREFIX) {
+            // A generation whose creation a crash interrupted: it never held anything.
+            std::fs::remove_dir_all(entry.path())?;
+        } else if name.ends_with(DELETED_SUFFIX) {
             // A deletion that a crash interrupted: the rename was its commit point.
             std::fs::remove_dir_all(entry.path())?;
             tracing::info!(dir = %entry.path().display(), "removed a delivered generation left by a crash");
@@ -273,23 +281,59 @@ pub fn scan_root(root: &Path) -> Result<RootListing, QueueError> {
     Ok(RootListing { gens })
 }
 
-/// Removes a delivered generation: rename (the commit point, atomic), sync the directory, then
-/// remove the files. The caller has retired it (closed, never to be reopened).
-pub fn delete_generation(root: &Path, gen: &Generation) -> Result<(), QueueError> {
-    let doomed = root.join(format!(
-        "{}{DELETED_SUFFIX}",
-        gen.dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("gen")
-    ));
+fn with_suffix(dir: &Path, suffix: &str) -> PathBuf {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("gen");
+    dir.with_file_name(format!("{name}{suffix}"))
+}
+
+/// Creates a generation durably and opens it: its database with its format marker is built
+/// under `gen-<id>.new`, fsynced, and renamed to its name (so a crash leaves either nothing or
+/// a complete, empty generation), then the queue directory is fsynced.
+pub fn create_generation(root: &Path, gen: &Generation, format: u32) -> Result<(), QueueError> {
+    if gen.dir.exists() {
+        // Made by an earlier attempt that failed after its rename: complete, and empty.
+        sync_dir(root)?;
+        gen.db()?;
+        return Ok(());
+    }
+    let tmp = with_suffix(&gen.dir, NEW_SUFFIX);
+    match std::fs::remove_dir_all(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
+    {
+        let db = GenDb::open(&tmp, gen.cache_bytes)?;
+        db.db
+            .insert(super::record::META_FORMAT_KEY, &format.to_be_bytes())?;
+        db.db.flush()?;
+        db.sync_data_file()?;
+    }
+    sync_dir(&tmp)?;
+    std::fs::rename(&tmp, &gen.dir)?;
+    sync_dir(root)?;
+    gen.db()?;
+    Ok(())
+}
+
+/// Commits the deletion of a retired generation: renames its directory to `gen-<id>.deleted`
+/// (atomic) and syncs the queue directory. From here on the generation is gone, whatever
+/// happens to the files; [`remove_deleted`] removes them.
+pub fn commit_deletion(root: &Path, gen: &Generation) -> Result<PathBuf, QueueError> {
+    let doomed = with_suffix(&gen.dir, DELETED_SUFFIX);
     crate::crash_point!("queue-delete-before-rename");
     std::fs::rename(&gen.dir, &doomed)?;
     sync_dir(root)?;
     crate::crash_point!("queue-delete-after-rename");
-    std::fs::remove_dir_all(&doomed)?;
+    Ok(doomed)
+}
+
+/// Removes the files of a generation whose deletion is committed. A failure only leaves files
+/// that the next open removes.
+pub fn remove_deleted(doomed: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(doomed) {
+        tracing::warn!(dir = %doomed.display(), error = %e, "cannot remove a delivered generation's files; the next start will");
+    }
     crate::crash_point!("queue-delete-after-remove");
-    Ok(())
 }
 
 /// Makes a directory's entries durable.

@@ -307,7 +307,7 @@ impl Queue {
         // A generation is at most an eighth of max_bytes, so that sealed generations can be
         // deleted long before the limit.
         let generation_bytes = config.generation_bytes.min(config.max_bytes / 8).max(1);
-        let mut writer = writer::Writer::new(shared.clone(), state, meta, generation_bytes);
+        let mut writer = writer::Writer::new(shared.clone(), state, meta, generation_bytes)?;
         writer.update_disk_usage();
         let handle = std::thread::Builder::new()
             .name("queue-writer".into())

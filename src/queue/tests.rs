@@ -227,12 +227,24 @@ async fn blob_files_of_large_events_are_fsynced() {
     let mut cfg = config(dir.path());
     cfg.chunk_bytes = 256 * 1024;
     let q = Queue::open(&cfg).unwrap();
-    // 20 events of 250,000 bytes, one chunk each: a sled leaf of up to 17 of them is ~4 MB,
-    // over the blob threshold, so sled writes blob files.
+    // 20 events of 250,000 bytes that do not compress, one chunk each: a sled leaf of up to
+    // 17 of them is ~4 MB, over the blob threshold, so sled writes blob files.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     for _ in 0..20 {
-        q.append(events("K", 1, crate::intake_api::MAX_EVENT_BYTES))
-            .await
-            .unwrap();
+        let raw: String = (0..crate::intake_api::MAX_EVENT_BYTES)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                char::from(b'!' + (seed % 90) as u8)
+            })
+            .collect();
+        let event = IncomingEvent {
+            intake_key: "K".into(),
+            timestamp: None,
+            raw,
+        };
+        q.append(vec![event]).await.unwrap();
     }
     let blobs =
         std::fs::read_dir(generation::gen_dir(&cfg.path, 1).join("blobs")).map_or(0, |d| d.count());
@@ -364,7 +376,7 @@ async fn generations_rotate_keep_order_and_are_deleted_once_delivered() {
     assert_eq!(q.totals(), (0, 0));
     // Sealed generations go as soon as they are empty (readers may hold one for a moment).
     wait_for("delivered generations deleted", || {
-        gen_dirs(&cfg.path).len() == 1
+        gen_dirs(&cfg.path).len() == 2 && q.status().generations == 1
     })
     .await;
     let disk_empty = generation::disk_usage(&cfg.path);
@@ -376,6 +388,11 @@ async fn generations_rotate_keep_order_and_are_deleted_once_delivered() {
     q.append(events("K", 3, 10)).await.unwrap();
     q.close().await.unwrap();
     drop(q);
+    assert_eq!(
+        gen_dirs(&cfg.path).len(),
+        1,
+        "a clean stop leaves no unused generation"
+    );
     let q = Queue::open(&cfg).unwrap();
     assert_eq!(q.totals(), (3, 30));
     assert_eq!(drain(&q, 0, false).await.len(), 3);
@@ -412,7 +429,7 @@ async fn a_backlog_in_many_generations_reopens_without_opening_them() {
     assert_eq!(all.len(), 1201);
     assert_eq!(all.last().unwrap().len(), 7);
     wait_for("all generations but the active one deleted", || {
-        gen_dirs(&cfg.path).len() == 1
+        gen_dirs(&cfg.path).len() == 2 && q.status().generations == 1
     })
     .await;
 }

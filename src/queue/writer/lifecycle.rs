@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::load::{create_generation, import_dead_letters, load_generation};
+use super::load::{import_dead_letters, load_generation};
 use super::{storage, GenCount, GenState, Writer, IDLE_CLOSE, ROTATE_EMPTY_AFTER};
 use crate::crash_point;
 use crate::queue::generation::{self, Generation};
@@ -47,6 +47,7 @@ impl Writer {
 
     /// Seals the active generation and starts the next one.
     fn rotate(&mut self) -> Result<(), QueueError> {
+        let started = Instant::now();
         let old = self.state.active;
         let Some(g) = self.state.gens.get(&old) else {
             return Err(storage("no active generation"));
@@ -60,21 +61,23 @@ impl Writer {
         crash_point!("queue-rotate-after-summary");
         let id = old + 1;
         let root = &self.shared.path;
-        let handle = Arc::new(Generation::new(root, id, self.state.cache_bytes));
-        if let Err(e) = create_generation(root, &handle) {
-            // Leave no half-made generation behind: the next open would take it for the
-            // active one. It holds nothing yet.
-            handle.retire();
-            let _ = std::fs::remove_dir_all(&handle.dir);
-            return Err(e);
-        }
+        let handle = match self.janitor.take_spare(id) {
+            Some(handle) => handle,
+            None => {
+                let handle = Arc::new(Generation::new(root, id, self.state.cache_bytes));
+                generation::create_generation(root, &handle, record::FORMAT_VERSION)?;
+                handle
+            }
+        };
         crash_point!("queue-rotate-after-create");
         // Delivery far behind (the sealed generation still holds most of what it received):
         // it will not read this generation for a while, so give its memory back now rather
         // than after IDLE_CLOSE, during which a fast ingest could fill another generation.
         let queued: u64 = g.lanes.values().map(|c| c.bytes).sum();
-        if queued * 2 > g.appended && g.handle.close_if_idle(Duration::ZERO) {
-            generation::release_freed_memory();
+        if queued * 2 > g.appended {
+            if let Some(db) = g.handle.close_if_idle(Duration::ZERO) {
+                self.janitor.close(db);
+            }
         }
         self.state
             .gens
@@ -82,8 +85,18 @@ impl Writer {
         self.state.active = id;
         self.synced_blobs.remove(&old);
         self.publish_generations();
+        self.janitor.prepare(Arc::new(Generation::new(
+            root,
+            id + 1,
+            self.state.cache_bytes,
+        )));
         self.shared.stats.rotations.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(sealed = old, active = id, "queue generation sealed");
+        tracing::debug!(
+            sealed = old,
+            active = id,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "queue generation sealed"
+        );
         Ok(())
     }
 
@@ -101,8 +114,9 @@ impl Writer {
                 continue;
             };
             let handle = g.handle.clone();
-            // Counters say empty; the store must agree before its files go.
-            if let Some(db) = handle.db()? {
+            // Counters say empty; the store must agree before its files go. (A closed
+            // generation is not opened for this: its counters were read from it.)
+            if let Some(db) = handle.open_db() {
                 if db.db.scan_prefix([record::CHUNK_PREFIX]).next().is_some() {
                     tracing::error!(
                         generation = id,
@@ -113,21 +127,28 @@ impl Writer {
                     continue;
                 }
             }
-            if !handle.retire() {
+            let started = Instant::now();
+            let Some(db) = handle.retire() else {
                 continue; // a reader holds it: next time
-            }
-            generation::delete_generation(&self.shared.path, &handle)?;
+            };
+            // Retired: gone for this process whatever happens next. If the rename fails the
+            // directory stays, empty, and the next start deletes it.
             self.state.gens.remove(&id);
             self.synced_blobs.remove(&id);
-            self.freed_since_trim = true;
+            self.publish_generations();
+            let doomed = generation::commit_deletion(&self.shared.path, &handle)?;
+            self.janitor.remove(db, doomed);
             // A summary left behind is ignored and removed at the next open.
             self.meta.db.remove(generation::summary_key(id))?;
-            self.publish_generations();
             self.shared
                 .stats
                 .deleted_generations
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(generation = id, "delivered queue generation deleted");
+            tracing::debug!(
+                generation = id,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "delivered queue generation deleted"
+            );
         }
         Ok(())
     }
@@ -172,16 +193,14 @@ impl Writer {
     }
 
     fn close_idle(&mut self) {
-        let mut closed = false;
         for (id, g) in &self.state.gens {
-            if *id != self.state.active && g.handle.close_if_idle(IDLE_CLOSE) {
-                tracing::trace!(generation = id, "idle queue generation closed");
-                closed = true;
+            if *id == self.state.active {
+                continue;
             }
-        }
-        if closed || self.freed_since_trim {
-            generation::release_freed_memory();
-            self.freed_since_trim = false;
+            if let Some(db) = g.handle.close_if_idle(IDLE_CLOSE) {
+                tracing::trace!(generation = id, "idle queue generation closed");
+                self.janitor.close(db);
+            }
         }
     }
 

@@ -79,26 +79,6 @@ pub(super) fn import_dead_letters(
     Ok(moved)
 }
 
-/// Creates generation `id` durably: its database with its format marker, and its directory
-/// entry.
-pub(super) fn create_generation(root: &Path, gen: &Generation) -> Result<(), QueueError> {
-    let Some(db) = gen.db()? else {
-        return Err(QueueError::Storage(format!(
-            "generation {} was deleted",
-            gen.id
-        )));
-    };
-    db.db.insert(
-        record::META_FORMAT_KEY,
-        &record::FORMAT_VERSION.to_be_bytes(),
-    )?;
-    db.db.flush()?;
-    db.sync_data_file()?;
-    generation::sync_dir(&gen.dir)?;
-    generation::sync_dir(root)?;
-    Ok(())
-}
-
 impl WriterState {
     /// Loads lanes and counters: the meta database, the active (newest) generation, and the
     /// summaries of sealed ones. A sealed generation without a summary is opened once to count
@@ -139,7 +119,7 @@ impl WriterState {
         if gen_ids.is_empty() {
             gen_ids.push(1);
             let handle = Arc::new(Generation::new(root, 1, cache_bytes));
-            create_generation(root, &handle)?;
+            generation::create_generation(root, &handle, record::FORMAT_VERSION)?;
             first = Some(handle);
         }
         let active = *gen_ids.last().unwrap_or(&1);
@@ -174,12 +154,18 @@ impl WriterState {
                     found_names.extend(loaded.names);
                     drop(db);
                     if id != active {
-                        handle.close_if_idle(Duration::ZERO);
+                        drop(handle.close_if_idle(Duration::ZERO));
                     }
                     (loaded.lanes, true)
                 }
             };
-            gens.insert(id, GenState::new(handle, lanes, exact));
+            let mut state = GenState::new(handle, lanes, exact);
+            if id == active {
+                // What it holds counts as appended, so that it is sealed on time, and rotated
+                // away once delivered (which gives its space back).
+                state.appended = state.lanes.values().map(|c| c.bytes).sum();
+            }
+            gens.insert(id, state);
         }
 
         // The lane map: the meta database's, plus lanes that only a generation names (a queue

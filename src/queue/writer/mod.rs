@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
+mod janitor;
 mod lifecycle;
 mod load;
 mod space;
@@ -224,8 +225,7 @@ pub struct Writer {
     last_disk_check: Instant,
     /// Names of the files in each generation's `blobs/` directory already fsynced.
     synced_blobs: HashMap<u64, HashSet<OsString>>,
-    /// A generation was deleted since the last trim of the allocator.
-    freed_since_trim: bool,
+    janitor: janitor::Janitor,
     /// After a failed rotation (a full disk, say), when to try again.
     rotate_retry_at: Instant,
 }
@@ -255,17 +255,23 @@ impl Writer {
         state: WriterState,
         meta: GenDb,
         generation_bytes: u64,
-    ) -> Writer {
-        Writer {
+    ) -> Result<Writer, QueueError> {
+        let mut janitor = janitor::Janitor::start(shared.path.clone())?;
+        janitor.prepare(Arc::new(Generation::new(
+            &shared.path,
+            state.active + 1,
+            state.cache_bytes,
+        )));
+        Ok(Writer {
             shared,
             state,
             meta,
             generation_bytes,
             last_disk_check: Instant::now(),
             synced_blobs: HashMap::new(),
-            freed_since_trim: false,
+            janitor,
             rotate_retry_at: Instant::now(),
-        }
+        })
     }
 
     pub fn run(mut self, mut rx: mpsc::Receiver<Op>) {
@@ -294,6 +300,7 @@ impl Writer {
                 break;
             }
         }
+        self.janitor.discard_spare();
         rx.close();
         while let Ok(op) = rx.try_recv() {
             answer(op, Err(QueueError::Closed));
