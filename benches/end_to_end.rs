@@ -106,20 +106,68 @@ fn deadline_for(events: u64) -> Duration {
 // Events and the client
 // ---------------------------------------------------------------------------------------------
 
-/// One 200-byte syslog-like line, ASCII, nothing to escape in JSON.
+/// A tiny xorshift64 generator: reproducible pseudo-random numbers for `event_text`.
+fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+/// One 200-byte syslog line of an nginx-like access log, ASCII, nothing to escape in JSON.
+///
+/// Client, user, request, status, sizes, trace id and user agent vary pseudo-randomly with
+/// `body` and `i`, as in real traffic: the queue compresses its chunks, and a line padded with a
+/// repeated filler would compress far better than real logs do.
 fn event_text(body: usize, i: usize) -> String {
+    const USERS: [&str; 8] = [
+        "-", "-", "alice", "bob", "backup", "jmartin", "carol", "deploy",
+    ];
+    const METHODS: [&str; 6] = ["GET", "GET", "GET", "POST", "PUT", "DELETE"];
+    const WORDS: [&str; 16] = [
+        "items", "orders", "users", "cart", "search", "login", "assets", "reports", "billing",
+        "catalog", "health", "sessions", "invoices", "profile", "export", "tokens",
+    ];
+    const STATUSES: [u16; 8] = [200, 200, 200, 200, 201, 304, 404, 503];
+    const AGENTS: [&str; 6] = [
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) \
+         Chrome/131.0.0.0 Safari/537.36",
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_7_1) AppleWebKit/605.1.15 (KHTML, like Gecko) \
+         Version/18.1 Safari/605.1.15",
+        "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0",
+        "curl/8.5.0",
+        "python-requests/2.32.3",
+        "okhttp/4.12.0",
+    ];
+    let mut next = xorshift(((body as u64) << 32) | i as u64);
+    let mut pick = |n: usize| (next() % n as u64) as usize;
+    let (a, b, c) = (pick(256), pick(256), pick(256));
+    let user = USERS[pick(USERS.len())];
+    let method = METHODS[pick(METHODS.len())];
+    let (w1, w2) = (WORDS[pick(WORDS.len())], WORDS[pick(WORDS.len())]);
+    let id = pick(100_000);
+    let status = STATUSES[pick(STATUSES.len())];
+    let bytes = pick(60_000);
+    let ms = pick(900) + 1;
+    let agent = AGENTS[pick(AGENTS.len())];
     let mut line = format!(
-        "<134>1 2025-01-15T10:{:02}:{:02}.{:03}Z web-{body:02} nginx 4242 - - \
-         client=10.1.{}.{} method=GET status=200 bytes={} path=/api/v1/items/{i} msg=",
+        "<134>1 2025-01-15T10:{:02}:{:02}.{:03}Z web-{body:02} nginx 4242 - - {a}.{b}.{c}.{} \
+         {user} {method} /api/v1/{w1}/{id}/{w2} {status} {bytes} 0.{ms:03} \
+         trace={:016x}{:016x} ua={agent}",
         (i / 60) % 60,
         i % 60,
         i % 1000,
-        body % 256,
         i % 256,
-        1000 + i,
+        next(),
+        next(),
     );
+    // Short agents leave room for a referer, as real lines have.
     while line.len() < EVENT_BYTES {
-        line.push((b'a' + (line.len() % 26) as u8) as char);
+        line.push_str(" ref=/");
+        line.push_str(WORDS[(next() % WORDS.len() as u64) as usize]);
     }
     line.truncate(EVENT_BYTES);
     line

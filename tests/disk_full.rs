@@ -33,6 +33,21 @@ impl Drop for Mount {
     }
 }
 
+/// An event of about 190 bytes that does not compress (its tail is pseudo-random hex): the
+/// queue stores chunks lz4-compressed, and `event(i)` would take too little disk to fill it.
+fn incompressible_event(i: usize) -> String {
+    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let tail: String = (0..180)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b"0123456789abcdef"[(x >> 60) as usize])
+        })
+        .collect();
+    format!("event-{i:08} {tail}")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_refuses_new_events_and_loses_none() {
     let dir = tempfile::tempdir().unwrap();
@@ -59,7 +74,7 @@ async fn a_full_disk_refuses_new_events_and_loses_none() {
     let mut refused = 0;
     let mut i = 0;
     while refused < 20 && i < 2_000_000 {
-        let batch: Vec<String> = (i..i + 500).map(event).collect();
+        let batch: Vec<String> = (i..i + 500).map(incompressible_event).collect();
         i += 500;
         let answer = client
             .post(format!("{}/jsons", fwd.url()))

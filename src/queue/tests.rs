@@ -23,6 +23,26 @@ fn events(key: &str, n: usize, size: usize) -> Vec<IncomingEvent> {
         .collect()
 }
 
+/// Events of `size` bytes that do not compress (pseudo-random hex): chunks are stored lz4
+/// compressed, and the tests about value sizes need values as large as their payload.
+fn incompressible_events(key: &str, n: usize, size: usize) -> Vec<IncomingEvent> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..n)
+        .map(|_| IncomingEvent {
+            intake_key: key.into(),
+            timestamp: None,
+            raw: (0..size)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    char::from(b"0123456789abcdef"[(x >> 60) as usize])
+                })
+                .collect(),
+        })
+        .collect()
+}
+
 fn read_all(q: &Queue, lane: u32) -> Vec<String> {
     q.read(lane, Position::default(), usize::MAX, usize::MAX)
         .unwrap()
@@ -214,7 +234,9 @@ async fn ordinary_chunks_stay_out_of_blob_files() {
     cfg.chunk_bytes = 16 * 1024;
     let q = Queue::open(&cfg).unwrap();
     for _ in 0..40 {
-        q.append(events("K", 400, 200)).await.unwrap();
+        q.append(incompressible_events("K", 400, 200))
+            .await
+            .unwrap();
     }
     let count =
         std::fs::read_dir(generation::gen_dir(&cfg.path, 1).join("blobs")).map_or(0, |d| d.count());
@@ -229,22 +251,9 @@ async fn blob_files_of_large_events_are_fsynced() {
     let q = Queue::open(&cfg).unwrap();
     // 20 events of 250,000 bytes that do not compress, one chunk each: a sled leaf of up to
     // 17 of them is ~4 MB, over the blob threshold, so sled writes blob files.
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     for _ in 0..20 {
-        let raw: String = (0..crate::intake_api::MAX_EVENT_BYTES)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                char::from(b'!' + (seed % 90) as u8)
-            })
-            .collect();
-        let event = IncomingEvent {
-            intake_key: "K".into(),
-            timestamp: None,
-            raw,
-        };
-        q.append(vec![event]).await.unwrap();
+        let event = incompressible_events("K", 1, crate::intake_api::MAX_EVENT_BYTES);
+        q.append(event).await.unwrap();
     }
     let blobs =
         std::fs::read_dir(generation::gen_dir(&cfg.path, 1).join("blobs")).map_or(0, |d| d.count());
