@@ -161,6 +161,12 @@ impl Chunk {
         }
     }
 
+    /// Encodes the chunk with its header, as v1 (uncompressed): for chunks that will be read
+    /// back at once, where compressing them would only cost CPU.
+    pub fn encode_plain(&self) -> Vec<u8> {
+        self.encode_v1(&self.body())
+    }
+
     /// Encodes the chunk with its header, as v1 (bincode alone).
     fn encode_v1(&self, body: &[u8]) -> Vec<u8> {
         let mut out = self.header(VALUE_V1, body.len());

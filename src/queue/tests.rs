@@ -539,3 +539,46 @@ async fn a_queue_of_the_first_layout_is_read() {
     assert_eq!(q.totals().0, 4);
     assert_eq!(q.dead_letter_count(), 1, "dead letters are moved once");
 }
+
+/// The version byte of every chunk stored in the active generation, in key order.
+fn stored_versions(q: &Queue) -> Vec<u8> {
+    let (gens, active) = q.shared.gens_snapshot();
+    let gen = gens.iter().find(|g| g.id == active).unwrap();
+    let db = gen.db().unwrap().unwrap();
+    db.db
+        .scan_prefix([record::CHUNK_PREFIX])
+        .map(|item| item.unwrap().1[0])
+        .collect()
+}
+
+#[tokio::test]
+async fn chunks_are_compressed_once_a_backlog_builds() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = QueueConfig {
+        chunk_bytes: 16 * 1024,
+        ..config(dir.path())
+    };
+    let q = Queue::open(&cfg).unwrap();
+    q.append(events("K", 10, 100)).await.unwrap();
+    assert_eq!(
+        stored_versions(&q),
+        [record::VALUE_V1],
+        "read back at once: stored plain"
+    );
+    while q.totals().1 < COMPRESS_ABOVE_BYTES {
+        q.append(events("K", 1000, 1000)).await.unwrap();
+    }
+    q.append(events("K", 10, 100)).await.unwrap();
+    let versions = stored_versions(&q);
+    assert_eq!(
+        versions.last(),
+        Some(&record::CHUNK_V2),
+        "a backlog: compressed"
+    );
+    // Both kinds read back the same.
+    let all = drain(&q, 0, true).await;
+    assert_eq!(
+        all.len() as u64,
+        q.stats().appended_events.load(Ordering::Relaxed)
+    );
+}

@@ -50,9 +50,13 @@ pub struct EncodedChunk {
 }
 
 impl EncodedChunk {
-    pub fn new(chunk: &Chunk) -> EncodedChunk {
+    pub fn new(chunk: &Chunk, compress: bool) -> EncodedChunk {
         EncodedChunk {
-            bytes: chunk.encode(),
+            bytes: if compress {
+                chunk.encode()
+            } else {
+                chunk.encode_plain()
+            },
             header: ChunkHeader {
                 events: chunk.events.len() as u32,
                 payload_bytes: chunk.payload_bytes() as u32,
