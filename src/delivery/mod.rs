@@ -244,6 +244,9 @@ async fn read_lane(
 
 /// How much longer a partial batch may wait for more events, if any.
 fn linger_left(config: &IntakeConfig, read: &ReadBatch) -> Option<Duration> {
+    if read.sealed {
+        return None;
+    }
     let events = read.events();
     let bytes: usize = read.chunks.iter().map(|c| c.chunk.payload_bytes()).sum();
     if events >= config.batch_max_events || bytes >= config.batch_max_bytes / 2 {

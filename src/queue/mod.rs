@@ -208,6 +208,9 @@ pub struct ReadBatch {
     pub corrupt: Vec<(u64, Vec<u8>)>,
     /// Where the next read starts.
     pub next: Position,
+    /// Read from a sealed generation: nothing more will be appended after these chunks in it,
+    /// so waiting for a fuller batch (linger) would wait for nothing.
+    pub sealed: bool,
 }
 
 impl ReadBatch {
@@ -377,8 +380,9 @@ impl Queue {
                 continue;
             }
             let Some(db) = gen.db()? else { continue };
-            let batch = read_generation(&db.db, gen.id, lane, start, max_events, max_bytes)?;
+            let mut batch = read_generation(&db.db, gen.id, lane, start, max_events, max_bytes)?;
             if !batch.chunks.is_empty() || !batch.corrupt.is_empty() {
+                batch.sealed = gen.id != active;
                 return Ok(batch);
             }
         }

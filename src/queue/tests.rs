@@ -376,6 +376,29 @@ async fn generations_rotate_keep_order_and_are_deleted_once_delivered() {
     }
     let gens = gen_dirs(&cfg.path);
     assert!(gens.len() >= 4, "200 KB in 64 KiB generations: {gens:?}");
+    // A read stops at the end of a generation; one from a sealed generation says so (delivery
+    // must not linger for more events there), one from the active generation does not.
+    let first = q
+        .read(0, Position::default(), usize::MAX, usize::MAX)
+        .unwrap();
+    assert!(
+        first.gen == 1 && first.sealed,
+        "{:?}",
+        (first.gen, first.sealed)
+    );
+    let (_, active) = q.shared.gens_snapshot();
+    let last = q
+        .read(
+            0,
+            Position {
+                gen: active,
+                seq: 0,
+            },
+            usize::MAX,
+            usize::MAX,
+        )
+        .unwrap();
+    assert!(last.gen == active && !last.sealed && !last.chunks.is_empty());
     // Order holds across generations, and reading alone removes nothing.
     assert_eq!(drain(&q, 0, false).await, want);
     assert_eq!(q.totals().0, 2000);
