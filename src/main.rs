@@ -49,6 +49,10 @@ enum Command {
     MockIntake(sekoia_forwarder::mock_intake::MockCliOptions),
 }
 
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     #[cfg(feature = "failpoints")]
     let _scenario = fail::FailScenario::setup();
