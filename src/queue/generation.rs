@@ -117,14 +117,19 @@ pub fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, QueueError> {
     loop {
         match config.open() {
             Err(sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    && std::time::Instant::now() < deadline =>
+                if is_lock_conflict(&e) && std::time::Instant::now() < deadline =>
             {
                 std::thread::sleep(Duration::from_millis(10));
             }
             other => return other.map_err(QueueError::from),
         }
     }
+}
+
+/// Whether sled failed to take its file lock. sled wraps the `WouldBlock` of `flock` in an
+/// error of its own kind ("could not acquire lock on ..."), so the message is what tells.
+fn is_lock_conflict(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
 }
 
 /// An open generation: its database and the file whose fsync makes it durable.
@@ -452,6 +457,28 @@ mod tests {
         assert_eq!(parse_gen_name("gen-00000000000000000001.deleted"), None);
         assert_eq!(parse_summary_key(&summary_key(5)), Some(5));
         assert_eq!(parse_summary_key(b"Lxxxx"), None);
+    }
+
+    /// Creating a generation closes its database under `.new` and opens it again under its
+    /// name at once, while sled's threads may still hold the first handle's file lock (it
+    /// failed the first start of a forwarder in CI): the open must wait for the lock, not fail.
+    #[test]
+    fn an_open_waits_for_a_lock_held_a_moment_longer() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = open_sled(dir.path(), 1 << 20).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        let reopened = open_sled(dir.path(), 1 << 20);
+        release.join().unwrap();
+        reopened.expect("the open waited for the lock");
+        for id in 1..=10 {
+            let gen = Generation::new(dir.path(), id, 1 << 20);
+            create_generation(dir.path(), &gen, 2).unwrap();
+            drop(gen.close_if_idle(Duration::ZERO));
+            gen.db().unwrap().expect("reopened");
+        }
     }
 
     #[test]
