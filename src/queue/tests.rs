@@ -605,3 +605,47 @@ async fn chunks_are_compressed_once_a_backlog_builds() {
         q.stats().appended_events.load(Ordering::Relaxed)
     );
 }
+
+/// Counters that say a sealed generation is empty while it still holds chunks (rot, a bug)
+/// must not get it deleted: the writer checks the store before deleting, and recounts.
+#[tokio::test]
+async fn a_generation_whose_counters_lie_is_recounted_not_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_generations(dir.path());
+    {
+        let q = Queue::open(&cfg).unwrap();
+        for _ in 0..20 {
+            q.append(events("K", 50, 100)).await.unwrap();
+        }
+        q.close().await.unwrap();
+    }
+    let oldest = generation::gen_dir(&cfg.path, 1);
+    let held = {
+        let db = generation::open_sled(&oldest, 1 << 20).unwrap();
+        let held = db.scan_prefix([record::CHUNK_PREFIX]).count();
+        let rec = record::LaneRecord {
+            intake_key: "K".into(),
+            events: 0,
+            bytes: 0,
+        };
+        db.insert(record::lane_key(0), record::encode_value(&rec))
+            .unwrap();
+        db.flush().unwrap();
+        held
+    };
+    assert!(held > 0);
+    let q = Queue::open(&cfg).unwrap();
+    // An acknowledgement in the generation makes the writer read its (lying) counters at once;
+    // they say empty, so the same pass tries to delete it, finds chunks, and recounts. A second
+    // operation is answered only after that pass.
+    let nothing = Ack {
+        gen: 1,
+        remove: vec![u64::MAX],
+        ..Ack::default()
+    };
+    q.ack(0, nothing.clone()).await.unwrap();
+    q.ack(0, nothing).await.unwrap();
+    assert!(oldest.exists(), "a generation holding chunks was deleted");
+    assert_eq!(q.totals().0, 1000);
+    assert_eq!(drain(&q, 0, true).await.len(), 1000);
+}

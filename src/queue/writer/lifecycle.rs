@@ -172,24 +172,33 @@ impl Writer {
             c.end_seq = c.end_seq.max(seq + 1);
         }
         drop(db);
-        if let Some(g) = self.state.gens.get_mut(&gen) {
-            let readers = self.shared.lanes_read();
-            for (id, c) in &lanes {
-                if let Some(lane) = self.state.lanes.get_mut(*id as usize) {
-                    let old = g.lanes.get(id).copied().unwrap_or_default();
-                    lane.events = (lane.events + c.events).saturating_sub(old.events);
-                    lane.bytes = (lane.bytes + c.bytes).saturating_sub(old.bytes);
-                    if let Some(reader) = readers.get(*id as usize) {
-                        reader.events.store(lane.events, Ordering::Release);
-                        reader.bytes.store(lane.bytes, Ordering::Release);
-                    }
+        self.replace_counts(gen, lanes);
+        Ok(())
+    }
+
+    /// Sets a generation's counts to what was read from it, correcting the lanes' totals by
+    /// the difference (for every lane named by either side).
+    fn replace_counts(&mut self, gen: u64, counts: HashMap<u32, GenCount>) {
+        let Some(g) = self.state.gens.get_mut(&gen) else {
+            return;
+        };
+        let readers = self.shared.lanes_read();
+        let ids: HashSet<u32> = g.lanes.keys().chain(counts.keys()).copied().collect();
+        for id in ids {
+            let old = g.lanes.get(&id).copied().unwrap_or_default();
+            let new = counts.get(&id).copied().unwrap_or_default();
+            if let Some(lane) = self.state.lanes.get_mut(id as usize) {
+                lane.events = (lane.events + new.events).saturating_sub(old.events);
+                lane.bytes = (lane.bytes + new.bytes).saturating_sub(old.bytes);
+                if let Some(reader) = readers.get(id as usize) {
+                    reader.events.store(lane.events, Ordering::Release);
+                    reader.bytes.store(lane.bytes, Ordering::Release);
                 }
             }
-            g.lanes = lanes;
-            g.exact = true;
-            g.publish();
         }
-        Ok(())
+        g.lanes = counts;
+        g.exact = true;
+        g.publish();
     }
 
     fn close_idle(&mut self) {
@@ -251,26 +260,7 @@ impl Writer {
             .dead_letters
             .fetch_add(moved, Ordering::Relaxed);
         drop(db);
-        let readers = self.shared.lanes_read();
-        let Some(g) = self.state.gens.get_mut(&gen) else {
-            return Ok(());
-        };
-        let ids: HashSet<u32> = g.lanes.keys().chain(loaded.lanes.keys()).copied().collect();
-        for id in ids {
-            let old = g.lanes.get(&id).copied().unwrap_or_default();
-            let new = loaded.lanes.get(&id).copied().unwrap_or_default();
-            if let Some(lane) = self.state.lanes.get_mut(id as usize) {
-                lane.events = (lane.events + new.events).saturating_sub(old.events);
-                lane.bytes = (lane.bytes + new.bytes).saturating_sub(old.bytes);
-                if let Some(reader) = readers.get(id as usize) {
-                    reader.events.store(lane.events, Ordering::Release);
-                    reader.bytes.store(lane.bytes, Ordering::Release);
-                }
-            }
-        }
-        g.lanes = loaded.lanes;
-        g.exact = true;
-        g.publish();
+        self.replace_counts(gen, loaded.lanes);
         Ok(())
     }
 }
