@@ -290,6 +290,11 @@ impl Queue {
         let meta_dir = path.join(generation::META_DIR);
         let meta = GenDb::open(&meta_dir, META_CACHE_BYTES)?;
         check_format(&meta.db, &meta_dir, LAYOUT_VERSION)?;
+        // The entries sled made in meta/ (its data file above all) must survive a power cut
+        // too; the queue directory's own entries are synced below, once loading is done.
+        meta.db.flush()?;
+        meta.sync_data_file()?;
+        generation::sync_dir(&meta_dir)?;
         let cache = (config.cache_capacity_bytes / 4).max(1024 * 1024);
         let state = writer::WriterState::load(&path, &meta, &listing.gens, cache)?;
         let lanes: Vec<Arc<Lane>> = state.lanes_for_readers();
