@@ -29,9 +29,10 @@
 //! | 1 ([`VALUE_V1`]) | bincode of [`Chunk`] |
 //! | 2 ([`CHUNK_V2`]) | the v1 body's length (u32 LE), then the v1 body as one lz4 block |
 //!
-//! This release writes v2 and reads both, so a queue written by an earlier release drains as
-//! before (v1 is still written for a body over [`MAX_CHUNK_BODY_BYTES`], which chunks never
-//! reach with the default limits). Why v2: disk is what a backlog costs, the target is at most
+//! This release reads both. It writes v2 once a backlog builds (16 MiB queued,
+//! `COMPRESS_ABOVE_BYTES` in `queue/mod.rs`), and v1 below that, for chunks that delivery reads
+//! back within moments, and for a body over [`MAX_CHUNK_BODY_BYTES`], which chunks never reach
+//! with the default limits. Why v2: disk is what a backlog costs, the target is at most
 //! 1.5x the payload while queued, and sled writes each value about twice, so every byte saved in
 //! a value is saved about twice. Log lines repeat much from one event of a chunk to the next
 //! (host, program, field names, user agents): on 200-byte access-log lines with random ids, v2
@@ -162,9 +163,12 @@ impl Chunk {
     }
 
     /// Encodes the chunk with its header, as v1 (uncompressed): for chunks that will be read
-    /// back at once, where compressing them would only cost CPU.
+    /// back at once, where compressing them would only cost CPU. The body is encoded straight
+    /// after the header, with no intermediate copy of the events.
     pub fn encode_plain(&self) -> Vec<u8> {
-        self.encode_v1(&self.body())
+        let mut out = self.header(VALUE_V1, self.body_capacity());
+        self.body_into(&mut out);
+        out
     }
 
     /// Encodes the chunk with its header, as v1 (bincode alone).
@@ -185,14 +189,23 @@ impl Chunk {
 
     /// The bincode body (the v1 body, and v2's before compression).
     fn body(&self) -> Vec<u8> {
-        let mut body = Vec::with_capacity(
-            self.payload_bytes() + self.events.len() * 3 + self.intake_key.len() + 64,
-        );
-        // Encoding into a Vec cannot fail for these types.
-        if bincode::serde::encode_into_std_write(self, &mut body, config()).is_err() {
-            body.clear();
-        }
+        let mut body = Vec::with_capacity(self.body_capacity());
+        self.body_into(&mut body);
         body
+    }
+
+    /// Room for the bincode body: the events, their length prefixes, the rest.
+    fn body_capacity(&self) -> usize {
+        self.payload_bytes() + self.events.len() * 3 + self.intake_key.len() + 64
+    }
+
+    /// Appends the bincode body to `out`.
+    fn body_into(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        // Encoding into a Vec cannot fail for these types.
+        if bincode::serde::encode_into_std_write(self, out, config()).is_err() {
+            out.truncate(start);
+        }
     }
 
     /// Decodes a chunk of any version this release knows (v1, v2).

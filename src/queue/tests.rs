@@ -307,6 +307,27 @@ fn small_generations(dir: &Path) -> QueueConfig {
     }
 }
 
+/// 1,000 events of lane 0 ("K") in several generations, then a clean stop.
+async fn fill_and_close(cfg: &QueueConfig) {
+    let q = Queue::open(cfg).unwrap();
+    for _ in 0..20 {
+        q.append(events("K", 50, 100)).await.unwrap();
+    }
+    q.close().await.unwrap();
+}
+
+/// Sets lane 0's counters in a generation's database to zero, behind the queue's back.
+fn set_lane_zero(db: &sled::Db) {
+    let rec = record::LaneRecord {
+        intake_key: "K".into(),
+        events: 0,
+        bytes: 0,
+    };
+    db.insert(record::lane_key(0), record::encode_value(&rec))
+        .unwrap();
+    db.flush().unwrap();
+}
+
 fn gen_dirs(root: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(root)
         .unwrap()
@@ -473,13 +494,7 @@ async fn a_backlog_in_many_generations_reopens_without_opening_them() {
 async fn a_generation_emptied_before_a_crash_is_found_and_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = small_generations(dir.path());
-    {
-        let q = Queue::open(&cfg).unwrap();
-        for _ in 0..20 {
-            q.append(events("K", 50, 100)).await.unwrap();
-        }
-        q.close().await.unwrap();
-    }
+    fill_and_close(&cfg).await;
     // Empty the oldest generation behind the queue's back, as the acks before a crash would.
     let oldest = generation::gen_dir(&cfg.path, 1);
     let removed = {
@@ -490,14 +505,7 @@ async fn a_generation_emptied_before_a_crash_is_found_and_deleted() {
             removed += u64::from(record::ChunkHeader::decode(&v).unwrap().events);
             db.remove(k).unwrap();
         }
-        let rec = record::LaneRecord {
-            intake_key: "K".into(),
-            events: 0,
-            bytes: 0,
-        };
-        db.insert(record::lane_key(0), record::encode_value(&rec))
-            .unwrap();
-        db.flush().unwrap();
+        set_lane_zero(&db);
         removed
     };
     assert!(removed > 0);
@@ -612,25 +620,12 @@ async fn chunks_are_compressed_once_a_backlog_builds() {
 async fn a_generation_whose_counters_lie_is_recounted_not_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = small_generations(dir.path());
-    {
-        let q = Queue::open(&cfg).unwrap();
-        for _ in 0..20 {
-            q.append(events("K", 50, 100)).await.unwrap();
-        }
-        q.close().await.unwrap();
-    }
+    fill_and_close(&cfg).await;
     let oldest = generation::gen_dir(&cfg.path, 1);
     let held = {
         let db = generation::open_sled(&oldest, 1 << 20).unwrap();
         let held = db.scan_prefix([record::CHUNK_PREFIX]).count();
-        let rec = record::LaneRecord {
-            intake_key: "K".into(),
-            events: 0,
-            bytes: 0,
-        };
-        db.insert(record::lane_key(0), record::encode_value(&rec))
-            .unwrap();
-        db.flush().unwrap();
+        set_lane_zero(&db);
         held
     };
     assert!(held > 0);

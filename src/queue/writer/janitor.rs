@@ -94,7 +94,7 @@ impl Janitor {
     /// Deletes the prepared generation, unused: a clean stop leaves no empty generation behind
     /// (the next start would take it for the active one, and count the real one by opening it).
     pub fn discard_spare(&mut self) {
-        let Some((id, _)) = self.spare.as_ref().map(|(id, _)| (*id, ())) else {
+        let Some(id) = self.spare.as_ref().map(|(id, _)| *id) else {
             return;
         };
         let Some(gen) = self.take_spare(id) else {
