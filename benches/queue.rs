@@ -150,9 +150,9 @@ fn drain(c: &mut Criterion) {
                         if batch.chunks.is_empty() {
                             break;
                         }
-                        cursor = batch.next;
+                        cursor = batch.span.next;
                         let ack = Ack {
-                            gen: batch.gen,
+                            gen: batch.span.gen,
                             remove: batch.chunks.iter().map(|c| c.seq).collect(),
                             ..Ack::default()
                         };

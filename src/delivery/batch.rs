@@ -18,11 +18,13 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::client::{jsons_body, Outcome, MAX_REQUEST_BODY};
+use bytes::Bytes;
+
+use super::client::{Outcome, MAX_REQUEST_BODY};
 use super::retry::Retry;
 use super::Ctx;
 use crate::crash_point;
-use crate::queue::{now_ms, redact_key, Ack, Chunk, DeadLetter, StoredChunk};
+use crate::queue::{now_ms, redact_key, Ack, Chunk, ChunkView, DeadLetter};
 
 /// Where each event of the batch stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,22 +34,123 @@ enum Fate {
     Dead,
 }
 
+/// One chunk of the batch: where it is in the queue, and which of the batch's events it holds.
+#[derive(Debug, Clone)]
+struct ChunkSpan {
+    seq: u64,
+    events: Range<usize>,
+    received_at_ms: u64,
+}
+
+/// A batch of one lane, held as the `/jsons` body it is sent as (no decoded events): the
+/// events are escaped straight from the queue's bytes into the body, and a request for all of
+/// them sends the body itself, retries included, without a copy. The rare paths that need an
+/// event back (a dead letter, the rest of a chunk half delivered) unescape it from the body.
 pub struct Batch {
     pub lane: u32,
     /// The queue generation the chunks were read from.
     pub gen: u64,
     pub intake_key: String,
     pub timestamp: Option<String>,
-    pub chunks: Vec<StoredChunk>,
+    /// `[e0,e1,...]`: the events as JSON strings.
+    body: Bytes,
+    /// Where each event's JSON string ends in `body` (it starts after the `[` or the comma
+    /// that follows the one before).
+    ends: Vec<usize>,
+    chunks: Vec<ChunkSpan>,
 }
 
-/// One event of the batch: its chunk and its index in the chunk.
-type Place = (usize, usize);
+/// Builds a [`Batch`] from the chunks a queue read hands over.
+#[derive(Debug, Default)]
+pub struct BatchBuilder {
+    intake_key: String,
+    timestamp: Option<String>,
+    body: Vec<u8>,
+    ends: Vec<usize>,
+    chunks: Vec<ChunkSpan>,
+}
+
+impl BatchBuilder {
+    /// Adds a chunk's events (chunks of one read share the intake key and the event date).
+    pub fn push(&mut self, seq: u64, chunk: &ChunkView<'_>) {
+        if self.chunks.is_empty() {
+            chunk.intake_key.clone_into(&mut self.intake_key);
+            self.timestamp = chunk.timestamp.map(str::to_owned);
+            self.body.reserve(chunk.payload_bytes() * 2);
+            self.body.push(b'[');
+        }
+        let first = self.ends.len();
+        for event in &chunk.events {
+            if !self.ends.is_empty() {
+                self.body.push(b',');
+            }
+            // Writing a string into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut self.body, event);
+            self.ends.push(self.body.len());
+        }
+        self.chunks.push(ChunkSpan {
+            seq,
+            events: first..self.ends.len(),
+            received_at_ms: chunk.received_at_ms,
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    pub fn finish(mut self, lane: u32, gen: u64) -> Batch {
+        if self.body.is_empty() {
+            self.body.push(b'[');
+        }
+        self.body.push(b']');
+        Batch {
+            lane,
+            gen,
+            intake_key: self.intake_key,
+            timestamp: self.timestamp,
+            body: Bytes::from(self.body),
+            ends: self.ends,
+            chunks: self.chunks,
+        }
+    }
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Where event `i`'s JSON string is in the body.
+    fn span(&self, i: usize) -> Range<usize> {
+        let start = if i == 0 { 1 } else { self.ends[i - 1] + 1 };
+        start..self.ends[i]
+    }
+
+    /// The `/jsons` body of the events of `range` (not empty).
+    fn body(&self, range: &Range<usize>) -> Bytes {
+        if range.start == 0 && range.end == self.len() {
+            return self.body.clone();
+        }
+        let inner = self.span(range.start).start..self.ends[range.end - 1];
+        let mut body = Vec::with_capacity(inner.len() + 2);
+        body.push(b'[');
+        body.extend_from_slice(&self.body[inner]);
+        body.push(b']');
+        Bytes::from(body)
+    }
+
+    /// Event `i` as it was queued.
+    fn event(&self, i: usize) -> String {
+        let json = &self.body[self.span(i)];
+        // The body was written by serde_json from a string: reading it back cannot fail.
+        serde_json::from_slice(json).unwrap_or_else(|_| String::from_utf8_lossy(json).into())
+    }
+}
 
 struct Progress {
     batch: Batch,
-    places: Vec<Place>,
-    fates: Vec<Vec<Fate>>,
+    fates: Vec<Fate>,
     /// Chunks already removed from the store.
     removed: Vec<bool>,
     dead: Vec<DeadLetter>,
@@ -55,58 +158,35 @@ struct Progress {
 
 impl Progress {
     fn new(batch: Batch) -> Progress {
-        let places = batch
-            .chunks
-            .iter()
-            .enumerate()
-            .flat_map(|(c, chunk)| (0..chunk.chunk.events.len()).map(move |e| (c, e)))
-            .collect();
-        let fates = batch
-            .chunks
-            .iter()
-            .map(|c| vec![Fate::Pending; c.chunk.events.len()])
-            .collect();
-        let removed = vec![false; batch.chunks.len()];
         Progress {
+            fates: vec![Fate::Pending; batch.len()],
+            removed: vec![false; batch.chunks.len()],
             batch,
-            places,
-            fates,
-            removed,
             dead: Vec::new(),
         }
     }
 
-    fn event(&self, place: Place) -> &str {
-        &self.batch.chunks[place.0].chunk.events[place.1]
-    }
-
-    fn events(&self, range: &Range<usize>) -> Vec<&str> {
-        self.places[range.clone()]
-            .iter()
-            .map(|p| self.event(*p))
-            .collect()
-    }
-
     fn settle(&mut self, range: &Range<usize>, fate: Fate) {
-        for i in range.clone() {
-            let (c, e) = self.places[i];
-            self.fates[c][e] = fate;
-        }
+        self.fates[range.clone()].fill(fate);
     }
 
     fn bury(&mut self, index: usize, status: u16, reason: &str) {
-        let (c, e) = self.places[index];
-        let chunk = &self.batch.chunks[c].chunk;
+        let received_at_ms = self
+            .batch
+            .chunks
+            .iter()
+            .find(|c| c.events.contains(&index))
+            .map_or(0, |c| c.received_at_ms);
         self.dead.push(DeadLetter {
-            intake_key: chunk.intake_key.clone(),
-            timestamp: chunk.timestamp.clone(),
-            received_at_ms: chunk.received_at_ms,
-            event: chunk.events[e].clone(),
+            intake_key: self.batch.intake_key.clone(),
+            timestamp: self.batch.timestamp.clone(),
+            received_at_ms,
+            event: self.batch.event(index),
             status,
             reason: reason.to_owned(),
             dead_at_ms: now_ms(),
         });
-        self.fates[c][e] = Fate::Dead;
+        self.fates[index] = Fate::Dead;
     }
 
     /// What to write back now: chunks that are done are removed, chunks with some events done
@@ -117,27 +197,27 @@ impl Progress {
             dead: std::mem::take(&mut self.dead),
             ..Ack::default()
         };
-        for (c, stored) in self.batch.chunks.iter().enumerate() {
+        for (c, chunk) in self.batch.chunks.iter().enumerate() {
             if self.removed[c] {
                 continue;
             }
-            let fates = &self.fates[c];
+            let fates = &self.fates[chunk.events.clone()];
             if fates.iter().all(|f| *f != Fate::Pending) {
-                ack.remove.push(stored.seq);
+                ack.remove.push(chunk.seq);
                 self.removed[c] = true;
             } else if fates.iter().any(|f| *f != Fate::Pending) {
                 let rest = Chunk {
-                    events: stored
-                        .chunk
+                    intake_key: self.batch.intake_key.clone(),
+                    timestamp: self.batch.timestamp.clone(),
+                    received_at_ms: chunk.received_at_ms,
+                    events: chunk
                         .events
-                        .iter()
-                        .zip(fates)
-                        .filter(|(_, f)| **f == Fate::Pending)
-                        .map(|(e, _)| e.clone())
+                        .clone()
+                        .filter(|i| self.fates[*i] == Fate::Pending)
+                        .map(|i| self.batch.event(i))
                         .collect(),
-                    ..stored.chunk.clone()
                 };
-                ack.rewrite.push((stored.seq, rest));
+                ack.rewrite.push((chunk.seq, rest));
             }
         }
         ack
@@ -146,15 +226,20 @@ impl Progress {
 
 /// Delivers `batch` until all of it is acknowledged or dead-lettered, or shutdown.
 pub async fn deliver(ctx: Arc<Ctx>, batch: Batch) {
-    let total = batch.chunks.iter().map(|c| c.chunk.events.len()).sum();
+    let total = batch.len();
     let lane = batch.lane;
     let key = redact_key(&batch.intake_key);
     let mut progress = Progress::new(batch);
     let mut work: VecDeque<Range<usize>> = VecDeque::new();
-    work.push_back(0..total);
+    if total > 0 {
+        work.push_back(0..total);
+    } else if !ctx.write_back(lane, progress.take_ack()).await {
+        // Chunks without events: nothing to send, only to remove.
+        return;
+    }
     let mut retry = Retry::new(ctx.config.backoff_initial(), ctx.config.backoff_max());
     while let Some(range) = work.pop_front() {
-        let body = jsons_body(&progress.events(&range));
+        let body = progress.batch.body(&range);
         if body.len() > MAX_REQUEST_BODY && range.len() > 1 {
             split(&mut work, range);
             continue;
@@ -250,8 +335,87 @@ fn bury_one(
     key: &str,
 ) {
     ctx.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
-    let bytes = progress.event(progress.places[index]).len();
+    let bytes = progress.batch.event(index).len();
     tracing::error!(lane, intake_key = %key, status, event_bytes = bytes, %reason,
         "the intake refuses an event for good; it is kept in the dead-letter store");
     progress.bury(index, status, reason);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view<'a>(received_at_ms: u64, events: Vec<&'a str>) -> ChunkView<'a> {
+        ChunkView {
+            intake_key: "batch-test-key",
+            timestamp: Some("2024-01-01T00:00:00Z"),
+            received_at_ms,
+            events,
+        }
+    }
+
+    /// Events that JSON must escape: quotes, backslashes, control characters, non-ASCII.
+    const AWKWARD: [&str; 6] = [
+        "plain",
+        "a\"quoted\"",
+        "back\\slash",
+        "tab\tnl\n\u{1}",
+        "é😀",
+        "",
+    ];
+
+    fn batch() -> Batch {
+        let mut builder = BatchBuilder::default();
+        builder.push(7, &view(10, AWKWARD[..2].to_vec()));
+        builder.push(8, &view(20, AWKWARD[2..].to_vec()));
+        builder.finish(3, 9)
+    }
+
+    #[test]
+    fn the_body_is_the_json_list_of_the_events() {
+        let batch = batch();
+        let whole: Vec<String> = serde_json::from_slice(&batch.body(&(0..6))).unwrap();
+        assert_eq!(whole, AWKWARD);
+        assert_eq!(batch.body(&(0..6)), serde_json::to_vec(&AWKWARD).unwrap());
+        for start in 0..6 {
+            for end in start + 1..=6 {
+                let part: Vec<String> = serde_json::from_slice(&batch.body(&(start..end))).unwrap();
+                assert_eq!(part, AWKWARD[start..end], "events {start}..{end}");
+            }
+        }
+        for (i, want) in AWKWARD.iter().enumerate() {
+            assert_eq!(batch.event(i), *want);
+        }
+        assert_eq!(batch.intake_key, "batch-test-key");
+        assert_eq!(batch.timestamp.as_deref(), Some("2024-01-01T00:00:00Z"));
+    }
+
+    /// Partial progress removes finished chunks and rewrites the others with what is left,
+    /// each with its own reception time; dead letters carry the event as it was queued.
+    #[test]
+    fn progress_writes_back_what_is_done() {
+        let mut progress = Progress::new(batch());
+        progress.settle(&(0..3), Fate::Delivered);
+        progress.bury(4, 400, "refused");
+        let ack = progress.take_ack();
+        assert_eq!(ack.gen, 9);
+        assert_eq!(ack.remove, [7]);
+        assert_eq!(ack.rewrite.len(), 1);
+        let (seq, rest) = &ack.rewrite[0];
+        assert_eq!(*seq, 8);
+        assert_eq!(rest.events, [AWKWARD[3], AWKWARD[5]]);
+        assert_eq!(rest.received_at_ms, 20);
+        assert_eq!(rest.intake_key, "batch-test-key");
+        assert_eq!(ack.dead.len(), 1);
+        assert_eq!(ack.dead[0].event, AWKWARD[4]);
+        assert_eq!(ack.dead[0].received_at_ms, 20);
+        progress.settle(&(3..6), Fate::Delivered);
+        let ack = progress.take_ack();
+        assert_eq!(ack.remove, [8]);
+        assert!(ack.rewrite.is_empty() && ack.dead.is_empty());
+        assert!(
+            progress.take_ack().remove.is_empty(),
+            "a chunk is removed once"
+        );
+    }
 }

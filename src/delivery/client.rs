@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 
 use super::retry::parse_retry_after;
@@ -63,7 +65,7 @@ impl IntakeClient {
         &self,
         intake_key: &str,
         timestamp: Option<&str>,
-        body: Vec<u8>,
+        body: Bytes,
         events: usize,
     ) -> Outcome {
         let headers = match headers(intake_key, timestamp, self.gzip) {
@@ -77,7 +79,7 @@ impl IntakeClient {
         };
         let body = if self.gzip {
             match tokio::task::spawn_blocking(move || gzip(&body)).await {
-                Ok(Ok(compressed)) => compressed,
+                Ok(Ok(compressed)) => Bytes::from(compressed),
                 _ => {
                     return Outcome::Retry {
                         retry_after: None,
@@ -205,11 +207,6 @@ fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
     encoder.finish()
 }
 
-/// Serialises events as the JSON list `/jsons` takes.
-pub fn jsons_body(events: &[&str]) -> Vec<u8> {
-    serde_json::to_vec(events).unwrap_or_default()
-}
-
 /// The largest body sent in one request: the intake's limit.
 pub const MAX_REQUEST_BODY: usize = intake_api::MAX_BODY_BYTES;
 
@@ -258,10 +255,5 @@ mod tests {
         );
         assert!(matches!(classify(503, b"", 1, None), Outcome::Retry { .. }));
         assert!(matches!(classify(404, b"", 1, None), Outcome::Retry { .. }));
-    }
-
-    #[test]
-    fn body_is_a_json_list_of_strings() {
-        assert_eq!(jsons_body(&["a\"b", "c"]), br#"["a\"b","c"]"#.to_vec());
     }
 }

@@ -23,8 +23,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::IntakeConfig;
 use crate::queue::{
-    now_ms, redact_key, Ack, DeadLetter, Lane, Position, Queue, QueueError, ReadBatch,
+    now_ms, redact_key, Ack, DeadLetter, Lane, Position, Queue, QueueError, ReadLimits, ReadSpan,
 };
+use batch::BatchBuilder;
 use client::{IntakeClient, Outcome};
 
 /// Counters shown by metrics.
@@ -54,7 +55,7 @@ impl Ctx {
         &self,
         intake_key: &str,
         timestamp: Option<&str>,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         events: usize,
     ) -> Outcome {
         let _slot = self.requests.acquire().await;
@@ -183,8 +184,7 @@ async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
             _ = ctx.shutdown.cancelled() => return,
         };
         let appended_before = lane.appended();
-        let read = read_lane(&ctx, lane.id, cursor).await;
-        let read = match read {
+        let (read, builder) = match read_lane(&ctx, lane.id, cursor).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(lane = lane.id, error = %e, "cannot read the queue; retrying");
@@ -197,7 +197,7 @@ async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
         if !read.corrupt.is_empty() {
             quarantine(&ctx, &lane, &read).await;
         }
-        if read.chunks.is_empty() {
+        if builder.is_empty() {
             cursor = read.next;
             drop(slot);
             tokio::select! {
@@ -214,14 +214,7 @@ async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
             continue;
         }
         cursor = read.next;
-        let first = &read.chunks[0].chunk;
-        let batch = batch::Batch {
-            lane: lane.id,
-            gen: read.gen,
-            intake_key: first.intake_key.clone(),
-            timestamp: first.timestamp.clone(),
-            chunks: read.chunks,
-        };
+        let batch = builder.finish(lane.id, read.gen);
         let ctx = ctx.clone();
         tasks.spawn(async move {
             batch::deliver(ctx, batch).await;
@@ -230,30 +223,37 @@ async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
     }
 }
 
+/// Reads the next batch of a lane from `cursor`, built into a request body as it is read.
 async fn read_lane(
     ctx: &Arc<Ctx>,
     lane: u32,
     cursor: Position,
-) -> Result<ReadBatch, anyhow::Error> {
+) -> Result<(ReadSpan, BatchBuilder), anyhow::Error> {
     let queue = ctx.queue.clone();
-    let (max_events, max_bytes) = (ctx.config.batch_max_events, ctx.config.batch_max_bytes);
-    let read = tokio::task::spawn_blocking(move || queue.read(lane, cursor, max_events, max_bytes))
-        .await??;
+    let limits = ReadLimits {
+        max_events: ctx.config.batch_max_events,
+        max_bytes: ctx.config.batch_max_bytes,
+    };
+    let read = tokio::task::spawn_blocking(move || {
+        let mut builder = BatchBuilder::default();
+        let span = queue.read_with(lane, cursor, limits, &mut |seq, chunk| {
+            builder.push(seq, chunk)
+        })?;
+        Ok::<_, QueueError>((span, builder))
+    })
+    .await??;
     Ok(read)
 }
 
 /// How much longer a partial batch may wait for more events, if any.
-fn linger_left(config: &IntakeConfig, read: &ReadBatch) -> Option<Duration> {
+fn linger_left(config: &IntakeConfig, read: &ReadSpan) -> Option<Duration> {
     if read.sealed {
         return None;
     }
-    let events = read.events();
-    let bytes: usize = read.chunks.iter().map(|c| c.chunk.payload_bytes()).sum();
-    if events >= config.batch_max_events || bytes >= config.batch_max_bytes / 2 {
+    if read.events >= config.batch_max_events || read.bytes >= config.batch_max_bytes / 2 {
         return None;
     }
-    let oldest = read.chunks.iter().map(|c| c.chunk.received_at_ms).min()?;
-    let age = Duration::from_millis(now_ms().saturating_sub(oldest));
+    let age = Duration::from_millis(now_ms().saturating_sub(read.oldest_received_ms?));
     config.linger().checked_sub(age).filter(|d| !d.is_zero())
 }
 
@@ -262,11 +262,11 @@ async fn wait_for_more(
     ctx: &Ctx,
     lane: &Lane,
     appended_before: u64,
-    read: &ReadBatch,
+    read: &ReadSpan,
     wait: Duration,
 ) -> bool {
     let deadline = Instant::now() + wait;
-    let room = ctx.config.batch_max_events.saturating_sub(read.events()) as u64;
+    let room = ctx.config.batch_max_events.saturating_sub(read.events) as u64;
     loop {
         if lane.appended().saturating_sub(appended_before) >= room {
             return true;
@@ -284,7 +284,7 @@ async fn wait_for_more(
 }
 
 /// Moves chunks that cannot be decoded out of the lane, into the dead letters.
-async fn quarantine(ctx: &Ctx, lane: &Lane, read: &ReadBatch) {
+async fn quarantine(ctx: &Ctx, lane: &Lane, read: &ReadSpan) {
     let mut ack = Ack {
         gen: read.gen,
         ..Ack::default()

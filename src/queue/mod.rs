@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::config::QueueConfig;
 use crate::intake_api::IncomingEvent;
 use generation::{GenDb, Generation};
-pub use record::{Chunk, DeadLetter};
+pub use record::{Chunk, ChunkView, DeadLetter};
 
 /// How many bytes of appends one group commit gathers at most.
 const COMMIT_MAX_BYTES: usize = 16 * 1024 * 1024;
@@ -198,12 +198,16 @@ pub struct StoredChunk {
     pub chunk: Chunk,
 }
 
-/// What [`Queue::read`] found, all in one generation: chunks in order, and chunks whose bytes
-/// could not be decoded.
+/// What one read of a lane covered, all in one generation ([`Queue::read_with`]).
 #[derive(Debug, Default)]
-pub struct ReadBatch {
+pub struct ReadSpan {
     pub gen: u64,
-    pub chunks: Vec<StoredChunk>,
+    /// Chunks handed to the reader, their events and payload bytes.
+    pub chunks: usize,
+    pub events: usize,
+    pub bytes: usize,
+    /// The earliest reception time of those chunks.
+    pub oldest_received_ms: Option<u64>,
     /// Sequence numbers and raw bytes of undecodable chunks found on the way.
     pub corrupt: Vec<(u64, Vec<u8>)>,
     /// Where the next read starts.
@@ -213,9 +217,16 @@ pub struct ReadBatch {
     pub sealed: bool,
 }
 
+/// What [`Queue::read`] found: the chunks, owned.
+#[derive(Debug, Default)]
+pub struct ReadBatch {
+    pub span: ReadSpan,
+    pub chunks: Vec<StoredChunk>,
+}
+
 impl ReadBatch {
     pub fn events(&self) -> usize {
-        self.chunks.iter().map(|c| c.chunk.events.len()).sum()
+        self.span.events
     }
 }
 
@@ -363,16 +374,18 @@ impl Queue {
 
     /// Reads chunks of `lane` from `from` on, in order and from one generation: at least one
     /// chunk if there is any, then more while they fit in `max_events` and `max_bytes`
-    /// (payload) and share the first chunk's event date (one request carries one date).
+    /// (payload) and share the first chunk's event date (one request carries one date). Each
+    /// chunk is handed to `reader` as a [`ChunkView`] that borrows the stored bytes: nothing is
+    /// copied that the reader does not copy.
     ///
     /// Sealed generations that hold nothing of the lane are skipped without being opened.
-    pub fn read(
+    pub fn read_with(
         &self,
         lane: u32,
         from: Position,
-        max_events: usize,
-        max_bytes: usize,
-    ) -> Result<ReadBatch, QueueError> {
+        limits: ReadLimits,
+        reader: &mut dyn FnMut(u64, &ChunkView<'_>),
+    ) -> Result<ReadSpan, QueueError> {
         let (gens, active) = self.shared.gens_snapshot();
         let mut next = from;
         for gen in gens.iter().filter(|g| g.id >= from.gen) {
@@ -385,17 +398,39 @@ impl Queue {
                 continue;
             }
             let Some(db) = gen.db()? else { continue };
-            let mut batch = read_generation(&db.db, gen.id, lane, start, max_events, max_bytes)?;
-            if !batch.chunks.is_empty() || !batch.corrupt.is_empty() {
-                batch.sealed = gen.id != active;
-                return Ok(batch);
+            let mut span = read_generation(&db.db, gen.id, lane, start, limits, reader)?;
+            if span.chunks > 0 || !span.corrupt.is_empty() {
+                span.sealed = gen.id != active;
+                return Ok(span);
             }
         }
-        Ok(ReadBatch {
+        Ok(ReadSpan {
             gen: next.gen,
             next,
-            ..ReadBatch::default()
+            ..ReadSpan::default()
         })
+    }
+
+    /// [`Queue::read_with`], collecting owned copies of the chunks (for tests and tools).
+    pub fn read(
+        &self,
+        lane: u32,
+        from: Position,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<ReadBatch, QueueError> {
+        let mut chunks = Vec::new();
+        let limits = ReadLimits {
+            max_events,
+            max_bytes,
+        };
+        let span = self.read_with(lane, from, limits, &mut |seq, view| {
+            chunks.push(StoredChunk {
+                seq,
+                chunk: view.to_chunk(),
+            })
+        })?;
+        Ok(ReadBatch { span, chunks })
     }
 
     /// The lanes known now.
@@ -574,51 +609,69 @@ fn prepare_dir(path: &Path) -> Result<(), QueueError> {
 }
 
 /// Reads chunks of `lane` from `start` on in one generation's database.
+/// How much one read may cover (payload bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    pub max_events: usize,
+    pub max_bytes: usize,
+}
+
 fn read_generation(
     db: &sled::Db,
     gen: u64,
     lane: u32,
     start: u64,
-    max_events: usize,
-    max_bytes: usize,
-) -> Result<ReadBatch, QueueError> {
+    limits: ReadLimits,
+    reader: &mut dyn FnMut(u64, &ChunkView<'_>),
+) -> Result<ReadSpan, QueueError> {
     let range = record::chunk_key(lane, start)..=record::chunk_key(lane, u64::MAX);
-    let mut batch = ReadBatch {
+    let mut span = ReadSpan {
         gen,
         next: Position { gen, seq: start },
         ..Default::default()
     };
-    let (mut events, mut bytes) = (0usize, 0usize);
+    // The event date of the first chunk: one request carries one date.
+    let mut date: Option<Option<String>> = None;
+    let mut scratch = Vec::new();
     for item in db.range(range) {
         let (key, value) = item?;
         let (_, seq) =
             record::parse_chunk_key(&key).map_err(|e| QueueError::Storage(e.to_string()))?;
-        let chunk = match Chunk::decode(&value) {
-            Ok(chunk) => chunk,
-            Err(_) => {
-                batch.corrupt.push((seq, value.to_vec()));
-                batch.next.seq = seq + 1;
-                continue;
-            }
-        };
-        let (n, b) = (chunk.events.len(), chunk.payload_bytes());
-        if let Some(first) = batch.chunks.first() {
-            if events + n > max_events
-                || bytes + b > max_bytes
-                || first.chunk.timestamp != chunk.timestamp
+        let header = record::ChunkHeader::decode(&value);
+        if let (Ok(h), Some(_)) = (&header, &date) {
+            if span.events + h.events as usize > limits.max_events
+                || span.bytes + h.payload_bytes as usize > limits.max_bytes
             {
                 break;
             }
         }
-        events += n;
-        bytes += b;
-        batch.next.seq = seq + 1;
-        batch.chunks.push(StoredChunk { seq, chunk });
-        if events >= max_events || bytes >= max_bytes {
+        let view = match header.and_then(|_| ChunkView::decode(&value, &mut scratch)) {
+            Ok(view) => view,
+            Err(_) => {
+                span.corrupt.push((seq, value.to_vec()));
+                span.next.seq = seq + 1;
+                continue;
+            }
+        };
+        match &date {
+            Some(d) if d.as_deref() != view.timestamp => break,
+            Some(_) => {}
+            None => date = Some(view.timestamp.map(str::to_owned)),
+        }
+        span.chunks += 1;
+        span.events += view.events.len();
+        span.bytes += view.payload_bytes();
+        span.oldest_received_ms = Some(
+            span.oldest_received_ms
+                .map_or(view.received_at_ms, |t| t.min(view.received_at_ms)),
+        );
+        span.next.seq = seq + 1;
+        reader(seq, &view);
+        if span.events >= limits.max_events || span.bytes >= limits.max_bytes {
             break;
         }
     }
-    Ok(batch)
+    Ok(span)
 }
 
 /// Takes the queue directory's lock: one forwarder per queue.

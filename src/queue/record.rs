@@ -210,24 +210,60 @@ impl Chunk {
 
     /// Decodes a chunk of any version this release knows (v1, v2).
     pub fn decode(bytes: &[u8]) -> Result<Chunk, DecodeError> {
-        ChunkHeader::decode(bytes)?;
-        let rest = bytes.get(CHUNK_HEADER_LEN..).unwrap_or_default();
-        let chunk = if bytes.first() == Some(&CHUNK_V2) {
-            decode_body(&decompress(rest, bytes.len())?)?
-        } else {
-            decode_body(rest)?
-        };
-        Ok(chunk)
+        let mut scratch = Vec::new();
+        Ok(ChunkView::decode(bytes, &mut scratch)?.to_chunk())
     }
 }
 
-fn decode_body(body: &[u8]) -> Result<Chunk, DecodeError> {
-    Ok(bincode::serde::decode_from_slice(body, decode_config())?.0)
+/// A chunk decoded without copying its events: they borrow the stored bytes (v1) or the
+/// decompressed body (v2). Delivery reads chunks this way and writes the events straight
+/// into a request body; the bincode encoding of `&str` is that of `String`, so a view reads
+/// exactly what [`Chunk`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ChunkView<'a> {
+    pub intake_key: &'a str,
+    #[serde(borrow)]
+    pub timestamp: Option<&'a str>,
+    pub received_at_ms: u64,
+    #[serde(borrow)]
+    pub events: Vec<&'a str>,
 }
 
-/// The body of a v2 chunk (`rest`: what follows the header; `value_len`: the whole value's
-/// length, for errors), never allocating more than its block can decompress to.
-fn decompress(rest: &[u8], value_len: usize) -> Result<Vec<u8>, DecodeError> {
+impl<'a> ChunkView<'a> {
+    /// Decodes a chunk of any version this release knows (v1, v2). A v2 body is decompressed
+    /// into `scratch`, which callers reuse from one chunk to the next.
+    pub fn decode(bytes: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<ChunkView<'a>, DecodeError> {
+        ChunkHeader::decode(bytes)?;
+        let rest = bytes.get(CHUNK_HEADER_LEN..).unwrap_or_default();
+        let body: &'a [u8] = if bytes.first() == Some(&CHUNK_V2) {
+            decompress_into(rest, bytes.len(), scratch)?;
+            scratch
+        } else {
+            rest
+        };
+        Ok(bincode::serde::borrow_decode_from_slice(body, decode_config())?.0)
+    }
+
+    /// Payload bytes: the events' lengths.
+    pub fn payload_bytes(&self) -> usize {
+        self.events.iter().map(|e| e.len()).sum()
+    }
+
+    /// An owned copy.
+    pub fn to_chunk(&self) -> Chunk {
+        Chunk {
+            intake_key: self.intake_key.to_owned(),
+            timestamp: self.timestamp.map(str::to_owned),
+            received_at_ms: self.received_at_ms,
+            events: self.events.iter().map(|e| (*e).to_owned()).collect(),
+        }
+    }
+}
+
+/// Decompresses the body of a v2 chunk into `body` (`rest`: what follows the header;
+/// `value_len`: the whole value's length, for errors), never allocating more than its block
+/// can decompress to.
+fn decompress_into(rest: &[u8], value_len: usize, body: &mut Vec<u8>) -> Result<(), DecodeError> {
     let Some((size, block)) = rest.split_first_chunk::<LZ4_SIZE_LEN>() else {
         return Err(DecodeError::Truncated(value_len));
     };
@@ -244,12 +280,13 @@ fn decompress(rest: &[u8], value_len: usize) -> Result<Vec<u8>, DecodeError> {
             limit,
         });
     }
-    let mut body = vec![0; claimed];
-    let actual = lz4_flex::block::decompress_into(block, &mut body)?;
+    body.clear();
+    body.resize(claimed, 0);
+    let actual = lz4_flex::block::decompress_into(block, body)?;
     if actual != claimed {
         return Err(DecodeError::Lz4Length { claimed, actual });
     }
-    Ok(body)
+    Ok(())
 }
 
 impl ChunkHeader {
@@ -409,6 +446,24 @@ mod tests {
             }
         );
         assert_eq!(Chunk::decode(&bytes).unwrap(), chunk());
+    }
+
+    /// A view borrows the events of a v1 value and of a decompressed v2 body, and reads the
+    /// same chunk as the owned decoding.
+    #[test]
+    fn views_borrow_both_versions() {
+        let mut scratch = Vec::new();
+        for c in [chunk(), big_chunk()] {
+            let plain = v1(&c);
+            let view = ChunkView::decode(&plain, &mut scratch).unwrap();
+            assert_eq!(view.to_chunk(), c);
+            assert_eq!(view.payload_bytes(), c.payload_bytes());
+            let range = plain.as_ptr_range();
+            assert!(view.events.iter().all(|e| range.contains(&e.as_ptr())));
+            let compressed = c.encode();
+            let view = ChunkView::decode(&compressed, &mut scratch).unwrap();
+            assert_eq!(view.to_chunk(), c);
+        }
     }
 
     #[test]

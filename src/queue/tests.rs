@@ -136,13 +136,13 @@ async fn read_respects_limits_and_timestamps() {
     q.append(stamped).await.unwrap();
     let first = q.read(0, Position::default(), 4, usize::MAX).unwrap();
     assert_eq!(first.events(), 4);
-    let rest = q.read(0, first.next, usize::MAX, usize::MAX).unwrap();
+    let rest = q.read(0, first.span.next, usize::MAX, usize::MAX).unwrap();
     assert_eq!(
         rest.events(),
         6,
         "stops before the chunk with another event date"
     );
-    let last = q.read(0, rest.next, usize::MAX, usize::MAX).unwrap();
+    let last = q.read(0, rest.span.next, usize::MAX, usize::MAX).unwrap();
     assert_eq!(
         last.chunks[0].chunk.timestamp.as_deref(),
         Some("2024-01-01T00:00:00Z")
@@ -164,7 +164,7 @@ async fn ack_removes_rewrites_and_never_underflows() {
     let mut kept = c1.chunk.clone();
     let refused = kept.events.remove(0);
     let ack = Ack {
-        gen: batch.gen,
+        gen: batch.span.gen,
         remove: vec![c0.seq],
         rewrite: vec![(c1.seq, kept.clone())],
         dead: vec![DeadLetter {
@@ -184,7 +184,7 @@ async fn ack_removes_rewrites_and_never_underflows() {
     assert_eq!(q.dead_letters().unwrap()[0].event, refused);
     // Removing the same chunks again (a duplicate ack) must not move the counters.
     let again = Ack {
-        gen: batch.gen,
+        gen: batch.span.gen,
         remove: vec![c0.seq, 999],
         ..Ack::default()
     };
@@ -193,7 +193,7 @@ async fn ack_removes_rewrites_and_never_underflows() {
     q.ack(
         0,
         Ack {
-            gen: batch.gen,
+            gen: batch.span.gen,
             remove: vec![c1.seq],
             ..Ack::default()
         },
@@ -204,7 +204,7 @@ async fn ack_removes_rewrites_and_never_underflows() {
     q.ack(
         0,
         Ack {
-            gen: batch.gen,
+            gen: batch.span.gen,
             remove: vec![c1.seq],
             ..Ack::default()
         },
@@ -275,10 +275,10 @@ async fn corrupt_chunks_are_reported_not_fatal() {
     let batch = q
         .read(0, Position::default(), usize::MAX, usize::MAX)
         .unwrap();
-    assert_eq!(batch.corrupt.len(), 1);
-    assert_eq!(batch.corrupt[0].0, 7);
+    assert_eq!(batch.span.corrupt.len(), 1);
+    assert_eq!(batch.span.corrupt[0].0, 7);
     assert_eq!(batch.events(), 2);
-    assert_eq!(batch.next.seq, 8);
+    assert_eq!(batch.span.next.seq, 8);
 }
 
 #[tokio::test]
@@ -346,18 +346,18 @@ async fn drain(q: &Queue, lane: u32, ack: bool) -> Vec<String> {
     let mut got = Vec::new();
     loop {
         let batch = q.read(lane, from, 500, usize::MAX).unwrap();
-        assert!(batch.corrupt.is_empty());
+        assert!(batch.span.corrupt.is_empty());
         if batch.chunks.is_empty() {
             return got;
         }
-        assert!(batch.next > from, "reads must move forward");
-        from = batch.next;
+        assert!(batch.span.next > from, "reads must move forward");
+        from = batch.span.next;
         if ack {
             let remove = batch.chunks.iter().map(|c| c.seq).collect();
             q.ack(
                 lane,
                 Ack {
-                    gen: batch.gen,
+                    gen: batch.span.gen,
                     remove,
                     ..Ack::default()
                 },
@@ -403,9 +403,9 @@ async fn generations_rotate_keep_order_and_are_deleted_once_delivered() {
         .read(0, Position::default(), usize::MAX, usize::MAX)
         .unwrap();
     assert!(
-        first.gen == 1 && first.sealed,
+        first.span.gen == 1 && first.span.sealed,
         "{:?}",
-        (first.gen, first.sealed)
+        (first.span.gen, first.span.sealed)
     );
     let (_, active) = q.shared.gens_snapshot();
     let last = q
@@ -419,7 +419,7 @@ async fn generations_rotate_keep_order_and_are_deleted_once_delivered() {
             usize::MAX,
         )
         .unwrap();
-    assert!(last.gen == active && !last.sealed && !last.chunks.is_empty());
+    assert!(last.span.gen == active && !last.span.sealed && !last.chunks.is_empty());
     // Order holds across generations, and reading alone removes nothing.
     assert_eq!(drain(&q, 0, false).await, want);
     assert_eq!(q.totals().0, 2000);

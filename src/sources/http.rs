@@ -879,11 +879,11 @@ mod tests {
                 let mut from = crate::queue::Position::default();
                 loop {
                     let batch = self.queue.read(lane.id, from, 10_000, 100 << 20).unwrap();
-                    assert!(batch.corrupt.is_empty());
+                    assert!(batch.span.corrupt.is_empty());
                     if batch.chunks.is_empty() {
                         break;
                     }
-                    from = batch.next;
+                    from = batch.span.next;
                     for stored in batch.chunks {
                         let chunk = stored.chunk;
                         for raw in chunk.events {
