@@ -84,8 +84,9 @@ impl BatchBuilder {
             if !self.ends.is_empty() {
                 self.body.push(b',');
             }
-            // Writing a string into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut self.body, event);
+            // SIMD escaping: serde_json's byte-by-byte escaping was 7 % of a live forwarder's
+            // CPU. Its output is the event as a JSON string, quotes included.
+            json_escape_simd::escape_into(event, &mut self.body);
             self.ends.push(self.body.len());
         }
         self.chunks.push(ChunkSpan {
@@ -104,6 +105,11 @@ impl BatchBuilder {
             self.body.push(b'[');
         }
         self.body.push(b']');
+        // The escaper reserves room for the worst case of each event; give back what a
+        // batch in flight would otherwise hold for nothing.
+        if self.body.capacity() > self.body.len() + self.body.len() / 4 {
+            self.body.shrink_to_fit();
+        }
         Batch {
             lane,
             gen,
@@ -376,7 +382,6 @@ mod tests {
         let batch = batch();
         let whole: Vec<String> = serde_json::from_slice(&batch.body(&(0..6))).unwrap();
         assert_eq!(whole, AWKWARD);
-        assert_eq!(batch.body(&(0..6)), serde_json::to_vec(&AWKWARD).unwrap());
         for start in 0..6 {
             for end in start + 1..=6 {
                 let part: Vec<String> = serde_json::from_slice(&batch.body(&(start..end))).unwrap();
@@ -388,6 +393,31 @@ mod tests {
         }
         assert_eq!(batch.intake_key, "batch-test-key");
         assert_eq!(batch.timestamp.as_deref(), Some("2024-01-01T00:00:00Z"));
+    }
+
+    /// Every ASCII character, at every offset of strings longer than a SIMD register, with
+    /// multi-byte characters around: the body is valid JSON and reads back exactly.
+    #[test]
+    fn escaping_round_trips_every_character() {
+        let ascii: String = (0u8..128).map(char::from).collect();
+        let mut events: Vec<String> = (0..70)
+            .map(|offset| {
+                format!(
+                    "{}{ascii}é😀{}",
+                    "x".repeat(offset),
+                    "\u{7f}".repeat(offset % 3)
+                )
+            })
+            .collect();
+        events.push("\u{2028}\u{2029}\u{feff}".into());
+        let mut builder = BatchBuilder::default();
+        builder.push(1, &view(1, events.iter().map(String::as_str).collect()));
+        let batch = builder.finish(0, 0);
+        let back: Vec<String> = serde_json::from_slice(&batch.body(&(0..events.len()))).unwrap();
+        assert_eq!(back, events);
+        for (i, want) in events.iter().enumerate() {
+            assert_eq!(&batch.event(i), want);
+        }
     }
 
     /// Partial progress removes finished chunks and rewrites the others with what is left,
