@@ -20,8 +20,9 @@
 //! `E2E_LIVE_EVENTS` / `--live-events` (default 3,000,000), `E2E_INGEST_EVENTS` /
 //! `--ingest-events` (2,000,000), `E2E_BACKLOG_EVENTS` / `--backlog-events` (5,000,000),
 //! `E2E_CONNECTIONS` / `--connections` (8). `E2E_QUEUE_CONFIG` adds lines to the forwarder's
-//! `[queue]` table (e.g. `E2E_QUEUE_CONFIG='cache_capacity_bytes = 8388608'`) to compare
-//! settings; by default the forwarder runs on its defaults. `E2E_DROP_CACHES=1` empties the
+//! `[queue]` table (e.g. `E2E_QUEUE_CONFIG='cache_capacity_bytes = 8388608'`), and
+//! `E2E_INTAKE_CONFIG` to its `[intake]` table (e.g. `E2E_INTAKE_CONFIG='max_in_flight = 2'`),
+//! to compare settings; by default the forwarder runs on its defaults. `E2E_DROP_CACHES=1` empties the
 //! page cache before the restart (root only), so that the queue is read from the disk as after
 //! a reboot; without it the restart finds the queue in the page cache. Every wait has a
 //! deadline; the benchmark ends by itself, and prints one table of every figure beside its
@@ -450,10 +451,12 @@ impl QueuedDisk {
 }
 
 /// The forwarder's configuration: production defaults but for the paths and ports, plus the
-/// lines of `E2E_QUEUE_CONFIG` in `[queue]` (to compare settings, e.g. `chunk_bytes = 16384`).
+/// lines of `E2E_QUEUE_CONFIG` in `[queue]` and of `E2E_INTAKE_CONFIG` in `[intake]` (to
+/// compare settings, e.g. `chunk_bytes = 16384`, `max_in_flight = 2`).
 fn write_config(dir: &Path, intake_url: &str) -> PathBuf {
     let path = dir.join("forwarder.toml");
     let extra = std::env::var("E2E_QUEUE_CONFIG").unwrap_or_default();
+    let intake_extra = std::env::var("E2E_INTAKE_CONFIG").unwrap_or_default();
     let text = format!(
         r#"
 [queue]
@@ -462,6 +465,7 @@ path = "{queue}"
 
 [intake]
 url = "{intake_url}"
+{intake_extra}
 
 [[source]]
 type = "http"
@@ -821,6 +825,9 @@ fn main() {
     );
     if let Ok(extra) = std::env::var("E2E_QUEUE_CONFIG") {
         println!("[queue] settings added: {extra:?}");
+    }
+    if let Ok(extra) = std::env::var("E2E_INTAKE_CONFIG") {
+        println!("[intake] settings added: {extra:?}");
     }
     let bodies = request_bodies();
     assert_eq!(
