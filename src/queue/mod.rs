@@ -537,8 +537,14 @@ impl Queue {
     }
 }
 
+/// Most events in one chunk. Chunks are cut by payload bytes, so without it a request of
+/// tiny or empty events would make one huge chunk, and since a delivery batch is made of whole
+/// chunks, a batch far over `batch_max_events`.
+pub const MAX_CHUNK_EVENTS: usize = 4096;
+
 /// Groups events into chunks: runs of one intake key and one event date, at most
-/// `chunk_bytes` of payload each (a larger event gets a chunk of its own).
+/// `chunk_bytes` of payload and [`MAX_CHUNK_EVENTS`] events each (a larger event gets a chunk
+/// of its own).
 fn chunk_events(
     events: Vec<IncomingEvent>,
     chunk_bytes: usize,
@@ -563,6 +569,7 @@ fn chunk_events(
             c.intake_key == event.intake_key
                 && c.timestamp == event.timestamp
                 && current_bytes + event.raw.len() <= chunk_bytes
+                && c.events.len() < MAX_CHUNK_EVENTS
         });
         if !fits {
             if let Some(done) = current.take() {

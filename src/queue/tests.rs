@@ -126,6 +126,32 @@ async fn lanes_keep_order_per_key_and_chunk_by_bytes() {
     assert_eq!(sizes, [2, 1, 1]);
 }
 
+/// Empty events weigh nothing by bytes: the event cap still cuts their chunks, so that reads
+/// (and delivery batches) keep to their event limit.
+#[tokio::test]
+async fn chunks_are_capped_by_events_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(&config(dir.path())).unwrap();
+    let n = 2 * MAX_CHUNK_EVENTS + 10;
+    let empty = events("K", n, 0)
+        .into_iter()
+        .map(|e| IncomingEvent {
+            raw: String::new(),
+            ..e
+        })
+        .collect();
+    q.append(empty).await.unwrap();
+    let all = q
+        .read(0, Position::default(), usize::MAX, usize::MAX)
+        .unwrap();
+    let sizes: Vec<usize> = all.chunks.iter().map(|c| c.chunk.events.len()).collect();
+    assert_eq!(sizes, [MAX_CHUNK_EVENTS, MAX_CHUNK_EVENTS, 10]);
+    let limited = q
+        .read(0, Position::default(), MAX_CHUNK_EVENTS + 1, usize::MAX)
+        .unwrap();
+    assert_eq!(limited.events(), MAX_CHUNK_EVENTS);
+}
+
 #[tokio::test]
 async fn read_respects_limits_and_timestamps() {
     let dir = tempfile::tempdir().unwrap();
