@@ -301,7 +301,7 @@ async fn quarantine(ctx: &Ctx, lane: &Lane, read: &ReadSpan) {
             intake_key: lane.intake_key.clone(),
             timestamp: None,
             received_at_ms: 0,
-            event: String::from_utf8_lossy(bytes).into_owned(),
+            event: String::from_utf8_lossy(&crate::queue::record::salvage(bytes)).into_owned(),
             status: 0,
             reason: "undecodable chunk".into(),
             dead_at_ms: now_ms(),

@@ -260,6 +260,20 @@ impl<'a> ChunkView<'a> {
     }
 }
 
+/// The most readable form of a stored chunk that cannot be decoded, for the dead letter that
+/// keeps it: a v2 value whose lz4 block is intact is given decompressed (its events are then
+/// legible in it); anything else is given as stored.
+pub fn salvage(bytes: &[u8]) -> Vec<u8> {
+    if bytes.first() == Some(&CHUNK_V2) {
+        let mut body = Vec::new();
+        let rest = bytes.get(CHUNK_HEADER_LEN..).unwrap_or_default();
+        if decompress_into(rest, bytes.len(), &mut body).is_ok() {
+            return body;
+        }
+    }
+    bytes.to_vec()
+}
+
 /// Decompresses the body of a v2 chunk into `body` (`rest`: what follows the header;
 /// `value_len`: the whole value's length, for errors), never allocating more than its block
 /// can decompress to.
@@ -446,6 +460,23 @@ mod tests {
             }
         );
         assert_eq!(Chunk::decode(&bytes).unwrap(), chunk());
+    }
+
+    /// A v2 chunk whose body is corrupt but whose lz4 block is intact is salvaged
+    /// decompressed, so that its events can be read in its dead letter; other bytes as they are.
+    #[test]
+    fn salvage_decompresses_what_it_can() {
+        let c = big_chunk();
+        let mut bytes = c.encode();
+        // A valid lz4 block of a body bincode cannot read.
+        let body = b"\xff\xff\xff\xff\xff\xff\xff\xff\xff GET /items/1 200";
+        bytes.truncate(CHUNK_HEADER_LEN);
+        bytes.extend_from_slice(&lz4_flex::block::compress_prepend_size(body));
+        assert!(Chunk::decode(&bytes).is_err());
+        assert_eq!(salvage(&bytes), body);
+        let garbage = b"\x02 not lz4 at all";
+        assert_eq!(salvage(garbage), garbage);
+        assert_eq!(salvage(b"\x01 v1"), b"\x01 v1");
     }
 
     /// A view borrows the events of a v1 value and of a decompressed v2 body, and reads the
