@@ -348,10 +348,14 @@ impl Observed {
 /// The `status` command: asks the running forwarder, or reads the queue when none runs.
 pub fn print_status(config: &Config, json: bool) -> anyhow::Result<()> {
     let report = match open_existing(config)? {
-        Some(queue) => StatusReport {
-            queue: queue.status(),
-            delivery: DeliveryView::default(),
-        },
+        Some(queue) => {
+            let report = StatusReport {
+                queue: queue.status(),
+                delivery: DeliveryView::default(),
+            };
+            close_offline(queue)?;
+            report
+        }
         None => fetch(config, "status")?,
     };
     if json {
@@ -365,7 +369,11 @@ pub fn print_status(config: &Config, json: bool) -> anyhow::Result<()> {
 /// The `dead-letters` command: the events the intake refused for good, oldest first.
 pub fn print_dead_letters(config: &Config, json: bool) -> anyhow::Result<()> {
     let letters: Vec<DeadLetterView> = match open_existing(config)? {
-        Some(queue) => dead_letter_views(&queue)?,
+        Some(queue) => {
+            let letters = dead_letter_views(&queue)?;
+            close_offline(queue)?;
+            letters
+        }
         None => fetch(config, "dead-letters")?,
     };
     if json {
@@ -397,6 +405,16 @@ fn open_existing(config: &Config) -> anyhow::Result<Option<Queue>> {
         Err(QueueError::Locked(_)) => Ok(None),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Closes a queue opened by a command: the writer stops and the next generation it may have
+/// started to prepare is removed, so the command leaves the directory as it found it.
+fn close_offline(queue: Queue) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(queue.close())?;
+    Ok(())
 }
 
 /// GETs `/{what}` from the running forwarder's admin listener.

@@ -83,9 +83,25 @@ async fn status_reads_a_stopped_queue() {
     let acked = send_events(&reqwest::Client::new(), &fwd.url(), key, 0, 30, 10).await;
     assert_eq!(acked.len(), 30);
     assert!(fwd.terminate().success());
+    let queue_dir = dir.path().join("queue");
+    let before = entries(&queue_dir);
     let (text, report) = run_json_command("status", &config);
     assert_eq!(report["queue"]["events"], 30, "{report}");
     assert!(!text.contains(key), "status printed the intake key");
+    let (_, letters) = run_json_command("dead-letters", &config);
+    assert_eq!(letters, serde_json::json!([]));
+    // The commands close the queue: no generation made ahead of time is left behind.
+    assert_eq!(entries(&queue_dir), before);
+}
+
+/// The names in a directory, sorted.
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 /// The Python `requests` examples of intake-api.md, unchanged but for the URL.
