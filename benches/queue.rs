@@ -3,12 +3,13 @@
 //!
 //! `cargo bench --bench queue`. Figures are recorded in docs/performance.md.
 
+use std::hint::black_box;
 use std::sync::OnceLock;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sekoia_forwarder::config::QueueConfig;
 use sekoia_forwarder::intake_api::IncomingEvent;
-use sekoia_forwarder::queue::{Ack, Position, Queue};
+use sekoia_forwarder::queue::{Ack, Position, Queue, ReadLimits};
 
 const EVENT_BYTES: usize = 200;
 
@@ -122,7 +123,8 @@ fn append(c: &mut Criterion) {
     group.finish();
 }
 
-/// Reads batches of 10,000 events and acknowledges them, as delivery does.
+/// Reads batches of 10,000 events and acknowledges them, as delivery does: each chunk is read
+/// as a view of the stored bytes and its events escaped into a `/jsons` body.
 fn drain(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut group = c.benchmark_group("drain");
@@ -145,15 +147,29 @@ fn drain(c: &mut Criterion) {
                 rt.block_on(async {
                     let lane = queue.lanes()[0].id;
                     let mut cursor = Position::default();
+                    let limits = ReadLimits {
+                        max_events: 10_000,
+                        max_bytes: 5 << 20,
+                    };
                     loop {
-                        let batch = queue.read(lane, cursor, 10_000, 5 << 20).expect("read");
-                        if batch.chunks.is_empty() {
+                        let mut body = Vec::new();
+                        let mut seqs = Vec::new();
+                        let span = queue
+                            .read_with(lane, cursor, limits, &mut |seq, chunk| {
+                                seqs.push(seq);
+                                for event in &chunk.events {
+                                    json_escape_simd::escape_into(event, &mut body);
+                                }
+                            })
+                            .expect("read");
+                        if seqs.is_empty() {
                             break;
                         }
-                        cursor = batch.span.next;
+                        black_box(&body);
+                        cursor = span.next;
                         let ack = Ack {
-                            gen: batch.span.gen,
-                            remove: batch.chunks.iter().map(|c| c.seq).collect(),
+                            gen: span.gen,
+                            remove: seqs,
                             ..Ack::default()
                         };
                         queue.ack(lane, ack).await.expect("ack");
