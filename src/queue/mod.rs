@@ -233,7 +233,7 @@ impl ReadBatch {
 /// What delivery reports for a lane once the intake answered.
 #[derive(Debug, Default, Clone)]
 pub struct Ack {
-    /// The generation of the chunks named below ([`ReadBatch::gen`]).
+    /// The generation of the chunks named below ([`ReadSpan::gen`]).
     pub gen: u64,
     /// Chunks whose every event is acknowledged (or dead-lettered).
     pub remove: Vec<u64>,
