@@ -200,6 +200,12 @@ async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
         if builder.is_empty() {
             cursor = read.next;
             drop(slot);
+            if !read.corrupt.is_empty() {
+                // Only undecodable chunks this time (the end of a generation, say): the rest
+                // of the lane may be in the next generations, so read on rather than wait for
+                // an append that may never come.
+                continue;
+            }
             tokio::select! {
                 _ = lane.notify.notified() => {}
                 _ = ctx.shutdown.cancelled() => return,
@@ -376,6 +382,69 @@ mod tests {
             0,
             "the lane must be empty once all is handled"
         );
+        stop.cancel();
+        running.await.unwrap();
+    }
+
+    /// A read that finds only undecodable chunks (here: the whole of a sealed generation) does
+    /// not leave the lane waiting for a new append: it reads on into the next generation.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_generation_of_undecodable_chunks_does_not_stall_the_lane() {
+        let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::open(&QueueConfig {
+            path: dir.path().join("q"),
+            generation_bytes: 64 * 1024,
+            ..QueueConfig::default()
+        })
+        .unwrap();
+        let key = "corrupt-generation-test-key";
+        let event = |raw: String| IncomingEvent {
+            intake_key: key.into(),
+            timestamp: None,
+            raw,
+        };
+        // 100 KB fills generation 0 past its 64 KiB, so the next append goes to generation 1.
+        let filler = (0..100).map(|i| event(format!("{i:>1000}"))).collect();
+        queue.append(filler).await.unwrap();
+        queue.append(vec![event("after".into())]).await.unwrap();
+        let first = queue
+            .read(0, Position::default(), usize::MAX, usize::MAX)
+            .unwrap();
+        assert!(
+            first.span.sealed,
+            "the filler must be in a sealed generation"
+        );
+        for chunk in &first.chunks {
+            queue.insert_raw_chunk(0, chunk.seq, b"\x01 rotten");
+        }
+        // Take the wake-up the appends left, so that nothing but the read itself moves the lane.
+        queue.lanes()[0].notify.notified().await;
+
+        let config = IntakeConfig {
+            url: mock.url().parse().unwrap(),
+            linger_ms: 10,
+            ..IntakeConfig::default()
+        };
+        let stop = CancellationToken::new();
+        let delivery = Delivery::new(config, queue.clone(), stop.clone()).unwrap();
+        let running = tokio::spawn(delivery.run(Duration::from_secs(5)));
+        let delivered = mock
+            .wait_for(|e| !e.is_empty(), Duration::from_secs(30))
+            .await;
+        assert!(
+            delivered,
+            "the event after the rotten generation never came"
+        );
+        let raws: Vec<String> = mock.events().into_iter().map(|e| e.raw).collect();
+        assert_eq!(raws, ["after"]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while queue.dead_letter_count() < first.chunks.len() as u64 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(queue.dead_letter_count(), first.chunks.len() as u64);
         stop.cancel();
         running.await.unwrap();
     }

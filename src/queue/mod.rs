@@ -490,19 +490,20 @@ impl Queue {
         }
     }
 
-    /// Stores raw bytes as a chunk of `lane` in the active generation, bypassing the writer:
-    /// how tests make a corrupt queue.
+    /// Stores raw bytes as chunk `seq` of `lane` (over the chunk if a generation holds it, else
+    /// in the active generation), bypassing the writer: how tests make a corrupt queue.
     #[cfg(test)]
     pub(crate) fn insert_raw_chunk(&self, lane: u32, seq: u64, bytes: &[u8]) {
+        let key = record::chunk_key(lane, seq);
         let (gens, active) = self.shared.gens_snapshot();
-        let gen = gens
+        let open = |g: &Arc<Generation>| g.db().expect("open").expect("not deleted");
+        // The generation that holds the chunk, else the active one.
+        let db = gens
             .iter()
-            .find(|g| g.id == active)
-            .expect("active generation");
-        let db = gen.db().expect("open").expect("not deleted");
-        db.db
-            .insert(record::chunk_key(lane, seq), bytes)
-            .expect("insert");
+            .map(open)
+            .find(|db| db.db.contains_key(key).expect("read"))
+            .unwrap_or_else(|| open(gens.iter().find(|g| g.id == active).expect("active")));
+        db.db.insert(key, bytes).expect("insert");
     }
 
     /// Dead letters kept in the queue.
