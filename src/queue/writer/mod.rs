@@ -548,9 +548,12 @@ impl Writer {
                 .fetch_add(1, Ordering::Relaxed);
         }
         for (gen, batch) in std::mem::take(&mut staged.gens) {
-            let Some(db) = self.gen_db(gen)? else {
-                continue;
-            };
+            // Batches are staged only for open generations (appends go to the active one, acks
+            // to deleted ones stage nothing); a database gone now must fail the commit rather
+            // than answer its senders as if their events were stored.
+            let db = self
+                .gen_db(gen)?
+                .ok_or_else(|| storage(format!("queue generation {gen} is gone")))?;
             db.db.apply_batch(batch)?;
             crash_point!("queue-after-apply");
             db.db.flush()?;
