@@ -326,19 +326,62 @@ mod tests {
     use crate::intake_api::IncomingEvent;
     use crate::mock_intake::MockIntake;
 
-    /// A chunk that cannot be decoded (a corrupt queue) is moved to the dead letters with its
-    /// raw bytes, and the events around it are still delivered.
-    #[tokio::test(flavor = "multi_thread")]
-    async fn undecodable_chunks_are_quarantined_and_the_lane_goes_on() {
+    /// Delivery of `queue` to `mock`, running until [`Running::stop`]. One request at a time,
+    /// so that the mock receives events in queue order (batches in flight together may
+    /// complete in any order).
+    struct Running {
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Running {
+        fn start(queue: &Queue, mock: &MockIntake) -> Running {
+            let config = IntakeConfig {
+                url: mock.url().parse().unwrap(),
+                linger_ms: 10,
+                max_in_flight: 1,
+                ..IntakeConfig::default()
+            };
+            let stop = CancellationToken::new();
+            let delivery = Delivery::new(config, queue.clone(), stop.clone()).unwrap();
+            let task = tokio::spawn(delivery.run(Duration::from_secs(5)));
+            Running { stop, task }
+        }
+
+        async fn stop(self) {
+            self.stop.cancel();
+            self.task.await.unwrap();
+        }
+    }
+
+    /// A mock intake, and a queue of `config` in a temporary directory (kept alive by the
+    /// returned guard).
+    async fn mock_and_queue(config: QueueConfig) -> (MockIntake, tempfile::TempDir, Queue) {
         let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let queue = Queue::open(&QueueConfig {
             path: dir.path().join("q"),
-            ..QueueConfig::default()
+            ..config
         })
         .unwrap();
+        (mock, dir, queue)
+    }
+
+    /// Waits (30 s at most) until `done` holds.
+    async fn eventually(mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A chunk that cannot be decoded (a corrupt queue) is moved to the dead letters with its
+    /// raw bytes, and the events around it are still delivered.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn undecodable_chunks_are_quarantined_and_the_lane_goes_on() {
+        let (mock, _dir, queue) = mock_and_queue(QueueConfig::default()).await;
         let event = |raw: &str| IncomingEvent {
             intake_key: "corrupt-queue-test-key-01".into(),
             timestamp: None,
@@ -351,55 +394,36 @@ mod tests {
         queue.insert_raw_chunk(0, 1, b"\x01 not a chunk");
         queue.insert_raw_chunk(0, 2, b"\x07");
 
-        let config = IntakeConfig {
-            url: mock.url().parse().unwrap(),
-            linger_ms: 10,
-            ..IntakeConfig::default()
-        };
-        let stop = CancellationToken::new();
-        let delivery = Delivery::new(config, queue.clone(), stop.clone()).unwrap();
-        let running = tokio::spawn(delivery.run(Duration::from_secs(5)));
+        let running = Running::start(&queue, &mock);
         let delivered = mock
             .wait_for(|e| e.len() >= 2, Duration::from_secs(30))
             .await;
         assert!(delivered, "got {:?}", mock.events());
         let raws: Vec<String> = mock.events().into_iter().map(|e| e.raw).collect();
         assert_eq!(raws, ["before", "after"]);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while queue.dead_letter_count() < 2 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(|| queue.dead_letter_count() >= 2).await;
         let dead = queue.dead_letters().unwrap();
         assert_eq!(dead.len(), 2);
         assert!(dead.iter().all(|d| d.reason == "undecodable chunk"));
         assert_eq!(dead[0].event.as_bytes(), b"\x01 not a chunk");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while queue.totals().0 > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(|| queue.totals().0 == 0).await;
         assert_eq!(
             queue.totals().0,
             0,
             "the lane must be empty once all is handled"
         );
-        stop.cancel();
-        running.await.unwrap();
+        running.stop().await;
     }
 
     /// A read that finds only undecodable chunks (here: the whole of a sealed generation) does
     /// not leave the lane waiting for a new append: it reads on into the next generation.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_generation_of_undecodable_chunks_does_not_stall_the_lane() {
-        let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let queue = Queue::open(&QueueConfig {
-            path: dir.path().join("q"),
+        let (mock, _dir, queue) = mock_and_queue(QueueConfig {
             generation_bytes: 64 * 1024,
             ..QueueConfig::default()
         })
-        .unwrap();
+        .await;
         let key = "corrupt-generation-test-key";
         let event = |raw: String| IncomingEvent {
             intake_key: key.into(),
@@ -423,14 +447,7 @@ mod tests {
         // Take the wake-up the appends left, so that nothing but the read itself moves the lane.
         queue.lanes()[0].notify.notified().await;
 
-        let config = IntakeConfig {
-            url: mock.url().parse().unwrap(),
-            linger_ms: 10,
-            ..IntakeConfig::default()
-        };
-        let stop = CancellationToken::new();
-        let delivery = Delivery::new(config, queue.clone(), stop.clone()).unwrap();
-        let running = tokio::spawn(delivery.run(Duration::from_secs(5)));
+        let running = Running::start(&queue, &mock);
         let delivered = mock
             .wait_for(|e| !e.is_empty(), Duration::from_secs(30))
             .await;
@@ -440,12 +457,9 @@ mod tests {
         );
         let raws: Vec<String> = mock.events().into_iter().map(|e| e.raw).collect();
         assert_eq!(raws, ["after"]);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while queue.dead_letter_count() < first.chunks.len() as u64 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(queue.dead_letter_count(), first.chunks.len() as u64);
-        stop.cancel();
-        running.await.unwrap();
+        let rotten = first.chunks.len() as u64;
+        eventually(|| queue.dead_letter_count() >= rotten).await;
+        assert_eq!(queue.dead_letter_count(), rotten);
+        running.stop().await;
     }
 }
