@@ -1,0 +1,144 @@
+//! Small requests: the same client sends requests of 1 to 1,000 events over 8 or 64 keep-alive
+//! connections, first straight to a mock intake, then through a fresh forwarder to one, in the
+//! same run. The figure that counts is the ratio of the two rates: the machine is shared and
+//! noisy, and a ratio taken minutes apart on the same machine is steadier than either rate.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::client::{send_all, Bodies};
+use crate::common::MockIntake;
+use crate::deadline_for;
+use crate::phases::{
+    cpu_per_million, rate, start_forwarder, stop_forwarder, wait_accepted, wait_queue_empty,
+    write_config, SETTLE,
+};
+use crate::probe::{cpu_secs, write_bytes};
+
+/// One request size and connection count.
+#[derive(Debug, Clone, Copy)]
+pub struct Cell {
+    pub per_request: usize,
+    pub connections: usize,
+    pub events: u64,
+}
+
+/// The cells of the table, with event counts that take a few seconds each at today's
+/// rates; `E2E_SMALL_SCALE` multiplies them.
+pub fn cells(scale: f64) -> Vec<Cell> {
+    let cell = |per_request: usize, connections: usize, events: u64| {
+        let events = ((events as f64 * scale) as u64).max(per_request as u64);
+        Cell {
+            per_request,
+            connections,
+            // Whole requests.
+            events: events.div_ceil(per_request as u64) * per_request as u64,
+        }
+    };
+    vec![
+        cell(1, 8, 40_000),
+        cell(1, 64, 60_000),
+        cell(10, 8, 200_000),
+        cell(100, 8, 1_000_000),
+        cell(1000, 8, 2_000_000),
+    ]
+}
+
+#[derive(Debug)]
+pub struct CellReport {
+    pub cell: Cell,
+    /// Events/s acknowledged by the mock when the client sends to it directly.
+    pub direct_rate: f64,
+    /// Events/s from the first send to the last event acknowledged by the mock, through the
+    /// forwarder.
+    pub forwarded_rate: f64,
+    pub cpu_per_million: f64,
+    /// Bytes the forwarder wrote to the disk per payload byte.
+    pub written_per_payload: f64,
+    pub duplicates: u64,
+    pub complete: bool,
+}
+
+impl CellReport {
+    pub fn ratio(&self) -> f64 {
+        self.forwarded_rate / self.direct_rate.max(1e-9)
+    }
+}
+
+pub async fn run(cells: &[Cell], ticks: f64) -> Vec<CellReport> {
+    let mut reports = Vec::new();
+    for cell in cells {
+        println!(
+            "small: {} events in requests of {}, {} connections",
+            cell.events, cell.per_request, cell.connections
+        );
+        let bodies = Bodies::new(cell.per_request);
+        let direct_rate = direct(cell, bodies.clone()).await;
+        let report = forwarded(cell, bodies, direct_rate, ticks).await;
+        println!(
+            "small: direct {:.0} ev/s, forwarded {:.0} ev/s ({:.2})",
+            report.direct_rate,
+            report.forwarded_rate,
+            report.ratio()
+        );
+        reports.push(report);
+    }
+    reports
+}
+
+/// The client straight to a mock intake.
+async fn direct(cell: &Cell, bodies: Arc<Bodies>) -> f64 {
+    let mock = MockIntake::start_count_only(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("mock");
+    let started = Instant::now();
+    let deadline = started + deadline_for(cell.events);
+    let sent = send_all(&mock.url(), cell.events, cell.connections, bodies, deadline).await;
+    assert!(!sent.timed_out, "small: the mock alone did not keep up");
+    mock.shutdown().await;
+    rate(sent.acked_events, sent.elapsed)
+}
+
+/// The client through a fresh forwarder to a mock intake.
+async fn forwarded(cell: &Cell, bodies: Arc<Bodies>, direct_rate: f64, ticks: f64) -> CellReport {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mock = MockIntake::start_count_only(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("mock");
+    let config = write_config(dir.path(), &mock.url());
+    let mut fwd = start_forwarder(&config);
+    let pid = fwd.pid();
+    let within = deadline_for(cell.events);
+    let cpu0 = cpu_secs(&pid.to_string(), ticks);
+    let written0 = write_bytes(pid);
+    let started = Instant::now();
+    let sent = send_all(
+        &fwd.url(),
+        cell.events,
+        cell.connections,
+        bodies,
+        started + within,
+    )
+    .await;
+    let left = within.saturating_sub(started.elapsed());
+    let complete = !sent.timed_out && wait_accepted(&mock, sent.acked_events, left).await;
+    let elapsed = started.elapsed();
+    let cpu = cpu_secs(&pid.to_string(), ticks) - cpu0;
+    let drained = wait_queue_empty(fwd.admin, Duration::from_secs(60)).await;
+    assert!(drained, "small: the queue did not drain");
+    tokio::time::sleep(SETTLE).await;
+    let written = write_bytes(pid) - written0;
+    stop_forwarder(&mut fwd);
+    let delivered = mock.stats().accepted_events;
+    mock.shutdown().await;
+    CellReport {
+        cell: *cell,
+        direct_rate,
+        forwarded_rate: rate(sent.acked_events, elapsed),
+        cpu_per_million: cpu_per_million(cpu, sent.acked_events),
+        written_per_payload: written as f64 / Bodies::payload(sent.acked_events).max(1) as f64,
+        duplicates: delivered.saturating_sub(sent.acked_events),
+        complete,
+    }
+}
