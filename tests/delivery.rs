@@ -350,3 +350,110 @@ async fn failed_deliveries_never_advance_the_queue() {
     assert_eq!(status["delivery"]["acked_events"], 0, "{status}");
     assert_eq!(status["queue"]["dead_letters"], 0, "{status}");
 }
+
+/// Many first requests on new keys at once: every key gets a delivery task and drains (a new
+/// key's lane created while delivery was reading the lane list once had none).
+#[tokio::test(flavor = "multi_thread")]
+async fn many_new_keys_at_once_all_drain() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock.url(), "", "");
+    let fwd = Forwarder::start(&config);
+    let client = reqwest::Client::new();
+    let mut senders = tokio::task::JoinSet::new();
+    for k in 0..300 {
+        let (client, url) = (client.clone(), fwd.url());
+        senders.spawn(async move {
+            let key = format!("new-intake-key-{k:06}");
+            let events = vec![event(k)];
+            post_jsons(&client, &url, &key, &events)
+                .await
+                .then_some(events)
+        });
+    }
+    let mut acked = Vec::new();
+    while let Some(sent) = senders.join_next().await {
+        acked.extend(
+            sent.unwrap()
+                .expect("the forwarder refused a first request"),
+        );
+    }
+    assert_eq!(acked.len(), 300);
+    wait_delivered_from(&fwd, &mock, &acked).await;
+    fwd.wait_drained().await;
+    assert_eq!(assert_all_delivered(&mock, &acked), 0);
+    for e in mock.events() {
+        let k: usize = e.raw[6..14].parse().unwrap();
+        assert_eq!(e.intake_key, format!("new-intake-key-{k:06}"));
+    }
+}
+
+/// Redirects are never followed: the intake key would go to wherever a proxy or a hijacked
+/// DNS name points, and a 301/302/303 would turn the POST into a GET without its events. A 3xx
+/// is a failed try: retried with backoff, nothing removed, the other listener gets nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn redirects_are_not_followed() {
+    let mock = mock().await;
+    let elsewhere = self::mock().await;
+    let location = format!("{}/jsons", elsewhere.url());
+    mock.set_faults(faults(vec![
+        ScriptedFault::Redirect {
+            status: 301,
+            location: location.clone(),
+            times: 2,
+        },
+        ScriptedFault::Redirect {
+            status: 307,
+            location,
+            times: 1_000_000,
+        },
+    ]));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock.url(), "", "");
+    let fwd = Forwarder::start(&config);
+    let client = reqwest::Client::new();
+    let acked = send_events(&client, &fwd.url(), KEY, 0, 100, 50).await;
+    assert_eq!(acked.len(), 100);
+    let redirected = mock
+        .wait_for_stats(|s| s.status_count(307) >= 3, DEADLINE)
+        .await;
+    assert!(redirected, "{:?}", mock.stats());
+    assert_eq!(elsewhere.stats().requests, 0, "{:?}", elsewhere.stats());
+    let status = fwd.status().await;
+    assert_eq!(status["queue"]["events"], 100, "{status}");
+    assert_eq!(status["delivery"]["acked_events"], 0, "{status}");
+    assert_eq!(status["queue"]["dead_letters"], 0, "{status}");
+    assert!(
+        status["delivery"]["redirects"].as_u64() >= Some(5),
+        "{status}"
+    );
+    // The intake stops redirecting: everything is delivered, once, to it alone.
+    mock.set_faults(FaultConfig::default());
+    wait_delivered_from(&fwd, &mock, &acked).await;
+    fwd.wait_drained().await;
+    assert_eq!(assert_all_delivered(&mock, &acked), 0);
+    assert_eq!(elsewhere.stats().requests, 0, "{:?}", elsewhere.stats());
+    let metrics = reqwest::get(format!("http://{}/metrics", fwd.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sekoia_forwarder_delivery_redirects_total "),
+        "{metrics}"
+    );
+    let mut fwd = fwd;
+    let log = fwd.stop_and_log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("redirect")).collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "one line when it starts, one when it ends: {lines:#?}"
+    );
+    assert!(
+        lines[0].contains(&elsewhere.addr().to_string()),
+        "the location's host is not logged: {lines:#?}"
+    );
+    assert!(!log.contains(KEY), "the intake key appeared in the logs");
+}
