@@ -50,6 +50,10 @@ pub struct DeliveryView {
     pub auth_failures: u64,
     pub dead_letters: u64,
     pub in_flight: u64,
+    #[serde(default)]
+    pub redirects: u64,
+    #[serde(default)]
+    pub undated_events: u64,
 }
 
 impl Observed {
@@ -64,6 +68,8 @@ impl Observed {
                 auth_failures: d.auth_failures.load(Ordering::Relaxed),
                 dead_letters: d.dead_letters.load(Ordering::Relaxed),
                 in_flight: d.in_flight.load(Ordering::Relaxed),
+                redirects: d.redirects.load(Ordering::Relaxed),
+                undated_events: d.undated_events.load(Ordering::Relaxed),
             },
         }
     }
@@ -231,6 +237,16 @@ impl Collector for Observed {
                 "delivery_dead_letters",
                 "Events refused for good and kept aside",
                 load(&d.dead_letters),
+            ),
+            (
+                "delivery_redirects",
+                "Redirects (3xx) answered by the intake: never followed, retried",
+                load(&d.redirects),
+            ),
+            (
+                "delivery_undated_events",
+                "Events sent without their event date, which could not be sent as a header",
+                load(&d.undated_events),
             ),
         ];
         for (name, help, value) in counters {

@@ -46,7 +46,9 @@
 //!     {"fault": "drop"},
 //!     {"fault": "slow", "delay_ms": 2000},
 //!     {"fault": "accept_then_fail"},
-//!     {"fault": "wrong_ids", "delta": -1}
+//!     {"fault": "wrong_ids", "delta": -1},
+//!     {"fault": "retry_at_date", "status": 503, "after_secs": 3},
+//!     {"fault": "redirect", "status": 307, "location": "http://elsewhere:8080/jsons"}
 //!   ],
 //!   "reject_containing": "poison",
 //!   "max_body_bytes": 1048576,
@@ -56,7 +58,10 @@
 //! ```
 //!
 //! `times` defaults to 1. A `status` fault may be any status from 200 to 599: a 200 with an
-//! error body models an intake that "succeeds" without acknowledging anything.
+//! error body models an intake that "succeeds" without acknowledging anything. A
+//! `retry_at_date` fault answers `status` with `Retry-After` as an HTTP date `after_secs` from
+//! now. A `redirect` fault answers a 3xx `status` with a `Location` (a proxy or a moved service
+//! sending the client elsewhere); like `status`, it applies to any request and records nothing.
 //!
 //! # Control API
 //!
@@ -81,7 +86,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -191,6 +196,20 @@ pub enum ScriptedFault {
         #[serde(default = "one")]
         times: u32,
     },
+    /// Answer `status` with `Retry-After` as an HTTP date `after_secs` from now; record nothing.
+    RetryAtDate {
+        status: u16,
+        after_secs: u64,
+        #[serde(default = "one")]
+        times: u32,
+    },
+    /// Answer a redirect (`status` 300..=399) to `location`; record nothing.
+    Redirect {
+        status: u16,
+        location: String,
+        #[serde(default = "one")]
+        times: u32,
+    },
 }
 
 fn one() -> u32 {
@@ -205,7 +224,9 @@ impl ScriptedFault {
             | ScriptedFault::Drop { times }
             | ScriptedFault::Slow { times, .. }
             | ScriptedFault::AcceptThenFail { times }
-            | ScriptedFault::WrongIds { times, .. } => times,
+            | ScriptedFault::WrongIds { times, .. }
+            | ScriptedFault::RetryAtDate { times, .. }
+            | ScriptedFault::Redirect { times, .. } => times,
         }
     }
 }
@@ -215,13 +236,32 @@ impl ScriptedFault {
 pub enum InvalidFaults {
     #[error("{0} is not a status the mock can answer (200..=599)")]
     Status(u16),
+    #[error("{0} is not a redirect status (300..=399)")]
+    Redirect(u16),
+    #[error("{0:?} cannot be sent as a Location header")]
+    Location(String),
 }
 
 impl FaultConfig {
     /// Checks that every status of the config can be answered.
     pub fn validate(&self) -> Result<(), InvalidFaults> {
+        for step in &self.script {
+            if let ScriptedFault::Redirect {
+                status, location, ..
+            } = step
+            {
+                if !(300..=399).contains(status) {
+                    return Err(InvalidFaults::Redirect(*status));
+                }
+                if HeaderValue::from_str(location).is_err() {
+                    return Err(InvalidFaults::Location(location.clone()));
+                }
+            }
+        }
         let scripted = self.script.iter().filter_map(|s| match s {
-            ScriptedFault::Status { status, .. } => Some(*status),
+            ScriptedFault::Status { status, .. } | ScriptedFault::RetryAtDate { status, .. } => {
+                Some(*status)
+            }
             _ => None,
         });
         match scripted
@@ -498,8 +538,18 @@ impl MockIntake {
         Self::start_with(addr, settings).await
     }
 
+    /// Serves on a listener the caller bound: a test can hold a port that answers nothing
+    /// (bound, never accepted: an intake that is down) and make the intake come up on it later,
+    /// with no window in which another process could take the port.
+    pub async fn start_on(listener: TcpListener) -> std::io::Result<MockIntake> {
+        Self::serve(listener, Settings::default())
+    }
+
     async fn start_with(addr: SocketAddr, settings: Settings) -> std::io::Result<MockIntake> {
-        let listener = TcpListener::bind(addr).await?;
+        Self::serve(TcpListener::bind(addr).await?, settings)
+    }
+
+    fn serve(listener: TcpListener, settings: Settings) -> std::io::Result<MockIntake> {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(settings));
         let (stop, stopped) = watch::channel(false);
@@ -798,6 +848,43 @@ fn outage(scripted: Option<&ScriptedFault>) -> Option<Outcome> {
                 response
                     .headers_mut()
                     .insert(RETRY_AFTER, HeaderValue::from(*secs));
+            }
+            Some(Outcome::Answer(response))
+        }
+        ScriptedFault::RetryAtDate {
+            status, after_secs, ..
+        } => {
+            tracing::info!(
+                status,
+                after_secs,
+                "mock intake: scripted status, retry at a date"
+            );
+            let mut response = error_response(
+                answer_status(*status),
+                format!("scripted fault: status {status}"),
+            );
+            let at = std::time::SystemTime::now() + Duration::from_secs(*after_secs);
+            if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(at)) {
+                response.headers_mut().insert(RETRY_AFTER, date);
+            }
+            Some(Outcome::Answer(response))
+        }
+        ScriptedFault::Redirect {
+            status, location, ..
+        } => {
+            tracing::info!(status, %location, "mock intake: scripted redirect");
+            let status = StatusCode::from_u16(*status)
+                .ok()
+                .filter(StatusCode::is_redirection)
+                .unwrap_or(StatusCode::TEMPORARY_REDIRECT);
+            let mut response = error_response(status, "scripted fault: redirect");
+            match HeaderValue::from_str(location) {
+                Ok(location) => {
+                    response.headers_mut().insert(LOCATION, location);
+                }
+                Err(_) => {
+                    tracing::warn!("mock intake: the redirect's location is not a header value");
+                }
             }
             Some(Outcome::Answer(response))
         }
@@ -1471,6 +1558,43 @@ mod tests {
         assert_eq!(stats.scripted_faults, 2);
         assert_eq!(stats.status_count(503), 2);
         assert_eq!(stats.status_count(200), 1);
+    }
+
+    #[tokio::test]
+    async fn scripted_redirect_and_retry_at_date() {
+        let mock = mock().await;
+        let c = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        mock.set_faults(faults(vec![
+            ScriptedFault::Redirect {
+                status: 307,
+                location: "http://elsewhere.example:8080/jsons".into(),
+                times: 1,
+            },
+            ScriptedFault::RetryAtDate {
+                status: 429,
+                after_secs: 60,
+                times: 1,
+            },
+        ]));
+        let r = post_jsons(&c, &mock, &["redirected"]).await.unwrap();
+        assert_eq!(r.status(), 307);
+        assert_eq!(r.headers()[LOCATION], "http://elsewhere.example:8080/jsons");
+        let r = post_jsons(&c, &mock, &["later"]).await.unwrap();
+        assert_eq!(r.status(), 429);
+        let date = r.headers()[RETRY_AFTER].to_str().unwrap();
+        let at = httpdate::parse_http_date(date).unwrap();
+        let ahead = at.duration_since(std::time::SystemTime::now()).unwrap();
+        assert!(ahead > Duration::from_secs(50), "{date}");
+        assert!(raws(&mock).is_empty(), "nothing is recorded");
+        let bad = faults(vec![ScriptedFault::Redirect {
+            status: 200,
+            location: "/".into(),
+            times: 1,
+        }]);
+        assert_eq!(bad.validate(), Err(InvalidFaults::Redirect(200)));
     }
 
     #[tokio::test]

@@ -12,6 +12,12 @@
 //!   dead-lettered, while every other event is delivered.
 //! - 401/403 keeps the events and retries slowly; other lanes are not held up because a batch
 //!   only holds a request slot while its request is on the wire.
+//! - 3xx (a redirect, never followed) is a failed try, retried with backoff.
+//! - A request that cannot be built is a local failure, never taken for an answer (it used to
+//!   pass for a 400 and be bisected into the dead letters without a request sent): an event
+//!   date that cannot be a header is left out (the intake then dates the events at
+//!   reception); an intake key that cannot be a header cannot be sent at all, so the batch is
+//!   dead-lettered at once, with status 0 and a reason that says so.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -20,7 +26,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::client::{Outcome, MAX_REQUEST_BODY};
+use super::client::{Headers, Outcome, MAX_REQUEST_BODY};
 use super::retry::Retry;
 use super::Ctx;
 use crate::crash_point;
@@ -243,6 +249,9 @@ pub async fn deliver(ctx: Arc<Ctx>, batch: Batch) {
         // Chunks without events: nothing to send, only to remove.
         return;
     }
+    let Some(headers) = prepare(&ctx, &mut progress, &key).await else {
+        return;
+    };
     let mut retry = Retry::new(ctx.config.backoff_initial(), ctx.config.backoff_max());
     while let Some(range) = work.pop_front() {
         let body = progress.batch.body(&range);
@@ -250,14 +259,7 @@ pub async fn deliver(ctx: Arc<Ctx>, batch: Batch) {
             split(&mut work, range);
             continue;
         }
-        let outcome = ctx
-            .send(
-                &progress.batch.intake_key,
-                progress.batch.timestamp.as_deref(),
-                body,
-                range.len(),
-            )
-            .await;
+        let outcome = ctx.send(&headers, body, range.len()).await;
         crash_point!("delivery-after-answer");
         match outcome {
             Outcome::Acked => {
@@ -308,6 +310,15 @@ pub async fn deliver(ctx: Arc<Ctx>, batch: Batch) {
                     return;
                 }
             }
+            Outcome::Redirected { .. } => {
+                // Counted and logged once by `Ctx::send`: a redirecting intake answers every
+                // request so, and one line per try would flood the log.
+                ctx.stats.retries.fetch_add(1, Ordering::Relaxed);
+                work.push_front(range);
+                if !ctx.sleep(retry.next_delay(None)).await {
+                    return;
+                }
+            }
             Outcome::Retry {
                 retry_after,
                 reason,
@@ -323,6 +334,42 @@ pub async fn deliver(ctx: Arc<Ctx>, batch: Batch) {
             }
         }
     }
+}
+
+/// The headers of the batch's requests. A batch that cannot be sent at all is dead-lettered
+/// here (None; also None if shutdown came before it was recorded).
+async fn prepare(ctx: &Ctx, progress: &mut Progress, key: &str) -> Option<Headers> {
+    let lane = progress.batch.lane;
+    let events = progress.batch.len();
+    let failure = match ctx.client.headers(
+        &progress.batch.intake_key,
+        progress.batch.timestamp.as_deref(),
+    ) {
+        Ok(headers) => {
+            if let Some(why) = headers.date_left_out {
+                ctx.stats
+                    .undated_events
+                    .fetch_add(events as u64, Ordering::Relaxed);
+                tracing::warn!(lane, intake_key = %key, events,
+                    date_bytes = progress.batch.timestamp.as_ref().map_or(0, String::len),
+                    "the events' date cannot be sent as a header ({why}); they are sent without \
+                     it, and the intake dates them at reception");
+            }
+            return Some(headers);
+        }
+        Err(failure) => failure,
+    };
+    let reason = format!("never sent: {failure} (a local failure, not an answer)");
+    tracing::error!(lane, intake_key = %key, events, %reason,
+        "events that cannot be sent are kept in the dead-letter store");
+    ctx.stats
+        .dead_letters
+        .fetch_add(events as u64, Ordering::Relaxed);
+    for i in 0..events {
+        progress.bury(i, 0, &reason);
+    }
+    ctx.write_back(lane, progress.take_ack()).await;
+    None
 }
 
 fn split(work: &mut VecDeque<Range<usize>>, range: Range<usize>) {

@@ -1,10 +1,19 @@
 //! One request to the intake's `/jsons`, and what its answer means for the events it carried.
+//!
+//! Redirects are never followed: the intake key would travel to wherever the `Location` points
+//! (another host, plain http), and a 301/302/303 would turn the POST into a GET without its
+//! events, whose 2xx could then pass for an acknowledgement. A 3xx is a failed try.
+//!
+//! A request that cannot be built is a local failure, never classified as an answer of the
+//! intake: see [`Headers::new`].
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use reqwest::header::{HeaderMap, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{
+    HeaderMap, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, LOCATION, RETRY_AFTER,
+};
 
 use super::retry::parse_retry_after;
 use crate::config::{Compression, IntakeConfig};
@@ -27,6 +36,72 @@ pub enum Outcome {
     Rejected { status: u16, reason: String },
     /// 401/403: the intake key is wrong or revoked.
     AuthFailed { status: u16, reason: String },
+    /// 3xx: the intake sends us elsewhere (`to`: the host of the `Location`). Not followed;
+    /// nothing was delivered.
+    Redirected { status: u16, to: String },
+}
+
+/// The longest event date sent as a header. Dates are checked at ingest; this bounds what was
+/// queued before that, so that a huge one cannot draw a 431 retried for ever. An RFC 3339
+/// date with nanoseconds and an offset is 35 bytes.
+pub const MAX_DATE_HEADER_BYTES: usize = 128;
+
+/// Why the events of a batch cannot be sent at all: a local failure, not an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unsendable {
+    #[error("the intake key has characters not allowed in a header")]
+    Key,
+}
+
+/// Why the event date of a batch is left out of its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DateLeftOut {
+    #[error("it has characters not allowed in a header")]
+    Characters,
+    #[error("it is longer than {MAX_DATE_HEADER_BYTES} bytes")]
+    Length,
+}
+
+/// The headers of every request of one batch, built once before the first request, so that
+/// sending cannot fail to build them: a local failure is dealt with before anything is sent,
+/// and never mistaken for the intake's answer.
+#[derive(Debug, Clone)]
+pub struct Headers {
+    map: HeaderMap,
+    /// Set when the batch's event date could not be sent: its requests go without it, and the
+    /// intake dates the events at reception (what it does for events sent without a date).
+    pub date_left_out: Option<DateLeftOut>,
+}
+
+impl Headers {
+    pub fn new(
+        intake_key: &str,
+        timestamp: Option<&str>,
+        gzip: bool,
+    ) -> Result<Headers, Unsendable> {
+        let mut map = HeaderMap::new();
+        map.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if gzip {
+            map.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
+        let mut key = HeaderValue::from_str(intake_key).map_err(|_| Unsendable::Key)?;
+        key.set_sensitive(true);
+        map.insert(INTAKE_KEY_HEADER, key);
+        let mut date_left_out = None;
+        if let Some(ts) = timestamp {
+            if ts.len() > MAX_DATE_HEADER_BYTES {
+                date_left_out = Some(DateLeftOut::Length);
+            } else {
+                match HeaderValue::from_str(ts) {
+                    Ok(value) => {
+                        map.insert(EVENT_TIMESTAMP_HEADER, value);
+                    }
+                    Err(_) => date_left_out = Some(DateLeftOut::Characters),
+                }
+            }
+        }
+        Ok(Headers { map, date_left_out })
+    }
 }
 
 /// The HTTP client of the intake.
@@ -47,6 +122,7 @@ impl IntakeClient {
             .connect_timeout(config.request_timeout().min(Duration::from_secs(10)))
             .user_agent(concat!("sekoia-forwarder/", env!("CARGO_PKG_VERSION")))
             .pool_idle_timeout(Duration::from_secs(50))
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(IntakeClient {
             http,
@@ -60,23 +136,17 @@ impl IntakeClient {
         &self.endpoint
     }
 
-    /// POSTs `body` (a JSON list of `events` strings) and classifies the answer.
-    pub async fn send(
+    /// The headers of the requests of a batch of `intake_key` with event date `timestamp`.
+    pub fn headers(
         &self,
         intake_key: &str,
         timestamp: Option<&str>,
-        body: Bytes,
-        events: usize,
-    ) -> Outcome {
-        let headers = match headers(intake_key, timestamp, self.gzip) {
-            Ok(h) => h,
-            Err(reason) => {
-                return Outcome::Rejected {
-                    status: 400,
-                    reason,
-                }
-            }
-        };
+    ) -> Result<Headers, Unsendable> {
+        Headers::new(intake_key, timestamp, self.gzip)
+    }
+
+    /// POSTs `body` (a JSON list of `events` strings) and classifies the answer.
+    pub async fn send(&self, headers: &Headers, body: Bytes, events: usize) -> Outcome {
         let body = if self.gzip {
             match tokio::task::spawn_blocking(move || gzip(&body)).await {
                 Ok(Ok(compressed)) => Bytes::from(compressed),
@@ -93,7 +163,7 @@ impl IntakeClient {
         let answer = self
             .http
             .post(&self.endpoint)
-            .headers(headers)
+            .headers(headers.map.clone())
             .body(body)
             .send()
             .await;
@@ -107,11 +177,15 @@ impl IntakeClient {
             }
         };
         let status = response.status().as_u16();
+        if response.status().is_redirection() {
+            let to = redirect_host(&self.endpoint, response.headers().get(LOCATION));
+            return Outcome::Redirected { status, to };
+        }
         let retry_after = response
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
         let body = match response.bytes().await {
             Ok(b) => b,
             Err(e) => {
@@ -125,22 +199,24 @@ impl IntakeClient {
     }
 }
 
-fn headers(intake_key: &str, timestamp: Option<&str>, gzip: bool) -> Result<HeaderMap, String> {
-    let mut headers = HeaderMap::new();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if gzip {
-        headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+/// The host (and port) a redirect points to, for the log: the `Location` resolved against
+/// the endpoint (it may be relative). Only the host: a path or query may hold a token.
+fn redirect_host(endpoint: &str, location: Option<&HeaderValue>) -> String {
+    let Some(location) = location else {
+        return "(no Location header)".into();
+    };
+    let target = location
+        .to_str()
+        .ok()
+        .and_then(|l| reqwest::Url::parse(endpoint).ok()?.join(l).ok());
+    match target {
+        Some(url) => match (url.host_str(), url.port_or_known_default()) {
+            (Some(host), Some(port)) => format!("{}://{host}:{port}", url.scheme()),
+            (Some(host), None) => format!("{}://{host}", url.scheme()),
+            _ => format!("{}: (no host)", url.scheme()),
+        },
+        None => "(unreadable Location header)".into(),
     }
-    let mut key = HeaderValue::from_str(intake_key)
-        .map_err(|_| "the intake key has characters not allowed in a header".to_owned())?;
-    key.set_sensitive(true);
-    headers.insert(INTAKE_KEY_HEADER, key);
-    if let Some(ts) = timestamp {
-        let ts = HeaderValue::from_str(ts)
-            .map_err(|_| "the event timestamp has characters not allowed in a header".to_owned())?;
-        headers.insert(EVENT_TIMESTAMP_HEADER, ts);
-    }
-    Ok(headers)
 }
 
 /// What an answer means; pure, so that every case is unit-tested.
@@ -255,5 +331,36 @@ mod tests {
         );
         assert!(matches!(classify(503, b"", 1, None), Outcome::Retry { .. }));
         assert!(matches!(classify(404, b"", 1, None), Outcome::Retry { .. }));
+    }
+
+    #[test]
+    fn a_redirect_is_logged_by_its_host_only() {
+        let endpoint = "https://intake.sekoia.io/jsons";
+        let host = |l: &str| redirect_host(endpoint, Some(&HeaderValue::from_str(l).unwrap()));
+        assert_eq!(
+            host("http://evil.example:8080/steal?token=secret"),
+            "http://evil.example:8080"
+        );
+        assert_eq!(host("/elsewhere"), "https://intake.sekoia.io:443");
+        assert_eq!(redirect_host(endpoint, None), "(no Location header)");
+    }
+
+    #[test]
+    fn headers_that_cannot_be_sent_are_local_failures() {
+        assert_eq!(
+            Headers::new("bad\nkey", None, false).err(),
+            Some(Unsendable::Key)
+        );
+        let ok = Headers::new("key", Some("2024-01-01T00:00:00Z"), false).unwrap();
+        assert_eq!(ok.date_left_out, None);
+        assert!(ok.map.contains_key(EVENT_TIMESTAMP_HEADER));
+        let bad = Headers::new("key", Some("2024\n"), false).unwrap();
+        assert_eq!(bad.date_left_out, Some(DateLeftOut::Characters));
+        assert!(!bad.map.contains_key(EVENT_TIMESTAMP_HEADER));
+        let long = "9".repeat(MAX_DATE_HEADER_BYTES + 1);
+        let bad = Headers::new("key", Some(&long), true).unwrap();
+        assert_eq!(bad.date_left_out, Some(DateLeftOut::Length));
+        assert!(bad.map.contains_key(CONTENT_ENCODING));
+        assert!(bad.map.get(INTAKE_KEY_HEADER).unwrap().is_sensitive());
     }
 }

@@ -7,13 +7,17 @@
 //!
 //! Nothing leaves the queue unless the intake answered 2xx with one event id per event sent
 //! ([`client::classify`]); the removal goes through [`Queue::ack`].
+//!
+//! Every wait and age here is timed with the monotonic clock (tokio's time, [`Instant`]): a
+//! wall clock stepped backwards must not stall a lane. Wall time is only for what leaves the
+//! process (the dates of dead letters).
 
 mod batch;
 pub mod client;
 pub mod retry;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +30,7 @@ use crate::queue::{
     now_ms, redact_key, Ack, DeadLetter, Lane, Position, Queue, QueueError, ReadLimits, ReadSpan,
 };
 use batch::BatchBuilder;
-use client::{IntakeClient, Outcome};
+use client::{Headers, IntakeClient, Outcome};
 
 /// Counters shown by metrics.
 #[derive(Debug, Default)]
@@ -37,6 +41,10 @@ pub struct DeliveryStats {
     pub auth_failures: AtomicU64,
     pub dead_letters: AtomicU64,
     pub in_flight: AtomicU64,
+    /// Answers that were redirects (3xx): never followed, retried.
+    pub redirects: AtomicU64,
+    /// Events sent without their event date, which could not be sent as a header.
+    pub undated_events: AtomicU64,
 }
 
 /// What every delivery task shares.
@@ -47,23 +55,43 @@ pub(crate) struct Ctx {
     requests: Semaphore,
     stats: Arc<DeliveryStats>,
     shutdown: CancellationToken,
+    /// Whether the intake's last answer was a redirect: logged when it starts and ends, not
+    /// at every try.
+    redirected: AtomicBool,
 }
 
 impl Ctx {
     /// One request, holding a global slot only while it is on the wire.
-    async fn send(
-        &self,
-        intake_key: &str,
-        timestamp: Option<&str>,
-        body: bytes::Bytes,
-        events: usize,
-    ) -> Outcome {
+    async fn send(&self, headers: &Headers, body: bytes::Bytes, events: usize) -> Outcome {
         let _slot = self.requests.acquire().await;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        let outcome = self.client.send(intake_key, timestamp, body, events).await;
+        let outcome = self.client.send(headers, body, events).await;
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.note_redirect(&outcome);
         outcome
+    }
+
+    /// Counts redirects, and logs when the intake starts answering with them (with the host
+    /// it points to) and when it stops.
+    fn note_redirect(&self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Redirected { status, to } => {
+                self.stats.redirects.fetch_add(1, Ordering::Relaxed);
+                if !self.redirected.swap(true, Ordering::Relaxed) {
+                    tracing::error!(status, location = %to, endpoint = self.client.endpoint(),
+                        "the intake answers with a redirect; redirects are never followed (the \
+                         intake key would go along), so events stay queued and are retried with \
+                         backoff: check intake.url");
+                }
+            }
+            Outcome::Retry { .. } => {}
+            _ => {
+                if self.redirected.swap(false, Ordering::Relaxed) {
+                    tracing::info!("the intake answers again instead of redirecting");
+                }
+            }
+        }
     }
 
     /// Records progress in the queue; false if the queue is gone (shutting down).
@@ -129,6 +157,7 @@ impl Delivery {
             client,
             stats: Arc::default(),
             shutdown,
+            redirected: AtomicBool::new(false),
         });
         Ok(Delivery {
             ctx,
@@ -150,6 +179,8 @@ impl Delivery {
     pub async fn run(self, grace: Duration) {
         let mut started = HashSet::new();
         loop {
+            // Before the list: a lane created after this call wakes it, even while the list is
+            // read and the tasks are started.
             let changed = self.ctx.queue.lanes_changed();
             for lane in self.ctx.queue.lanes() {
                 if started.insert(lane.id) {
@@ -176,6 +207,10 @@ impl Delivery {
 async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
     let slots = Arc::new(Semaphore::new(ctx.config.max_in_flight));
     let mut cursor = Position::default();
+    // Since when the events after `cursor` may have been waiting: the events of a partial
+    // batch linger until `linger_ms` after it. Monotonic, so a clock step cannot stall them.
+    // After a batch leaves, the next one's events were all appended since then.
+    let mut waiting_since: Option<Instant> = None;
     let key = redact_key(&lane.intake_key);
     tracing::debug!(lane = lane.id, intake_key = %key, "delivering lane");
     loop {
@@ -199,6 +234,7 @@ async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
         }
         if builder.is_empty() {
             cursor = read.next;
+            waiting_since = None;
             drop(slot);
             if !read.corrupt.is_empty() {
                 // Only undecodable chunks this time (the end of a generation, say): the rest
@@ -212,7 +248,8 @@ async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
             }
             continue;
         }
-        if let Some(wait) = linger_left(&ctx.config, &read) {
+        let age = waiting_since.get_or_insert_with(Instant::now).elapsed();
+        if let Some(wait) = linger_left(&ctx.config, &read, age) {
             drop(slot);
             if !wait_for_more(&ctx, &lane, appended_before, &read, wait).await {
                 return;
@@ -220,6 +257,7 @@ async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
             continue;
         }
         cursor = read.next;
+        waiting_since = Some(Instant::now());
         let batch = builder.finish(lane.id, read.gen);
         let ctx = ctx.clone();
         tasks.spawn(async move {
@@ -251,15 +289,14 @@ async fn read_lane(
     Ok(read)
 }
 
-/// How much longer a partial batch may wait for more events, if any.
-fn linger_left(config: &IntakeConfig, read: &ReadSpan) -> Option<Duration> {
+/// How much longer a partial batch whose events have waited `age` may wait for more, if any.
+fn linger_left(config: &IntakeConfig, read: &ReadSpan, age: Duration) -> Option<Duration> {
     if read.sealed {
         return None;
     }
     if read.events >= config.batch_max_events || read.bytes >= config.batch_max_bytes / 2 {
         return None;
     }
-    let age = Duration::from_millis(now_ms().saturating_sub(read.oldest_received_ms?));
     config.linger().checked_sub(age).filter(|d| !d.is_zero())
 }
 
@@ -375,6 +412,125 @@ mod tests {
         while !done() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// A lane created after `lanes_changed()` was called wakes the waiter, even if the wait is
+    /// first polled later: `Delivery::run` reads the lane list in between, and a lane created
+    /// then would otherwise have no delivery task until another new key came.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_new_lane_between_the_list_and_the_wait_is_not_missed() {
+        let (_mock, _dir, queue) = mock_and_queue(QueueConfig::default()).await;
+        let changed = queue.lanes_changed();
+        let lanes_seen = queue.lanes().len();
+        queue
+            .append(vec![IncomingEvent {
+                intake_key: "lane-created-in-the-gap-key".into(),
+                timestamp: None,
+                raw: "first".into(),
+            }])
+            .await
+            .unwrap();
+        assert_eq!(queue.lanes().len(), lanes_seen + 1);
+        let woken = tokio::time::timeout(Duration::from_secs(10), changed).await;
+        assert!(woken.is_ok(), "the new lane's notification was lost");
+    }
+
+    /// A queued event date that cannot be sent as a header (queued before dates were checked at
+    /// ingest) is a local failure, not the intake's 400: the events are sent without the date
+    /// (the intake then dates them at reception) and nothing is dead-lettered. An intake key
+    /// that cannot be a header cannot be sent at all: its events are dead-lettered at once,
+    /// with a reason that says it was local (status 0), and no request is made for them.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_request_that_cannot_be_built_is_not_the_intakes_answer() {
+        let (mock, _dir, queue) = mock_and_queue(QueueConfig::default()).await;
+        let event = |key: &str, timestamp: &str, raw: &str| IncomingEvent {
+            intake_key: key.into(),
+            timestamp: Some(timestamp.into()),
+            raw: raw.into(),
+        };
+        let good_key = "local-failure-test-key-01";
+        let huge_date = format!("2024-01-01T00:00:00{}Z", "0".repeat(100_000));
+        queue
+            .append(vec![
+                event(good_key, "2024-01-01\nT00:00:00Z", "newline date 1"),
+                event(good_key, "2024-01-01\nT00:00:00Z", "newline date 2"),
+                event(good_key, &huge_date, "huge date"),
+                event(good_key, "2024-01-01T00:00:00Z", "good date"),
+                event("bad\nkey", "2024-01-01T00:00:00Z", "bad key 1"),
+                event("bad\nkey", "2024-01-01T00:00:00Z", "bad key 2"),
+            ])
+            .await
+            .unwrap();
+        let running = Running::start(&queue, &mock);
+        let delivered = mock
+            .wait_for(|e| e.len() >= 4, Duration::from_secs(30))
+            .await;
+        let raws = || -> Vec<String> { mock.events().into_iter().map(|e| e.raw).collect() };
+        assert!(delivered, "got {:?}", raws());
+        eventually(|| queue.dead_letter_count() >= 2 && queue.totals().0 == 0).await;
+        running.stop().await;
+
+        let mut got: Vec<(String, Option<String>)> = mock
+            .events()
+            .into_iter()
+            .map(|e| (e.raw, e.timestamp))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                (
+                    "good date".to_owned(),
+                    Some("2024-01-01T00:00:00Z".to_owned())
+                ),
+                ("huge date".to_owned(), None),
+                ("newline date 1".to_owned(), None),
+                ("newline date 2".to_owned(), None),
+            ]
+        );
+        let dead = queue.dead_letters().unwrap();
+        let mut raws: Vec<&str> = dead.iter().map(|d| d.event.as_str()).collect();
+        raws.sort();
+        assert_eq!(raws, ["bad key 1", "bad key 2"], "{dead:?}");
+        for d in &dead {
+            assert_eq!(
+                d.status, 0,
+                "a local failure is not an answer of the intake"
+            );
+            assert!(d.reason.contains("never sent"), "{}", d.reason);
+        }
+        assert_eq!(queue.totals().0, 0);
+        assert_eq!(mock.stats().status_count(400), 0, "{:?}", mock.stats());
+    }
+
+    /// Linger is timed with the monotonic clock: a chunk stamped an hour ahead of the wall
+    /// clock (what the clock stepped back by an hour after the append looks like) is sent once
+    /// the linger time has passed, not an hour later.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_clock_stepped_back_does_not_stall_a_quiet_lane() {
+        let (mock, _dir, queue) = mock_and_queue(QueueConfig::default()).await;
+        let key = "clock-step-test-key-01";
+        queue
+            .append(vec![IncomingEvent {
+                intake_key: key.into(),
+                timestamp: None,
+                raw: "from the future".into(),
+            }])
+            .await
+            .unwrap();
+        let ahead = crate::queue::record::Chunk {
+            intake_key: key.into(),
+            timestamp: None,
+            received_at_ms: now_ms() + 3_600_000,
+            events: vec!["from the future".into()],
+        };
+        queue.insert_raw_chunk(0, 0, &ahead.encode());
+        let running = Running::start(&queue, &mock);
+        let delivered = mock
+            .wait_for(|e| !e.is_empty(), Duration::from_secs(30))
+            .await;
+        running.stop().await;
+        assert!(delivered, "a lane stalled by a clock stepped back");
     }
 
     /// A chunk that cannot be decoded (a corrupt queue) is moved to the dead letters with its

@@ -1,13 +1,16 @@
 //! Retry delays. The `backoff` crate is in maintenance mode: it is used here and nowhere else,
 //! so that replacing it touches one file.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 
 /// Longest `Retry-After` obeyed; a longer one (or a date far ahead) is cut to this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// How far each delay is drawn around its step (0.5: between half and one and a half times).
+const RANDOMIZATION: f64 = 0.5;
 
 /// Exponential backoff with jitter that never gives up: the data waits, it is not dropped.
 #[derive(Debug)]
@@ -20,7 +23,7 @@ impl Retry {
         let inner = ExponentialBackoff {
             current_interval: initial,
             initial_interval: initial,
-            randomization_factor: 0.5,
+            randomization_factor: RANDOMIZATION,
             multiplier: 2.0,
             max_interval: max,
             max_elapsed_time: None,
@@ -29,11 +32,15 @@ impl Retry {
         Retry { inner }
     }
 
-    /// The wait before the next try. A `Retry-After` from the server wins over our own guess.
+    /// The wait before the next try. A `Retry-After` from the server wins over our own guess,
+    /// within bounds: never shorter than the lower bound of the current backoff step (a
+    /// `Retry-After: 0`, or a date already past, would otherwise retry in a tight loop), never
+    /// longer than an hour.
     pub fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
+        let floor = self.inner.current_interval.mul_f64(1.0 - RANDOMIZATION);
         let ours = self.inner.next_backoff().unwrap_or(self.inner.max_interval);
         match retry_after {
-            Some(theirs) => theirs.min(MAX_RETRY_AFTER),
+            Some(theirs) => theirs.min(MAX_RETRY_AFTER).max(floor),
             None => ours,
         }
     }
@@ -44,17 +51,16 @@ impl Retry {
     }
 }
 
-/// Parses a `Retry-After` value: delay-seconds or an HTTP date (RFC 9110 §10.2.3).
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
+/// Parses a `Retry-After` value, delay-seconds or an HTTP date (RFC 9110 §10.2.3), into the
+/// wait it asks for from `now` (a date already past asks for none). `now` is the wall clock:
+/// an HTTP date can only be compared with it; the wait itself is then timed monotonically.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(
-        when.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 #[cfg(test)]
@@ -85,13 +91,41 @@ mod tests {
         );
     }
 
+    /// `Retry-After: 0` (or a past date) waits as long as the backoff step's lower bound, and
+    /// the floor grows with the steps like the backoff does, up to its cap.
+    #[test]
+    fn retry_after_zero_is_floored_at_the_backoff_step() {
+        let mut r = Retry::new(Duration::from_millis(100), Duration::from_secs(1));
+        let delays: Vec<Duration> = (0..8).map(|_| r.next_delay(Some(Duration::ZERO))).collect();
+        assert_eq!(delays[0], Duration::from_millis(50), "{delays:?}");
+        assert_eq!(delays[1], Duration::from_millis(100), "{delays:?}");
+        assert_eq!(delays[2], Duration::from_millis(200), "{delays:?}");
+        assert_eq!(delays[7], Duration::from_millis(500), "{delays:?}");
+        r.reset();
+        assert_eq!(
+            r.next_delay(Some(Duration::from_millis(1))),
+            Duration::from_millis(50)
+        );
+    }
+
     #[test]
     fn parses_both_forms() {
-        assert_eq!(parse_retry_after(" 3 "), Some(Duration::from_secs(3)));
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        assert_eq!(parse_retry_after(" 3 ", now), Some(Duration::from_secs(3)));
         assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now),
             Some(Duration::ZERO)
         );
-        assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:30:05 GMT", now),
+            Some(Duration::from_secs(125))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO),
+            "a date in the past"
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
     }
 }

@@ -438,9 +438,10 @@ impl Queue {
         self.shared.lanes_read().clone()
     }
 
-    /// Resolves when a lane is created after this call started waiting.
-    pub async fn lanes_changed(&self) {
-        self.shared.lanes_changed.notified().await
+    /// Resolves when a lane is created after *this call* (not after its first poll): call it
+    /// before reading [`Queue::lanes`], and a lane created in between is not missed.
+    pub fn lanes_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.shared.lanes_changed.notified()
     }
 
     /// Whether sources must hold off (max_bytes reached).

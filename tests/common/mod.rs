@@ -370,3 +370,24 @@ pub async fn slow_mock() -> MockIntake {
     });
     mock
 }
+
+impl Forwarder {
+    /// Stops the forwarder (SIGTERM; it must exit cleanly) and returns its whole log: waits
+    /// until the thread reading stderr has read it to the end, so that a check that something
+    /// is *not* in the log sees all of it. That thread holds the other reference to the log
+    /// until it ends.
+    pub fn stop_and_log(&mut self) -> String {
+        let status = self.terminate();
+        assert!(
+            status.success(),
+            "forwarder exited with {status}:\n{}",
+            self.log()
+        );
+        let deadline = Instant::now() + DEADLINE;
+        while Arc::strong_count(&self.log) > 1 {
+            assert!(Instant::now() < deadline, "the log reader never finished");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.log()
+    }
+}
