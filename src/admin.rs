@@ -1,12 +1,18 @@
-//! Observability: `/health`, `/status` and Prometheus `/metrics` on the admin listener, and the
-//! `status` command.
+//! Observability: `/health` (liveness), `/ready` (readiness), `/status` and Prometheus
+//! `/metrics` on the admin listener, and the `status` command.
 //!
 //! The admin listener is separate from the sources so that a scrape or a health probe never
 //! competes with event senders, and so that it can stay on loopback when a source does not.
+//! It comes up before the queue opens, so that probes get an answer ("starting") while a large
+//! queue is loaded.
+//!
+//! Liveness fails only when the process is broken (a restart would help); readiness fails
+//! whenever events would be refused now (queue full, stopping, starting), which a restart
+//! would not cure.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use axum::extract::State;
@@ -33,6 +39,36 @@ pub struct Observed {
     pub delivery: Arc<DeliveryStats>,
     /// One per HTTP source, labelled by its listening address.
     pub http_sources: Vec<(String, Arc<HttpSourceStats>)>,
+}
+
+/// What the admin endpoints answer from: the running parts once the queue is open, and
+/// whether a stop has begun.
+#[derive(Debug, Clone, Default)]
+pub struct AdminState {
+    observed: Arc<OnceLock<Observed>>,
+    stopping: CancellationToken,
+}
+
+impl AdminState {
+    /// The queue is open and every part wired: everything answers from now on.
+    pub fn running(&self, observed: Observed) {
+        let _ = self.observed.set(observed);
+    }
+
+    /// A stop has begun: `/ready` says so from now on.
+    pub fn stopping(&self) {
+        self.stopping.cancel();
+    }
+
+    /// The running parts; `None` while the queue opens.
+    fn observed(&self) -> Option<&Observed> {
+        self.observed.get()
+    }
+}
+
+/// The answer of every endpoint but `/health` while the queue opens.
+fn starting() -> Response {
+    probe(false, "starting")
 }
 
 /// `/status` body.
@@ -81,34 +117,56 @@ pub async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener>
         .await
         .with_context(|| format!("cannot listen on {listen} (admin)"))?;
     let addr = listener.local_addr()?;
-    tracing::info!(addr = %addr, "admin listening (/health, /status, /metrics)");
+    tracing::info!(
+        addr = %addr,
+        "admin listening (/health, /ready, /status, /metrics)"
+    );
     Ok(listener)
 }
 
 /// Serves the admin endpoints until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    observed: Observed,
+    state: AdminState,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/dead-letters", get(dead_letters))
-        .with_state(observed);
+        .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
     Ok(())
 }
 
-async fn health(State(o): State<Observed>) -> Response {
-    let errors = o.queue.stats().storage_errors.load(Ordering::Relaxed);
-    let (code, status) = if o.queue.is_full() {
-        (StatusCode::SERVICE_UNAVAILABLE, "queue_full")
+/// A probe's answer: 200 or 503, and why.
+fn probe(ok: bool, status: &str) -> Response {
+    let code = if ok {
+        StatusCode::OK
     } else {
-        (StatusCode::OK, "ok")
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(serde_json::json!({ "status": status }))).into_response()
+}
+
+/// `GET /health`, liveness: 503 only when the process is broken and a restart would help (the
+/// queue writer is gone; the process is then on its way out). A full queue waiting out an
+/// outage, a start or a stop are not failures of liveness.
+async fn health(State(a): State<AdminState>) -> Response {
+    let Some(o) = a.observed() else {
+        return probe(true, "starting");
+    };
+    let broken = !o.queue.writer_alive() && !a.stopping.is_cancelled();
+    let status = if broken { "queue_writer_stopped" } else { "ok" };
+    let errors = o.queue.stats().storage_errors.load(Ordering::Relaxed);
+    let code = if broken {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
     };
     (
         code,
@@ -117,8 +175,28 @@ async fn health(State(o): State<Observed>) -> Response {
         .into_response()
 }
 
-async fn status(State(o): State<Observed>) -> Json<StatusReport> {
-    Json(o.report())
+/// `GET /ready`, readiness: 200 only while events are accepted.
+async fn ready(State(a): State<AdminState>) -> Response {
+    let Some(o) = a.observed() else {
+        return starting();
+    };
+    let status = if a.stopping.is_cancelled() {
+        "stopping"
+    } else if !o.queue.writer_alive() {
+        "queue_writer_stopped"
+    } else if o.queue.is_full() {
+        "queue_full"
+    } else {
+        "ok"
+    };
+    probe(status == "ok", status)
+}
+
+async fn status(State(a): State<AdminState>) -> Response {
+    match a.observed() {
+        Some(o) => Json(o.report()).into_response(),
+        None => starting(),
+    }
 }
 
 /// A dead letter as shown to people: the intake key redacted.
@@ -149,8 +227,10 @@ fn dead_letter_views(queue: &Queue) -> Result<Vec<DeadLetterView>, QueueError> {
         .collect())
 }
 
-async fn dead_letters(State(o): State<Observed>) -> Response {
-    let queue = o.queue.clone();
+async fn dead_letters(State(a): State<AdminState>) -> Response {
+    let Some(queue) = a.observed().map(|o| o.queue.clone()) else {
+        return starting();
+    };
     match tokio::task::spawn_blocking(move || dead_letter_views(&queue)).await {
         Ok(Ok(views)) => Json(views).into_response(),
         Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
@@ -158,7 +238,10 @@ async fn dead_letters(State(o): State<Observed>) -> Response {
     }
 }
 
-async fn metrics(State(o): State<Observed>) -> Response {
+async fn metrics(State(a): State<AdminState>) -> Response {
+    let Some(o) = a.observed().cloned() else {
+        return starting();
+    };
     let mut registry = Registry::default();
     registry.register_collector(Box::new(o));
     let mut text = String::new();

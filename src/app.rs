@@ -8,13 +8,18 @@
 //! 3. the queue commits and fsyncs what is left, and the process exits 0.
 //!
 //! Whatever is still queued is delivered by the next start.
+//!
+//! If the queue writer thread ends while running (a panic, an error it cannot go on after),
+//! nothing can be stored or removed any more: the process says why once and exits non-zero at
+//! once, so that its supervisor (systemd's `Restart=`) starts it again. What senders saw
+//! acknowledged is on disk; the rest they were refused.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, Observed};
+use crate::admin::{self, AdminState, Observed};
 use crate::config::{Config, SourceConfig};
 use crate::delivery::Delivery;
 use crate::queue::Queue;
@@ -28,6 +33,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Installed first: a signal that comes while the queue opens must stop us cleanly, not kill
     // us with the default action.
     let signals = Signals::install()?;
+    // The admin listener first: probes get an answer ("starting") while a large queue opens.
+    let admin_state = AdminState::default();
+    let admin_stop = CancellationToken::new();
+    let admin = if config.admin.enabled {
+        let listener = admin::bind(config.admin.listen).await?;
+        Some(tokio::spawn(admin::serve(
+            listener,
+            admin_state.clone(),
+            admin_stop.clone(),
+        )))
+    } else {
+        None
+    };
     let queue_config = config.queue.clone();
     let queue = tokio::task::spawn_blocking(move || Queue::open(&queue_config))
         .await?
@@ -61,25 +79,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let delivery = Delivery::new(config.intake.clone(), queue.clone(), delivery_stop.clone())?;
     tracing::info!(endpoint = delivery.endpoint(), "delivering to the intake");
-    let admin_stop = CancellationToken::new();
-    let admin = if config.admin.enabled {
-        let observed = Observed {
-            queue: queue.clone(),
-            delivery: delivery.stats(),
-            http_sources,
-        };
-        let listener = admin::bind(config.admin.listen).await?;
-        Some(tokio::spawn(admin::serve(
-            listener,
-            observed,
-            admin_stop.clone(),
-        )))
-    } else {
-        None
-    };
+    admin_state.running(Observed {
+        queue: queue.clone(),
+        delivery: delivery.stats(),
+        http_sources,
+    });
     let delivery = tokio::spawn(delivery.run(DELIVERY_GRACE));
 
-    signals.wait().await;
+    let writer_gone = tokio::select! {
+        () = signals.wait() => None,
+        why = queue.writer_stopped() => Some(why),
+    };
+    admin_state.stopping();
+    if let Some(why) = writer_gone {
+        tracing::error!(
+            reason = %why,
+            "the queue writer stopped: nothing can be stored or removed any more; exiting so \
+             that the service manager restarts the forwarder"
+        );
+        sources_stop.cancel();
+        delivery_stop.cancel();
+        admin_stop.cancel();
+        anyhow::bail!("cannot run without the queue writer");
+    }
     tracing::info!("stopping: no new events accepted, finishing requests in flight");
     sources_stop.cancel();
     let drained = tokio::time::timeout(SOURCE_GRACE, async {

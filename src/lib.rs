@@ -10,7 +10,7 @@
 //!   intake acknowledged with one id per event.
 //! - [`sources`]: where events come from (the local intake-compatible HTTP API).
 //! - [`mock_intake`]: an intake look-alike with fault injection, for tests and offline trials.
-//! - [`admin`]: health, status and Prometheus metrics.
+//! - [`admin`]: liveness (`/health`), readiness (`/ready`), status and Prometheus metrics.
 //! - [`app`]: wires it all together and stops it cleanly.
 //!
 //! Start reading at `docs/architecture.md`.

@@ -1,10 +1,13 @@
-//! The command line: the built-in default, `check`, `status`, and the Python examples of the
-//! intake documentation run unchanged against the local API.
+//! The command line: the built-in default, `check`, `status`, the admin probes (`/health` is
+//! liveness, `/ready` readiness), and the Python examples of the intake documentation run
+//! unchanged against the local API.
 
 mod common;
 
 use common::*;
 use std::process::Command;
+
+const KEY: &str = "cli-test-intake-key-000001";
 
 #[test]
 fn check_names_file_line_and_key() {
@@ -44,8 +47,12 @@ fn check_accepts_the_shipped_configurations() {
 #[test]
 fn runs_out_of_the_box_on_the_built_in_default() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(binary())
-        .arg("run")
+    // The built-in default listens on fixed ports (10080, 10081): in a network namespace of
+    // its own, so that nothing else on the machine can hold them or be disturbed.
+    let mut child = Command::new("unshare")
+        .args(["--net", "--map-root-user", "sh", "-c"])
+        .arg("ip link set lo up && exec \"$0\" run")
+        .arg(binary())
         .current_dir(dir.path())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -76,8 +83,9 @@ fn runs_out_of_the_box_on_the_built_in_default() {
 #[tokio::test(flavor = "multi_thread")]
 async fn status_reads_a_stopped_queue() {
     let dir = tempfile::tempdir().unwrap();
-    // An intake that refuses connections: events stay queued.
-    let config = write_config(dir.path(), "http://127.0.0.1:9", "", "");
+    // An intake that refuses every request: events stay queued.
+    let mock = refusing_intake().await;
+    let config = write_config(dir.path(), &mock.url(), "", "");
     let mut fwd = Forwarder::start(&config);
     let key = "status-test-intake-key-0001";
     let acked = send_events(&reqwest::Client::new(), &fwd.url(), key, 0, 30, 10).await;
@@ -92,6 +100,116 @@ async fn status_reads_a_stopped_queue() {
     assert_eq!(letters, serde_json::json!([]));
     // The commands close the queue: no generation made ahead of time is left behind.
     assert_eq!(entries(&queue_dir), before);
+}
+
+/// An intake that answers 503 to every request.
+async fn refusing_intake() -> MockIntake {
+    let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    mock.set_faults(FaultConfig {
+        script: vec![ScriptedFault::Status {
+            status: 503,
+            retry_after_secs: None,
+            times: u32::MAX,
+        }],
+        ..FaultConfig::default()
+    });
+    mock
+}
+
+/// GETs `path` from the forwarder's admin listener: the status and the JSON body.
+async fn admin_get(fwd: &Forwarder, path: &str) -> (u16, serde_json::Value) {
+    let answer = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap()
+        .get(format!("http://{}{path}", fwd.admin))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", fwd.log()));
+    let code = answer.status().as_u16();
+    (code, answer.json().await.unwrap_or_default())
+}
+
+/// A full queue waiting out an intake outage is not broken: `/health` (liveness) stays 200,
+/// so that a liveness probe does not restart it; `/ready` says events are refused now.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_is_alive_but_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = refusing_intake().await;
+    let config = write_config(dir.path(), &mock.url(), "", "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[queue]\n", "[queue]\nmax_bytes = 16777216\n");
+    std::fs::write(&config, text).unwrap();
+    let fwd = Forwarder::start(&config);
+    assert_eq!(admin_get(&fwd, "/health").await.0, 200);
+    let (code, body) = admin_get(&fwd, "/ready").await;
+    assert_eq!((code, body["status"].as_str()), (200, Some("ok")), "{body}");
+    // Fill the queue: 1,000 events a request until the source refuses.
+    let client = reqwest::Client::new();
+    let mut acked = Vec::new();
+    let mut first = 0;
+    loop {
+        let batch: Vec<String> = (first..first + 1000).map(event).collect();
+        first += 1000;
+        if !post_jsons(&client, &fwd.url(), KEY, &batch).await {
+            break;
+        }
+        acked.extend(batch);
+        assert!(first < 1_000_000, "the queue never filled:\n{}", fwd.log());
+    }
+    let (code, body) = admin_get(&fwd, "/health").await;
+    assert_eq!(code, 200, "liveness must not fail on a full queue: {body}");
+    let (code, body) = admin_get(&fwd, "/ready").await;
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (503, Some("queue_full")),
+        "{body}"
+    );
+    // The intake is back: the queue drains and the forwarder is ready again.
+    mock.set_faults(FaultConfig::default());
+    wait_delivered_from(&fwd, &mock, &acked).await;
+    let ready = wait_until_async(DEADLINE, || async {
+        admin_get(&fwd, "/ready").await.0 == 200
+    })
+    .await;
+    assert!(ready, "never ready again:\n{}", fwd.log());
+}
+
+/// While it stops, the forwarder is alive (it is finishing requests on the wire) but not
+/// ready.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopping_forwarder_is_alive_but_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    // Slow enough that the stop waits for the request on the wire.
+    mock.set_faults(FaultConfig {
+        delay_ms: 3000,
+        ..FaultConfig::default()
+    });
+    let config = write_config(dir.path(), &mock.url(), "", "");
+    let mut fwd = Forwarder::start(&config);
+    let acked = send_events(&reqwest::Client::new(), &fwd.url(), KEY, 0, 10, 10).await;
+    assert_eq!(acked.len(), 10);
+    let on_the_wire = wait_until_async(DEADLINE, || async {
+        fwd.status().await["delivery"]["in_flight"].as_u64() > Some(0)
+    })
+    .await;
+    assert!(on_the_wire, "{}", fwd.log());
+    signal(fwd.pid(), "TERM");
+    let stopping = wait_until_async(DEADLINE, || async {
+        admin_get(&fwd, "/ready").await.1["status"].as_str() == Some("stopping")
+    })
+    .await;
+    assert!(stopping, "/ready never said stopping:\n{}", fwd.log());
+    let (code, body) = admin_get(&fwd, "/ready").await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(admin_get(&fwd, "/health").await.0, 200);
+    assert!(fwd.wait_exit().success(), "{}", fwd.log());
 }
 
 /// The names in a directory, sorted.

@@ -1,8 +1,13 @@
 //! A full disk: the forwarder refuses new events with 503 (the senders keep them), never
 //! acknowledges what it could not store, does not crash, and delivers everything it did
-//! acknowledge once the intake is back.
+//! acknowledge, and nothing else, once the intake is back.
 //!
-//! Needs root to mount a small tmpfs (CI runs as root); elsewhere it says so and returns.
+//! Two ways to fill it: the forwarder's own appends, which stop at the reserve
+//! (`min_free_bytes`), and another process that takes the last byte, reserve included, so that
+//! sled's own out-of-space path runs (appends refused, removals of delivered events failing).
+//!
+//! Needs root to mount a small tmpfs (CI runs as root). Without it the tests fail, unless
+//! `SEKOIA_TEST_SKIP_DISK_FULL=1` says to skip them (and they say so).
 
 mod common;
 
@@ -12,10 +17,17 @@ use std::process::Command;
 
 const KEY: &str = "disk-full-intake-key-000001";
 
+const SKIP_VAR: &str = "SEKOIA_TEST_SKIP_DISK_FULL";
+
 struct Mount(std::path::PathBuf);
 
 impl Mount {
+    /// A tmpfs of `size` at `dir`; `None` only when the run opted out of these tests.
     fn tmpfs(dir: &Path, size: &str) -> Option<Mount> {
+        if std::env::var(SKIP_VAR).as_deref() == Ok("1") {
+            eprintln!("SKIPPED: {SKIP_VAR}=1");
+            return None;
+        }
         std::fs::create_dir_all(dir).unwrap();
         let ok = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -23,7 +35,12 @@ impl Mount {
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
-        ok.then(|| Mount(dir.to_owned()))
+        assert!(
+            ok,
+            "cannot mount a tmpfs at {} (root is needed); set {SKIP_VAR}=1 to skip this test",
+            dir.display()
+        );
+        Some(Mount(dir.to_owned()))
     }
 }
 
@@ -48,64 +65,99 @@ fn incompressible_event(i: usize) -> String {
     format!("event-{i:08} {tail}")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_full_disk_refuses_new_events_and_loses_none() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(_mount) = Mount::tmpfs(&dir.path().join("small"), "160m") else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
-        return;
-    };
+/// An intake that answers 503 to everything until `set_faults(FaultConfig::default())`.
+async fn refusing_intake() -> MockIntake {
     let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let url = mock.url();
-    mock.shutdown().await;
-    let small = dir.path().join("small");
-    // max_bytes is far above the disk: the disk fills before the queue's own limit.
-    let config = write_config(&small, &url, "", "");
+    mock.set_faults(FaultConfig {
+        script: vec![ScriptedFault::Status {
+            status: 503,
+            retry_after_secs: None,
+            times: u32::MAX,
+        }],
+        ..FaultConfig::default()
+    });
+    mock
+}
+
+/// A configuration on `small` with the queue's own limit far above the disk, so that the disk
+/// fills first, the given reserve and generation size.
+fn config_on(
+    small: &Path,
+    url: &str,
+    min_free_bytes: u64,
+    generation_bytes: u64,
+) -> std::path::PathBuf {
+    let config = write_config(small, url, "", "");
     let text = std::fs::read_to_string(&config).unwrap().replace(
-        "[queue]\n",
-        "[queue]\nmax_bytes = 1073741824\nmin_free_bytes = 50331648\n",
+        "generation_bytes = 131072\n",
+        &format!(
+            "generation_bytes = {generation_bytes}\nmax_bytes = 1073741824\n\
+             min_free_bytes = {min_free_bytes}\n"
+        ),
     );
     std::fs::write(&config, text).unwrap();
-    let fwd = Forwarder::start(&config);
-    let client = reqwest::Client::new();
-    let mut acked = Vec::new();
-    let mut refused = 0;
-    let mut i = 0;
-    while refused < 20 && i < 2_000_000 {
-        let batch: Vec<String> = (i..i + 500).map(incompressible_event).collect();
-        i += 500;
-        let answer = client
-            .post(format!("{}/jsons", fwd.url()))
-            .header("X-SEKOIAIO-INTAKE-KEY", KEY)
-            .json(&batch)
-            .send()
-            .await
-            .expect("the forwarder must keep answering when the disk is full");
-        match answer.status().as_u16() {
-            200 => acked.extend(batch),
-            503 => {
-                assert!(answer.headers().contains_key("retry-after"));
-                refused += 1;
+    config
+}
+
+/// What the senders learnt.
+#[derive(Default)]
+struct Sends {
+    acked: Vec<String>,
+    unknown: Vec<String>,
+    refused: usize,
+}
+
+impl Sends {
+    /// Sends requests of 500 incompressible events from `*next` on until `refusals` of them
+    /// were refused (or `limit` events were sent).
+    async fn until_refused(&mut self, fwd: &Forwarder, next: &mut usize, refusals: usize) {
+        let client = reqwest::Client::new();
+        let mut refused = 0;
+        let limit = *next + 2_000_000;
+        while refused < refusals && *next < limit {
+            let batch: Vec<String> = (*next..*next + 500).map(incompressible_event).collect();
+            *next += 500;
+            match post_jsons_outcome(&client, &fwd.url(), KEY, &batch).await {
+                Sent::Acked => self.acked.extend(batch),
+                Sent::Unknown => self.unknown.extend(batch),
+                Sent::Refused => refused += 1,
             }
-            other => panic!("unexpected status {other}"),
         }
+        self.refused += refused;
+        assert!(
+            refused >= refusals,
+            "the disk never filled ({next} events sent)"
+        );
     }
-    assert!(refused >= 20, "the disk never filled ({i} events sent)");
-    assert!(!acked.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_refuses_new_events_and_loses_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    let Some(_mount) = Mount::tmpfs(&small, "160m") else {
+        return;
+    };
+    let mock = refusing_intake().await;
+    let config = config_on(&small, &mock.url(), 50331648, 131072);
+    let fwd = Forwarder::start(&config);
+    let mut sends = Sends::default();
+    let mut next = 0;
+    sends.until_refused(&fwd, &mut next, 20).await;
+    assert!(!sends.acked.is_empty());
     eprintln!(
         "{} events acknowledged before the disk was full",
-        acked.len()
+        sends.acked.len()
     );
     // The intake comes back: everything acknowledged arrives, and the queue drains.
-    let mock = MockIntake::start(url.trim_start_matches("http://").parse().unwrap())
-        .await
-        .unwrap();
-    wait_delivered_from(&fwd, &mock, &acked).await;
+    mock.set_faults(FaultConfig::default());
+    wait_delivered_from(&fwd, &mock, &sends.acked).await;
     fwd.wait_drained().await;
-    assert_eq!(assert_all_delivered(&mock, &acked), 0);
+    assert_eq!(assert_received_only(&mock, &sends.acked, &sends.unknown), 0);
     // And once space is free again, new events are accepted.
+    let client = reqwest::Client::new();
     let ok = wait_until_async(DEADLINE, || async {
         post_jsons(&client, &fwd.url(), KEY, &[event(99_999_999)]).await
     })
@@ -115,4 +167,120 @@ async fn a_full_disk_refuses_new_events_and_loses_none() {
         "the forwarder never accepted events again:\n{}",
         fwd.log()
     );
+}
+
+/// Fills the file system holding `dir` to its last byte with a file of its own, as another
+/// process would; returns the file.
+fn fill_to_the_last_byte(dir: &Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("hog");
+    let mut file = std::fs::File::create(&path).unwrap();
+    for block in [1 << 20, 4096, 1] {
+        let bytes = vec![0xA5u8; block];
+        while file.write_all(&bytes).is_ok() {}
+    }
+    let st = rustix::fs::statvfs(dir).unwrap();
+    assert_eq!(st.f_bavail, 0, "the file system is not full");
+    path
+}
+
+/// Large events the intake refuses for good (400): dead letters, which the writer stores in the
+/// meta database when the intake answers, whatever the free space.
+fn poison_event(i: usize) -> String {
+    let mut text = format!("poison-{i:04} ");
+    while text.len() < 200_000 {
+        text.push(' ');
+        text.push_str(&incompressible_event(i * 1000 + text.len()));
+    }
+    text
+}
+
+/// The reserve at its minimum, and another process that takes the last byte: appends must be
+/// refused, sled's own out-of-space path runs when the intake's answers are recorded (dead
+/// letters to store), and once space is back everything acknowledged arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_disk_filled_by_another_process_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    let Some(_mount) = Mount::tmpfs(&small, "80m") else {
+        return;
+    };
+    let mock = refusing_intake().await;
+    // The smallest reserve the configuration allows, and one generation for everything: the
+    // removals of delivered events are then writes to it (a delivered generation is deleted
+    // whole, which needs no space).
+    let config = config_on(&small, &mock.url(), 33554432, 1 << 30);
+    let mut fwd = Forwarder::start(&config);
+    let client = reqwest::Client::new();
+    const POISON: usize = 20;
+    for i in 0..POISON {
+        assert!(post_jsons(&client, &fwd.url(), KEY, &[poison_event(i)]).await);
+    }
+    let mut sends = Sends::default();
+    let mut next = 0;
+    sends.until_refused(&fwd, &mut next, 5).await;
+    assert!(!sends.acked.is_empty());
+    // Another process takes every byte left, the reserve included.
+    let hog = fill_to_the_last_byte(&small);
+    sends.until_refused(&fwd, &mut next, 10).await;
+    // The intake comes back while the disk is full and refuses the large events for good:
+    // storing them as dead letters needs space that is not there.
+    mock.set_faults(FaultConfig {
+        reject_containing: Some("poison-".to_owned()),
+        ..FaultConfig::default()
+    });
+    let failed = wait_until_async(DEADLINE, || async {
+        fwd.log().contains("No space left on device")
+    })
+    .await;
+    assert!(failed, "no write failed on the full disk:\n{}", fwd.log());
+    // Space is given back.
+    std::fs::remove_file(&hog).unwrap();
+    // sled keeps an I/O error once it has hit one: a forwarder can recover, or end itself
+    // (non-zero) for its supervisor to restart it, as systemd would and as done here.
+    let mut exited = false;
+    let recovered = wait_until_async(DEADLINE, || {
+        exited = exited || !fwd.alive();
+        let done = !exited && {
+            let have: std::collections::HashSet<String> =
+                mock.events().into_iter().map(|e| e.raw).collect();
+            sends.acked.iter().all(|e| have.contains(e))
+        };
+        async move { exited || done }
+    })
+    .await;
+    if exited {
+        let log = fwd.log();
+        assert!(log.contains("the queue writer stopped"), "{log}");
+        eprintln!("the forwarder ended itself after the failed write; restarting it");
+        fwd = Forwarder::start(&config);
+    } else {
+        assert!(
+            recovered,
+            "the forwarder neither recovered nor ended itself after sled failed a write \
+             (a full disk): every later commit fails:\n{}",
+            fwd.log()
+        );
+    }
+    // Everything acknowledged arrives, and nothing else.
+    wait_delivered_from(&fwd, &mock, &sends.acked).await;
+    fwd.wait_drained().await;
+    let dups = assert_received_only(&mock, &sends.acked, &sends.unknown);
+    let letters: serde_json::Value = reqwest::get(format!("http://{}/dead-letters", fwd.admin))
+        .await
+        .expect("dead letters")
+        .json()
+        .await
+        .expect("dead letters json");
+    let letters = letters.as_array().expect("a list").len();
+    assert_eq!(
+        letters, POISON,
+        "every refused event is kept as a dead letter"
+    );
+    eprintln!(
+        "{} events acknowledged, {} requests refused, {dups} duplicates",
+        sends.acked.len(),
+        sends.refused
+    );
+    assert!(fwd.terminate().success(), "{}", fwd.log());
 }

@@ -444,6 +444,35 @@ impl Queue {
         self.shared.lanes_changed.notified()
     }
 
+    /// Resolves when the writer thread has ended, whatever ended it (a close, a panic, an
+    /// error it cannot go on after), with why. Without the writer nothing can be stored or
+    /// removed: the process must stop, so that its supervisor restarts it.
+    pub async fn writer_stopped(&self) -> String {
+        // The writer's receiver is closed when it returns and dropped when it unwinds.
+        self.ops.closed().await;
+        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
+        let Some(handle) = handle else {
+            return "the queue was closed".to_owned();
+        };
+        match tokio::task::spawn_blocking(move || handle.join()).await {
+            Ok(Ok(())) => "the writer thread returned".to_owned(),
+            Ok(Err(panic)) => {
+                let text = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".to_owned());
+                format!("the writer thread panicked: {text}")
+            }
+            Err(e) => format!("the writer thread could not be joined: {e}"),
+        }
+    }
+
+    /// Whether the writer thread still runs (false once closed, too).
+    pub fn writer_alive(&self) -> bool {
+        !self.ops.is_closed()
+    }
+
     /// Whether sources must hold off (max_bytes reached).
     pub fn is_full(&self) -> bool {
         self.shared.full.load(Ordering::Acquire)
