@@ -393,7 +393,7 @@ impl Observed {
     fn encode_http_sources(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         type Pick = fn(&HttpSourceStats) -> &std::sync::atomic::AtomicU64;
-        let plain: [(&str, &str, Pick); 3] = [
+        let plain: [(&str, &str, Pick); 4] = [
             ("http_requests", "Requests to the HTTP source", |s| {
                 &s.requests
             }),
@@ -406,6 +406,11 @@ impl Observed {
                 "http_body_bytes",
                 "Request body bytes read by the HTTP source",
                 |s| &s.bytes,
+            ),
+            (
+                "http_rejected_max_intake_keys",
+                "Requests refused (403) because their new intake keys would exceed max_intake_keys",
+                |s| &s.rejected_max_intake_keys,
             ),
         ];
         for (name, help, pick) in plain {

@@ -62,6 +62,10 @@ pub struct QueueConfig {
     /// Free space kept on the queue's file system: below it, sources get back-pressure, so
     /// that delivery can still record removals (which need a little space too).
     pub min_free_bytes: u64,
+    /// Most intake keys the queue takes. Each key is a lane with its own delivery task, kept
+    /// as long as the queue; a request that would bring more is refused (403) before anything
+    /// of it is stored.
+    pub max_intake_keys: usize,
 }
 
 impl Default for QueueConfig {
@@ -73,6 +77,7 @@ impl Default for QueueConfig {
             chunk_bytes: 16 * 1024,
             generation_bytes: 32 * 1024 * 1024,
             min_free_bytes: 256 * 1024 * 1024,
+            max_intake_keys: 1000,
         }
     }
 }
@@ -333,6 +338,11 @@ impl Config {
             (1024..=64 * 1024).contains(&q.chunk_bytes),
             "queue.chunk_bytes",
             "expected 1024 to 65536",
+        )?;
+        check(
+            (1..=1_000_000).contains(&q.max_intake_keys),
+            "queue.max_intake_keys",
+            "expected 1 to 1000000",
         )?;
         check(
             matches!(i.url.scheme(), "http" | "https"),

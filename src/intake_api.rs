@@ -21,6 +21,12 @@ pub const INTAKE_KEY_QUERY: &str = "intake_key";
 pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
 /// Largest single event the real intake accepts (Sekoia's SDK drops longer ones).
 pub const MAX_EVENT_BYTES: usize = 250_000;
+/// Longest intake key taken. A key goes back out in a header of every request to the intake;
+/// Sekoia's keys are a few dozen characters, and a longer one could only draw a 431 there.
+pub const MAX_KEY_BYTES: usize = 256;
+/// Longest event date taken, as sent. The longest RFC 3339 date is 35 bytes; the bound leaves
+/// room for the other forms and keeps a bad value from costing more than a glance.
+pub const MAX_DATE_BYTES: usize = 64;
 
 /// Answer to a request that carried one event (`/plain`, `/`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,12 +153,15 @@ impl RequestMeta {
 
 impl RequestMeta {
     /// What a request says besides its body, from its headers and URI.
+    ///
+    /// A value that is not visible ASCII is kept (made UTF-8), not dropped: dropping it would
+    /// turn a bad key into "no key" and a bad date into "no date", where the sender needs to
+    /// hear what is wrong with the value it sent. The parser refuses it and says why.
     pub fn from_request(headers: &http::HeaderMap, uri: &http::Uri) -> RequestMeta {
         let header = |name: &str| {
             headers
                 .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
         };
         RequestMeta {
             header_key: header(INTAKE_KEY_HEADER),
@@ -243,7 +252,7 @@ fn query_key(query: &str) -> Option<String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IncomingEvent {
     pub intake_key: String,
-    /// The event date given by the sender, verbatim, if any.
+    /// The event date given by the sender, if any, checked and normalised ([`normalize_date`]).
     pub timestamp: Option<String>,
     /// The event itself, as the intake will receive it.
     pub raw: String,
@@ -306,8 +315,13 @@ impl Default for Limits {
 /// Decisions, made on purpose:
 /// - a body that is not UTF-8 (`/plain`, `/plain/batch`) or not the expected JSON is a 400 that
 ///   names the problem; nothing of the request is kept, so the sender still has it all;
-/// - a missing key is a 401; an event over `max_event_bytes` is a 413 for the whole request,
-///   since the intake could never accept it;
+/// - a missing key is a 401, and so is a key that could never travel in the header of a
+///   request to the intake (not visible ASCII, or over [`MAX_KEY_BYTES`]); an event over
+///   `max_event_bytes` is a 413 for the whole request, since the intake could never accept it;
+/// - an event date (the `X-SEKOIAIO-EVENT-TIMESTAMP` header, `@timestamp`, an `/array`
+///   element's `timestamp`) that is not a date is a 400 that names where it was: here the
+///   sender still has its events, while at delivery the date could only fail a request that
+///   carries other events too. A good date is normalised ([`normalize_date`]);
 /// - an event in a JSON list that is not a string (an object, a number) is kept as its compact
 ///   JSON text, which is what the intake would have received had the sender quoted it;
 /// - `/plain/batch` ignores empty lines and a `\r` before each `\n`;
@@ -329,31 +343,33 @@ pub fn parse_request(
             }
             vec![IncomingEvent {
                 intake_key: key,
-                timestamp: meta.event_timestamp.clone(),
+                timestamp: header_date(meta)?,
                 raw: text.to_owned(),
             }]
         }
         Endpoint::PlainBatch => {
             let key = require_key(meta)?;
+            let timestamp = header_date(meta)?;
             let text = utf8(body)?;
             text.split('\n')
                 .map(|line| line.strip_suffix('\r').unwrap_or(line))
                 .filter(|line| !line.is_empty())
                 .map(|line| IncomingEvent {
                     intake_key: key.clone(),
-                    timestamp: meta.event_timestamp.clone(),
+                    timestamp: timestamp.clone(),
                     raw: line.to_owned(),
                 })
                 .collect()
         }
         Endpoint::Jsons => {
             let key = require_key(meta)?;
+            let timestamp = header_date(meta)?;
             let values: Vec<EventText> = json(body, "a JSON list of events")?;
             values
                 .into_iter()
                 .map(|v| IncomingEvent {
                     intake_key: key.clone(),
-                    timestamp: meta.event_timestamp.clone(),
+                    timestamp: timestamp.clone(),
                     raw: value_text(v),
                 })
                 .collect()
@@ -364,15 +380,28 @@ pub fn parse_request(
                 "a JSON list of objects {\"intake_key\", \"json\", \"timestamp\"}",
             )?;
             let mut events = Vec::with_capacity(items.len());
+            // Senders often give many elements the same date: it is parsed once.
+            let mut last_date: Option<(String, String)> = None;
             for (i, item) in items.into_iter().enumerate() {
                 if item.intake_key.is_empty() {
                     return Err(ApiError::unauthorized(format!(
                         "element {i} has an empty intake_key"
                     )));
                 }
+                let timestamp = match item.timestamp {
+                    None => None,
+                    Some(sent) => match &last_date {
+                        Some((prev, normal)) if *prev == sent => Some(normal.clone()),
+                        _ => {
+                            let normal = checked_date(&sent, DateSource::Element(i))?;
+                            last_date = Some((sent, normal.clone()));
+                            Some(normal)
+                        }
+                    },
+                };
                 events.push(IncomingEvent {
                     intake_key: item.intake_key,
-                    timestamp: item.timestamp,
+                    timestamp,
                     raw: value_text(item.json),
                 });
             }
@@ -386,7 +415,7 @@ pub fn parse_request(
             let key = body_key(event.intake_key, meta)?;
             vec![IncomingEvent {
                 intake_key: key,
-                timestamp: event.timestamp.or_else(|| meta.event_timestamp.clone()),
+                timestamp: body_or_header_date(event.timestamp, meta)?,
                 raw: value_text(event.json),
             }]
         }
@@ -396,7 +425,7 @@ pub fn parse_request(
                 "a JSON object {\"intake_key\", \"jsons\": [...], \"@timestamp\"}",
             )?;
             let key = body_key(batch.intake_key, meta)?;
-            let timestamp = batch.timestamp.or_else(|| meta.event_timestamp.clone());
+            let timestamp = body_or_header_date(batch.timestamp, meta)?;
             batch
                 .jsons
                 .into_iter()
@@ -427,7 +456,8 @@ pub fn parse_request(
 }
 
 /// Refuses a key that could never be delivered: it travels in an HTTP header, so it must be
-/// visible ASCII. (A key from a JSON body could hold anything.)
+/// visible ASCII, and short enough for any server to take the header. (A key from a JSON body
+/// could hold anything.)
 fn check_keys(events: &[IncomingEvent]) -> Result<(), ApiError> {
     let mut last: Option<&str> = None;
     for e in events {
@@ -435,6 +465,12 @@ fn check_keys(events: &[IncomingEvent]) -> Result<(), ApiError> {
             continue;
         }
         let key = e.intake_key.as_str();
+        if key.len() > MAX_KEY_BYTES {
+            return Err(ApiError::unauthorized(format!(
+                "the intake key is {} bytes; an intake key is at most {MAX_KEY_BYTES}",
+                key.len()
+            )));
+        }
         if !key.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(ApiError::unauthorized(
                 "the intake key has characters an intake key cannot have (only visible ASCII)",
@@ -443,6 +479,109 @@ fn check_keys(events: &[IncomingEvent]) -> Result<(), ApiError> {
         last = Some(key);
     }
     Ok(())
+}
+
+/// Why a sender's event date is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DateError {
+    #[error("is {0} bytes; a date is at most {MAX_DATE_BYTES}")]
+    TooLong(usize),
+    #[error(
+        "is not a date: give RFC 3339 / ISO 8601 (2021-04-05T21:33:31+02:00, \
+         2021-04-05T19:33:31.123Z) or an HTTP date (Mon, 05 Apr 2021 19:33:31 GMT)"
+    )]
+    NotADate,
+}
+
+/// Checks an event date and gives it in the one form the forwarder sends on.
+///
+/// The intake documents its dates as "Datetime" with RFC 3339 examples, and Sekoia's Logstash
+/// guide sends Logstash's `@timestamp` (`2021-04-05T19:33:31.123Z`). Taken:
+/// - RFC 3339, also with a space or `t` between date and time, a lowercase `z`, or an offset
+///   without a colon (`+0200`): sent as RFC 3339 with the same offset (`Z` for UTC),
+///   fractional seconds in 0, 3, 6 or 9 digits;
+/// - RFC 2822 / HTTP dates (`Mon, 05 Apr 2021 19:33:31 GMT`): sent as RFC 3339, same instant
+///   and offset;
+/// - ISO 8601 without an offset (`2021-04-05T19:33:31`, as Python's `isoformat()` gives):
+///   sent as ISO 8601 without an offset, `T` between date and time. The forwarder does not
+///   guess a time zone; the intake reads it as it would have read it from the sender.
+///
+/// Whatever is sent on is visible ASCII and at most 35 bytes, so it always makes a header.
+pub fn normalize_date(sent: &str) -> Result<String, DateError> {
+    use chrono::{DateTime, NaiveDateTime, SecondsFormat};
+    if sent.len() > MAX_DATE_BYTES {
+        return Err(DateError::TooLong(sent.len()));
+    }
+    let text = sent.trim();
+    if let Ok(date) = DateTime::parse_from_rfc2822(text) {
+        return Ok(date.to_rfc3339_opts(SecondsFormat::AutoSi, true));
+    }
+    // ISO 8601 from here on; chrono would also take years of more than 4 digits or signed
+    // ones, which ISO 8601 allows only by agreement and RFC 3339 not at all.
+    let bytes = text.as_bytes();
+    if bytes.len() < 11 || !bytes[..4].iter().all(u8::is_ascii_digit) || bytes[4] != b'-' {
+        return Err(DateError::NotADate);
+    }
+    let iso = match bytes[10] {
+        b' ' | b't' => format!("{}T{}", &text[..10], &text[11..]),
+        _ => text.to_owned(),
+    };
+    let with_offset = DateTime::parse_from_rfc3339(&iso)
+        // ISO 8601's offset without a colon (`+0200`, as strftime's %z gives).
+        .or_else(|_| DateTime::parse_from_str(&iso, "%Y-%m-%dT%H:%M:%S%.f%z"));
+    if let Ok(date) = with_offset {
+        return Ok(date.to_rfc3339_opts(SecondsFormat::AutoSi, true));
+    }
+    match NaiveDateTime::parse_from_str(&iso, "%Y-%m-%dT%H:%M:%S%.f") {
+        Ok(date) => Ok(date.format("%Y-%m-%dT%H:%M:%S%.f").to_string()),
+        Err(_) => Err(DateError::NotADate),
+    }
+}
+
+/// Where an event date was given, for the message that refuses it.
+#[derive(Debug, Clone, Copy)]
+enum DateSource {
+    Header,
+    Field,
+    Element(usize),
+}
+
+/// [`normalize_date`], as a 400 that says where the date was and shows (the start of) it.
+fn checked_date(sent: &str, source: DateSource) -> Result<String, ApiError> {
+    normalize_date(sent).map_err(|e| {
+        let place = match source {
+            DateSource::Header => format!("the {EVENT_TIMESTAMP_HEADER} header"),
+            DateSource::Field => "the @timestamp field".to_owned(),
+            DateSource::Element(i) => format!("element {i}: its timestamp"),
+        };
+        let message = match e {
+            DateError::TooLong(_) => format!("{place} {e}"),
+            DateError::NotADate => {
+                let shown: String = sent.chars().take(MAX_DATE_BYTES).collect();
+                format!("{place} {shown:?} {e}")
+            }
+        };
+        ApiError::bad_request(message)
+    })
+}
+
+/// The request's `X-SEKOIAIO-EVENT-TIMESTAMP`, checked and normalised.
+fn header_date(meta: &RequestMeta) -> Result<Option<String>, ApiError> {
+    meta.event_timestamp
+        .as_deref()
+        .map(|t| checked_date(t, DateSource::Header))
+        .transpose()
+}
+
+/// A body's `@timestamp` if it has one, else the header's, checked and normalised.
+fn body_or_header_date(
+    from_body: Option<String>,
+    meta: &RequestMeta,
+) -> Result<Option<String>, ApiError> {
+    match from_body {
+        Some(t) => checked_date(&t, DateSource::Field).map(Some),
+        None => header_date(meta),
+    }
 }
 
 fn require_key(meta: &RequestMeta) -> Result<String, ApiError> {
@@ -780,6 +919,121 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.status, 413);
+    }
+
+    #[test]
+    fn dates_are_checked_and_normalised() {
+        let ok = [
+            ("2021-04-05T21:33:31+02:00", "2021-04-05T21:33:31+02:00"),
+            ("2021-04-05T19:33:31.123Z", "2021-04-05T19:33:31.123Z"),
+            ("2021-04-05 19:33:31+00:00", "2021-04-05T19:33:31Z"),
+            ("2021-04-05t19:33:31.5z", "2021-04-05T19:33:31.500Z"),
+            (
+                "2021-04-05T19:33:31.123456789-05:30",
+                "2021-04-05T19:33:31.123456789-05:30",
+            ),
+            ("2021-04-05T21:33:31+0200", "2021-04-05T21:33:31+02:00"),
+            (" 2021-04-05T21:33:31Z ", "2021-04-05T21:33:31Z"),
+            ("2021-04-05T19:33:31\n", "2021-04-05T19:33:31"),
+            ("Mon, 05 Apr 2021 19:33:31 GMT", "2021-04-05T19:33:31Z"),
+            (
+                "Mon, 5 Apr 2021 21:33:31 +0200",
+                "2021-04-05T21:33:31+02:00",
+            ),
+            ("2021-04-05T19:33:31", "2021-04-05T19:33:31"),
+            ("2021-04-05 19:33:31.120", "2021-04-05T19:33:31.120"),
+        ];
+        for (sent, want) in ok {
+            assert_eq!(normalize_date(sent).as_deref(), Ok(want), "{sent:?}");
+            // Normalised is a fixed point: the mock intake parses what the forwarder sends.
+            assert_eq!(normalize_date(want).as_deref(), Ok(want), "{want:?}");
+        }
+        let bad = [
+            "",
+            "yesterday",
+            "2021-04-05",
+            "2021-02-30T10:00:00Z",
+            "2021-04-05T25:00:00Z",
+            "1617651211",
+            "+12021-04-05T19:33:31Z",
+            "2021-04-05T19:33:31+02:00 trailing",
+            "2021-04-05T19:33:31+02:\u{e9}0",
+            "\u{e9}\u{e9}\u{e9}\u{e9}-\u{e9}\u{e9}\u{e9}",
+        ];
+        for sent in bad {
+            assert_eq!(normalize_date(sent), Err(DateError::NotADate), "{sent:?}");
+        }
+        let long = "2".repeat(MAX_DATE_BYTES + 1);
+        assert_eq!(
+            normalize_date(&long),
+            Err(DateError::TooLong(MAX_DATE_BYTES + 1))
+        );
+    }
+
+    #[test]
+    fn bad_dates_are_refused_naming_where_they_were() {
+        let array = br#"[{"intake_key": "K", "json": "a", "timestamp": "2021-04-05T21:33:31Z"},
+                         {"intake_key": "K", "json": "b", "timestamp": "2021-04-05T21:33:31Z"},
+                         {"intake_key": "K", "json": "c", "timestamp": "noon"}]"#;
+        let err = parse_request(
+            Endpoint::Array,
+            &RequestMeta::default(),
+            array,
+            Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.status, 400);
+        assert!(
+            err.message
+                .starts_with("element 2: its timestamp \"noon\" is not a date"),
+            "{}",
+            err.message
+        );
+        let meta = RequestMeta {
+            event_timestamp: Some("noon".into()),
+            ..meta_with_key()
+        };
+        for endpoint in [Endpoint::Plain, Endpoint::PlainBatch] {
+            let err = parse_request(endpoint, &meta, b"a", Limits::default()).unwrap_err();
+            assert!(
+                err.message.contains(EVENT_TIMESTAMP_HEADER),
+                "{}",
+                err.message
+            );
+        }
+        // The body's @timestamp wins over the header, and is the one checked.
+        let body = br#"{"intake_key": "K", "jsons": ["a"], "@timestamp": "2021-04-05T21:33:31Z"}"#;
+        let events =
+            parse_request(Endpoint::StructuredBatch, &meta, body, Limits::default()).unwrap();
+        assert_eq!(events[0].timestamp.as_deref(), Some("2021-04-05T21:33:31Z"));
+        let body = br#"{"intake_key": "K", "json": "a", "@timestamp": "noon"}"#;
+        let err = parse_request(
+            Endpoint::Structured,
+            &RequestMeta::default(),
+            body,
+            Limits::default(),
+        )
+        .unwrap_err();
+        assert!(err.message.contains("@timestamp"), "{}", err.message);
+    }
+
+    #[test]
+    fn header_values_that_are_not_ascii_are_refused_not_dropped() {
+        let mut headers = http::HeaderMap::new();
+        let value = http::HeaderValue::from_bytes(b"KEY\xe9").unwrap();
+        headers.insert(INTAKE_KEY_HEADER, value);
+        let uri: http::Uri = "/plain".parse().unwrap();
+        let meta = RequestMeta::from_request(&headers, &uri);
+        let err = parse_request(Endpoint::Plain, &meta, b"a", Limits::default()).unwrap_err();
+        assert_eq!(err.status, 401);
+        assert!(err.message.contains("visible ASCII"), "{}", err.message);
+        let key = "k".repeat(MAX_KEY_BYTES + 1);
+        let meta = RequestMeta {
+            header_key: Some(key),
+            ..Default::default()
+        };
+        let err = parse_request(Endpoint::Plain, &meta, b"a", Limits::default()).unwrap_err();
+        assert_eq!(err.status, 401);
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! Sealed generations are opened only while delivery reads them and closed when idle, which
 //! bounds sled's memory and makes opening the queue cost one small database, not the backlog.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,9 +170,10 @@ pub struct Generation {
     cache_bytes: u64,
     slot: Mutex<Slot>,
     last_used_ms: AtomicU64,
-    /// Events of each lane in this generation, as the writer last published them (a sealed
-    /// generation whose lane holds none need not be opened to read that lane).
-    lane_events: Mutex<Vec<(u32, u64)>>,
+    /// The lanes that hold events in this generation, as the writer last published them (a
+    /// sealed generation whose lane holds none need not be opened to read that lane). A set,
+    /// so that a read and a commit cost the same however many lanes there are.
+    lanes_holding: Mutex<HashSet<u32>>,
 }
 
 impl Generation {
@@ -182,7 +184,7 @@ impl Generation {
             cache_bytes,
             slot: Mutex::default(),
             last_used_ms: AtomicU64::new(now_ms()),
-            lane_events: Mutex::default(),
+            lanes_holding: Mutex::default(),
         }
     }
 
@@ -247,12 +249,31 @@ impl Generation {
     /// Whether `lane` may have chunks here (always true for the active generation, which the
     /// caller checks).
     pub fn may_hold(&self, lane: u32) -> bool {
-        let counts = self.lane_events.lock().unwrap_or_else(|p| p.into_inner());
-        counts.iter().any(|(l, n)| *l == lane && *n > 0)
+        self.holding().contains(&lane)
     }
 
-    pub fn set_lane_events(&self, counts: Vec<(u32, u64)>) {
-        *self.lane_events.lock().unwrap_or_else(|p| p.into_inner()) = counts;
+    /// Publishes the events of every lane in this generation (lanes not named hold none).
+    pub fn set_lane_events(&self, counts: impl IntoIterator<Item = (u32, u64)>) {
+        let holding = counts
+            .into_iter()
+            .filter(|(_, events)| *events > 0)
+            .map(|(lane, _)| lane)
+            .collect();
+        *self.holding() = holding;
+    }
+
+    /// Publishes the events of one lane in this generation.
+    pub fn set_lane_event_count(&self, lane: u32, events: u64) {
+        let mut holding = self.holding();
+        if events > 0 {
+            holding.insert(lane);
+        } else {
+            holding.remove(&lane);
+        }
+    }
+
+    fn holding(&self) -> MutexGuard<'_, HashSet<u32>> {
+        self.lanes_holding.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -19,9 +19,10 @@ pub mod generation;
 pub mod record;
 mod writer;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -51,6 +52,15 @@ pub enum QueueError {
     Full,
     #[error("the queue is closed")]
     Closed,
+    #[error(
+        "this forwarder takes at most {max} intake keys (queue.max_intake_keys) and knows {known}; \
+         the request brings {new} more. Nothing of it was stored"
+    )]
+    TooManyKeys {
+        max: usize,
+        known: usize,
+        new: usize,
+    },
     #[error("the queue directory {0} is in use by another sekoia-forwarder")]
     Locked(PathBuf),
     #[error("queue storage error: {0}")]
@@ -151,6 +161,15 @@ struct Shared {
     min_free_bytes: u64,
     lanes: RwLock<Vec<Arc<Lane>>>,
     lanes_changed: Notify,
+    /// Events and payload bytes queued over all lanes, kept in step with the lanes' own
+    /// counters ([`Shared::set_lane_counts`]) so that reading them costs the same whatever the
+    /// number of lanes.
+    queued_events: AtomicU64,
+    queued_bytes: AtomicU64,
+    /// Every intake key that has a lane or is about to get one ([`Queue::admit_keys`]), and
+    /// how many there may be.
+    keys: Mutex<HashSet<String>>,
+    max_intake_keys: usize,
     full: AtomicBool,
     stats: Stats,
 }
@@ -164,6 +183,27 @@ impl Shared {
     }
     fn gens_write(&self) -> RwLockWriteGuard<'_, GenList> {
         self.gens.write().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Sets what a lane holds and moves the queue's totals by the difference. Called by the
+    /// writer thread only, which is what keeps the totals exact.
+    fn set_lane_counts(&self, lane: &Lane, events: u64, bytes: u64) {
+        fn shift(total: &AtomicU64, old: u64, new: u64) {
+            if new >= old {
+                total.fetch_add(new - old, Ordering::AcqRel);
+            } else {
+                total.fetch_sub(old - new, Ordering::AcqRel);
+            }
+        }
+        shift(
+            &self.queued_events,
+            lane.events.swap(events, Ordering::AcqRel),
+            events,
+        );
+        shift(
+            &self.queued_bytes,
+            lane.bytes.swap(bytes, Ordering::AcqRel),
+            bytes,
+        );
     }
     /// The generations now, oldest first, and the active one's id.
     fn gens_snapshot(&self) -> (Vec<Arc<Generation>>, u64) {
@@ -309,6 +349,9 @@ impl Queue {
         let cache = (config.cache_capacity_bytes / 4).max(1024 * 1024);
         let state = writer::WriterState::load(&path, &meta, &listing.gens, cache)?;
         let lanes: Vec<Arc<Lane>> = state.lanes_for_readers();
+        let keys: HashSet<String> = lanes.iter().map(|l| l.intake_key.clone()).collect();
+        let queued_events = lanes.iter().map(|l| l.events()).sum::<u64>();
+        let queued_bytes = lanes.iter().map(|l| l.bytes()).sum::<u64>();
         let shared = Arc::new(Shared {
             meta: meta.db.clone(),
             gens: RwLock::new(GenList {
@@ -320,6 +363,10 @@ impl Queue {
             min_free_bytes: config.min_free_bytes,
             lanes: RwLock::new(lanes),
             lanes_changed: Notify::new(),
+            queued_events: queued_events.into(),
+            queued_bytes: queued_bytes.into(),
+            keys: Mutex::new(keys),
+            max_intake_keys: config.max_intake_keys,
             full: AtomicBool::new(false),
             stats: Stats {
                 dead_letters: state.dead_letters.into(),
@@ -348,10 +395,13 @@ impl Queue {
 
     /// Appends `events` and returns once they are durable (fsynced). Order is kept per intake
     /// key. Either all the events are durable or, on error, the caller must assume none is.
+    /// Events of an intake key the queue does not know yet are refused, all of them, with
+    /// [`QueueError::TooManyKeys`] if the new keys would bring it over `max_intake_keys`.
     pub async fn append(&self, events: Vec<IncomingEvent>) -> Result<(), QueueError> {
         if self.is_full() {
             return Err(QueueError::Full);
         }
+        self.admit_keys(&events)?;
         let compress = self.totals().1 >= COMPRESS_ABOVE_BYTES;
         let groups = chunk_events(events, self.chunk_bytes, now_ms(), compress);
         let (done, wait) = oneshot::channel();
@@ -360,6 +410,39 @@ impl Queue {
             .await
             .map_err(|_| QueueError::Closed)?;
         wait.await.map_err(|_| QueueError::Closed)?
+    }
+
+    /// Admits the intake keys of `events` that the queue does not know yet, or refuses them
+    /// all if they would bring it over `max_intake_keys`: before anything is sent to the
+    /// writer, so that nothing of a refused request is stored.
+    ///
+    /// A key is admitted for good, even if the append then fails: its lane may be created by
+    /// a retry, and admitting it twice would cost a slot for nothing.
+    fn admit_keys(&self, events: &[IncomingEvent]) -> Result<(), QueueError> {
+        let mut distinct: HashSet<&str> = HashSet::new();
+        let mut last: Option<&str> = None;
+        for e in events {
+            let key = e.intake_key.as_str();
+            if last != Some(key) {
+                distinct.insert(key);
+                last = Some(key);
+            }
+        }
+        let mut known = self.shared.keys.lock().unwrap_or_else(|p| p.into_inner());
+        distinct.retain(|k| !known.contains(*k));
+        if distinct.is_empty() {
+            return Ok(());
+        }
+        let max = self.shared.max_intake_keys;
+        if known.len() + distinct.len() > max {
+            return Err(QueueError::TooManyKeys {
+                max,
+                known: known.len(),
+                new: distinct.len(),
+            });
+        }
+        known.extend(distinct.into_iter().map(str::to_owned));
+        Ok(())
     }
 
     /// Records what the intake acknowledged in `lane`: removes, rewrites, dead-letters.
@@ -488,9 +571,10 @@ impl Queue {
 
     /// Events and payload bytes queued, over all lanes.
     pub fn totals(&self) -> (u64, u64) {
-        self.lanes()
-            .iter()
-            .fold((0, 0), |(e, b), l| (e + l.events(), b + l.bytes()))
+        (
+            self.shared.queued_events.load(Ordering::Acquire),
+            self.shared.queued_bytes.load(Ordering::Acquire),
+        )
     }
 
     /// A snapshot for `status` and metrics.

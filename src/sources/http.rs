@@ -10,6 +10,9 @@
 //! fsynced. Any other answer means nothing of the request was kept, and tells the sender what
 //! to do with its events:
 //! - 400 / 401 / 413 / 415: the request itself is wrong; sending it again cannot help;
+//! - 403: the request brings intake keys this forwarder does not take (`max_intake_keys`
+//!   reached). Not 429: keys are kept as long as the queue, so waiting does not help; the
+//!   operator must raise the limit (or the sender use a known key);
 //! - 503 + `Retry-After`: keep the events and try again later (queue full, storage error,
 //!   forwarder stopping).
 //!
@@ -79,6 +82,9 @@ pub struct HttpSourceStats {
     pub rejected_401: AtomicU64,
     /// Requests refused as too large (body or one event).
     pub rejected_413: AtomicU64,
+    /// Requests refused (403) because their new intake keys would bring the queue over
+    /// `max_intake_keys`; also counted in `rejected_other`.
+    pub rejected_max_intake_keys: AtomicU64,
     /// Requests refused for now: queue full, storage error, forwarder stopping.
     pub rejected_503: AtomicU64,
     /// Other refusals: unknown path (404), wrong method (405), body too slow (408), unknown
@@ -614,6 +620,12 @@ impl Shared {
             Err(QueueError::Closed) => Err(Rejection::unavailable(
                 "the forwarder is stopping; retry later",
             )),
+            Err(e @ QueueError::TooManyKeys { .. }) => {
+                self.stats
+                    .rejected_max_intake_keys
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(Rejection::new(StatusCode::FORBIDDEN, e.to_string()))
+            }
             Err(e) => {
                 tracing::error!(
                     error = %e,

@@ -191,12 +191,11 @@ impl Writer {
                 lane.events = (lane.events + new.events).saturating_sub(old.events);
                 lane.bytes = (lane.bytes + new.bytes).saturating_sub(old.bytes);
                 if let Some(reader) = readers.get(id as usize) {
-                    reader.events.store(lane.events, Ordering::Release);
-                    reader.bytes.store(lane.bytes, Ordering::Release);
+                    self.shared.set_lane_counts(reader, lane.events, lane.bytes);
                 }
             }
         }
-        g.lanes = counts;
+        g.lanes = counts.into();
         g.exact = true;
         g.publish();
     }

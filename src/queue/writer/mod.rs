@@ -125,10 +125,41 @@ struct GenCount {
     end_seq: u64,
 }
 
+/// The lanes' shares of one generation, with their sum kept in step, so that "is this
+/// generation empty?" (asked after every commit) does not walk every lane.
+#[derive(Debug, Default)]
+struct LaneCounts {
+    lanes: HashMap<u32, GenCount>,
+    events: u64,
+}
+
+impl LaneCounts {
+    /// Sets one lane's share.
+    fn set(&mut self, lane: u32, count: GenCount) {
+        let old = self.lanes.insert(lane, count).unwrap_or_default();
+        self.events = (self.events + count.events).saturating_sub(old.events);
+    }
+}
+
+impl From<HashMap<u32, GenCount>> for LaneCounts {
+    fn from(lanes: HashMap<u32, GenCount>) -> LaneCounts {
+        let events = lanes.values().map(|c| c.events).sum();
+        LaneCounts { lanes, events }
+    }
+}
+
+/// Read-only: every change goes through [`LaneCounts::set`] or a whole new `LaneCounts`.
+impl std::ops::Deref for LaneCounts {
+    type Target = HashMap<u32, GenCount>;
+    fn deref(&self) -> &Self::Target {
+        &self.lanes
+    }
+}
+
 #[derive(Debug)]
 struct GenState {
     handle: Arc<Generation>,
-    lanes: HashMap<u32, GenCount>,
+    lanes: LaneCounts,
     /// Counts read from the generation itself; false while they come from its summary (an
     /// upper bound), until the writer first touches it.
     exact: bool,
@@ -140,7 +171,7 @@ impl GenState {
     fn new(handle: Arc<Generation>, lanes: HashMap<u32, GenCount>, exact: bool) -> GenState {
         let state = GenState {
             handle,
-            lanes,
+            lanes: lanes.into(),
             exact,
             appended: 0,
         };
@@ -149,12 +180,20 @@ impl GenState {
     }
 
     fn events(&self) -> u64 {
-        self.lanes.values().map(|c| c.events).sum()
+        self.lanes.events
     }
 
+    /// Publishes every lane's events to readers (after the counts were replaced whole).
     fn publish(&self) {
         self.handle
-            .set_lane_events(self.lanes.iter().map(|(l, c)| (*l, c.events)).collect());
+            .set_lane_events(self.lanes.iter().map(|(l, c)| (*l, c.events)));
+    }
+
+    /// Sets one lane's share and publishes it: what a commit costs per lane it touched,
+    /// whatever the number of lanes.
+    fn set_count(&mut self, lane: u32, count: GenCount) {
+        self.lanes.set(lane, count);
+        self.handle.set_lane_event_count(lane, count.events);
     }
 
     fn summary(&self) -> GenSummary {
@@ -191,7 +230,7 @@ impl WriterState {
         self.lanes
             .iter()
             .enumerate()
-            .map(|(id, l)| new_lane(id as u32, l))
+            .map(|(id, l)| new_lane(id as u32, &l.intake_key, l.events, l.bytes))
             .collect()
     }
 
@@ -205,12 +244,12 @@ impl WriterState {
     }
 }
 
-fn new_lane(id: u32, state: &LaneState) -> Arc<Lane> {
+fn new_lane(id: u32, intake_key: &str, events: u64, bytes: u64) -> Arc<Lane> {
     Arc::new(Lane {
         id,
-        intake_key: state.intake_key.clone(),
-        events: state.events.into(),
-        bytes: state.bytes.into(),
+        intake_key: intake_key.to_owned(),
+        events: events.into(),
+        bytes: bytes.into(),
         appended: 0.into(),
         notify: Notify::new(),
     })
@@ -246,6 +285,9 @@ struct Staged {
     changed: HashMap<(u64, u32, u64), Option<ChunkHeader>>,
     touched: HashMap<u32, LaneState>,
     new_lanes: Vec<u32>,
+    /// The intake keys of `new_lanes`: a request with many new keys must not look each one
+    /// up among all the others.
+    new_keys: HashMap<String, u32>,
     appended: HashMap<u32, u64>,
     appended_payload: u64,
     acked_events: u64,
@@ -371,17 +413,12 @@ impl Writer {
         if let Some(id) = self.state.by_key.get(intake_key) {
             return *id;
         }
-        let pending = staged.new_lanes.iter().copied().find(|id| {
-            staged
-                .touched
-                .get(id)
-                .is_some_and(|l| l.intake_key == intake_key)
-        });
-        if let Some(id) = pending {
-            return id;
+        if let Some(id) = staged.new_keys.get(intake_key) {
+            return *id;
         }
         let id = (self.state.lanes.len() + staged.new_lanes.len()) as u32;
         staged.new_lanes.push(id);
+        staged.new_keys.insert(intake_key.to_owned(), id);
         staged.touched.insert(
             id,
             LaneState {
@@ -574,13 +611,7 @@ impl Writer {
     fn publish(&mut self, mut staged: Staged) {
         for ((gen, lane), count) in staged.counts.drain() {
             if let Some(g) = self.state.gens.get_mut(&gen) {
-                g.lanes.insert(lane, count);
-            }
-        }
-        let touched_gens: HashSet<u64> = staged.changed.keys().map(|k| k.0).collect();
-        for gen in touched_gens.iter().chain([&self.state.active]) {
-            if let Some(g) = self.state.gens.get(gen) {
-                g.publish();
+                g.set_count(lane, count);
             }
         }
         if let Some(active) = self.state.gens.get_mut(&self.state.active) {
@@ -592,7 +623,8 @@ impl Writer {
             if let Some(state) = staged.touched.get(id) {
                 self.state.by_key.insert(state.intake_key.clone(), *id);
                 self.state.lanes.push(state.clone());
-                readers.push(new_lane(*id, state));
+                // Its counts are set below, with the queue's totals.
+                readers.push(new_lane(*id, &state.intake_key, 0, 0));
             }
         }
         for (id, state) in staged.touched {
@@ -600,8 +632,8 @@ impl Writer {
                 self.state.lanes.get_mut(id as usize),
                 readers.get(id as usize),
             ) {
-                theirs.events.store(state.events, Ordering::Release);
-                theirs.bytes.store(state.bytes, Ordering::Release);
+                self.shared
+                    .set_lane_counts(theirs, state.events, state.bytes);
                 *mine = state;
             }
         }

@@ -66,7 +66,7 @@ impl Writer {
             .count();
         stats.open_generations.store(open as u64, Ordering::Relaxed);
         let free = free_space(&self.shared.path).unwrap_or(u64::MAX);
-        let queued: u64 = self.state.lanes.iter().map(|l| l.bytes).sum();
+        let queued = self.shared.queued_bytes.load(Ordering::Acquire);
         let max = self.shared.max_bytes;
         let full = queued >= max || disk >= max || free < self.shared.min_free_bytes;
         stats.free_bytes.store(free, Ordering::Relaxed);
