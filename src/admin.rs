@@ -465,8 +465,12 @@ fn print_text(r: &StatusReport) {
     println!("dead letters {}", q.dead_letters);
     for n in &q.corrupt_generations {
         let events = n.events.map_or("unknown".to_owned(), |e| e.to_string());
+        let what = match n.generation {
+            Some(_) => format!("{events} events; see `sekoia-forwarder salvage`"),
+            None => "the meta database (lane map rebuilt; its dead letters stay there)".into(),
+        };
         println!(
-            "DAMAGED      {} moved aside: {events} events, {} bytes on disk ({}); see `sekoia-forwarder salvage`",
+            "DAMAGED      {} moved aside: {what}; {} bytes on disk ({})",
             n.dir.display(),
             n.disk_bytes,
             n.reason
