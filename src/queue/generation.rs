@@ -172,6 +172,11 @@ pub fn read_note(dir: &Path) -> CorruptNote {
         ..CorruptNote::default()
     });
     note.dir = dir.to_owned();
+    if note.generation.is_none() {
+        // The name tells, if the note does not (`meta.corrupt` names none).
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        note.generation = parse_aside_name(name);
+    }
     note
 }
 
@@ -621,6 +626,35 @@ mod tests {
             drop(gen.close_if_idle(Duration::ZERO));
             gen.db().unwrap().expect("reopened");
         }
+    }
+
+    /// A moved-aside generation is listed with its note, or without one (a crash between the
+    /// rename of a forwarder that wrote no note, or a hand-made one) with the id its name gives; `meta.corrupt` names none.
+    /// Moved-aside ids count for the next id.
+    #[test]
+    fn moved_aside_directories_are_listed_and_their_ids_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(gen_dir(root, 3)).unwrap();
+        let mut note = CorruptNote {
+            generation: Some(3),
+            events: Some(42),
+            ..CorruptNote::default()
+        };
+        let moved = move_aside(root, &gen_dir(root, 3), &mut note).unwrap();
+        assert!(moved.ends_with("gen-00000000000000000003.corrupt"));
+        std::fs::create_dir_all(root.join("gen-00000000000000000007.corrupt")).unwrap();
+        std::fs::create_dir_all(root.join("meta.corrupt")).unwrap();
+        std::fs::create_dir_all(gen_dir(root, 5)).unwrap();
+        let listing = scan_root(root).unwrap();
+        assert_eq!(listing.gens, [5]);
+        assert_eq!(listing.max_id, 7);
+        let found: Vec<(Option<u64>, Option<u64>)> = listing
+            .corrupt
+            .iter()
+            .map(|n| (n.generation, n.events))
+            .collect();
+        assert_eq!(found, [(Some(3), Some(42)), (Some(7), None), (None, None)]);
     }
 
     #[test]

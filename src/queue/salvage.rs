@@ -262,7 +262,10 @@ mod tests {
         // What was read is what was written, each once, in order, around the damaged leaf.
         assert!(seen.windows(2).all(|w| w[0] < w[1]));
         assert!(!seen.contains(&1500));
-        assert!(seen.contains(&1499) || seen.contains(&1480), "read before the damage");
+        assert!(
+            seen.contains(&1499) || seen.contains(&1480),
+            "read before the damage"
+        );
         assert!(seen.iter().any(|&i| i > 1520), "read past the damage");
         assert!(outcome.dir.to_str().unwrap().ends_with(".salvaged"));
         assert!(!dir.exists());
