@@ -204,6 +204,29 @@ fn salvage(config: &Config, generation: Option<u64>) -> anyhow::Result<()> {
             );
         }
     }
+    if generation.is_none() {
+        for note in salvage::meta_candidates(&config.queue.path)? {
+            let mut pending = Vec::new();
+            let outcome = salvage::salvage_dead_letters(&note, &mut |dead| {
+                pending.push(dead);
+                Ok(())
+            })?;
+            let found = pending.len();
+            rt.block_on(queue.restore_dead_letters(pending))?;
+            if outcome.opened {
+                println!(
+                    "{}: recovered {found} dead letters into the queue; {} reads failed",
+                    outcome.dir.display(),
+                    outcome.failed_reads
+                );
+            } else {
+                println!(
+                    "{}: sled cannot open it: no dead letter recovered (the directory is kept)",
+                    outcome.dir.display()
+                );
+            }
+        }
+    }
     if notes.len() > 1 {
         println!(
             "total: {recovered} events recovered{}",

@@ -547,6 +547,18 @@ impl Queue {
         db.db.insert(key, bytes).expect("insert");
     }
 
+    /// Stores dead letters read back from a moved-aside meta database (`salvage`): an
+    /// acknowledgement for no generation (`u64::MAX` is never one) records only its dead
+    /// letters, durably, like any other.
+    pub async fn restore_dead_letters(&self, dead: Vec<DeadLetter>) -> Result<(), QueueError> {
+        let ack = Ack {
+            gen: u64::MAX,
+            dead,
+            ..Ack::default()
+        };
+        self.ack(0, ack).await
+    }
+
     /// Generations (and meta databases) moved aside as damaged.
     pub fn corrupt_generations(&self) -> Vec<CorruptNote> {
         self.shared.corrupt().clone()

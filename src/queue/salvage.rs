@@ -10,6 +10,10 @@
 //! operator deletes it). sled is opened on a copy of the files, because its recovery at open
 //! may rewrite the log: the moved-aside files stay as they were found.
 //!
+//! A moved-aside meta database (`meta.corrupt`) is salvaged the same way for its dead letters,
+//! which go to the new meta database; the lane map and summaries it held were rebuilt when the
+//! queue opened.
+//!
 //! Damage that stops sled from opening the database at all (sled panics or reports a corrupt
 //! log during its recovery) leaves salvage nothing to read through sled; it then says so, and
 //! the directory stays `.corrupt` for forensic tools.
@@ -17,7 +21,7 @@
 use std::path::{Path, PathBuf};
 
 use super::generation::{self, CorruptNote};
-use super::record::{self, Chunk};
+use super::record::{self, Chunk, DeadLetter};
 use super::QueueError;
 
 /// After this many failed steps in a row in one lane, salvage goes on with the next lane: the
@@ -41,6 +45,32 @@ pub struct Outcome {
     pub lost_events: Option<u64>,
 }
 
+/// The moved-aside meta databases under `root` (`meta.corrupt`, ...).
+pub fn meta_candidates(root: &Path) -> Result<Vec<CorruptNote>, QueueError> {
+    let listing = generation::scan_root(root)?;
+    Ok(listing
+        .corrupt
+        .into_iter()
+        .filter(|n| n.generation.is_none())
+        .filter(|n| {
+            let name = n.dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.starts_with(generation::META_DIR)
+        })
+        .collect())
+}
+
+/// Reads every dead letter still readable in a moved-aside meta database, handing each to
+/// `sink`. (`Outcome::events` counts dead letters.) Renames the directory `.salvaged` if sled
+/// could open it.
+pub fn salvage_dead_letters(
+    note: &CorruptNote,
+    sink: &mut dyn FnMut(DeadLetter) -> Result<(), QueueError>,
+) -> Result<Outcome, QueueError> {
+    salvage_dir(note, &mut |db, outcome| {
+        walk_dead_letters(db, outcome, sink)
+    })
+}
+
 /// The moved-aside generations under `root` (all, or generation `only`).
 pub fn candidates(root: &Path, only: Option<u64>) -> Result<Vec<CorruptNote>, QueueError> {
     let listing = generation::scan_root(root)?;
@@ -60,6 +90,15 @@ pub fn salvage_generation(
     sink: &mut dyn FnMut(Chunk) -> Result<(), QueueError>,
     progress: &mut dyn FnMut(&Outcome),
 ) -> Result<Outcome, QueueError> {
+    salvage_dir(note, &mut |db, outcome| {
+        walk_chunks(db, outcome, sink, progress)
+    })
+}
+
+type Walk<'a> = dyn FnMut(&sled::Db, &mut Outcome) -> Result<(), QueueError> + 'a;
+
+/// Opens a copy of a moved-aside database, walks it, and renames it `.salvaged` if it opened.
+fn salvage_dir(note: &CorruptNote, walk: &mut Walk<'_>) -> Result<Outcome, QueueError> {
     let mut outcome = Outcome {
         dir: note.dir.clone(),
         ..Outcome::default()
@@ -71,7 +110,7 @@ pub fn salvage_generation(
     let result = match opened {
         Ok(db) => {
             outcome.opened = true;
-            let walked = walk_chunks(&db, &mut outcome, sink, progress);
+            let walked = walk(&db, &mut outcome);
             let _ = generation::guard("closing a moved-aside generation", || {
                 drop(db);
                 Ok(())
@@ -154,6 +193,50 @@ fn walk_chunks(
                 } else {
                     cursor = record::chunk_key(lane, seq.saturating_add(1)).to_vec();
                 }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Walks the dead letters one at a time, skipping what fails.
+fn walk_dead_letters(
+    db: &sled::Db,
+    outcome: &mut Outcome,
+    sink: &mut dyn FnMut(DeadLetter) -> Result<(), QueueError>,
+) -> Result<(), QueueError> {
+    let end = [record::DEAD_PREFIX + 1];
+    let mut seq = 0u64;
+    let mut failed_in_a_row = 0u64;
+    loop {
+        let from = record::dead_key(seq);
+        let step = generation::guard("reading a moved-aside meta database", || {
+            match db.range(&from[..]..&end[..]).next() {
+                None => Ok(None),
+                Some(item) => Ok(Some(item?)),
+            }
+        });
+        match step {
+            Ok(None) => return Ok(()),
+            Ok(Some((key, value))) => {
+                failed_in_a_row = 0;
+                seq = record::parse_dead_key(&key).map_or(seq, |s| s) + 1;
+                match record::decode_value::<DeadLetter>(&value) {
+                    Ok(dead) => {
+                        outcome.chunks += 1;
+                        outcome.events += 1;
+                        sink(dead)?;
+                    }
+                    Err(_) => outcome.failed_reads += 1,
+                }
+            }
+            Err(e) if e.is_corrupt() => {
+                outcome.failed_reads += 1;
+                failed_in_a_row += 1;
+                if failed_in_a_row >= LANE_SKIP || seq == u64::MAX {
+                    return Ok(());
+                }
+                seq += 1;
             }
             Err(e) => return Err(e),
         }
