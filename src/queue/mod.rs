@@ -423,10 +423,18 @@ impl Queue {
             }
             // Damage that sled finds (or panics on) in this generation must not stop the lane:
             // the generation is marked damaged (the writer moves it aside) and the read goes
-            // on with the next one.
+            // on with the next one. Unless the reader already took chunks of it: they would
+            // be taken for chunks of the next one (same sequence numbers, another
+            // generation), so the read fails instead, the reader drops them, and the next
+            // read skips the generation.
+            let mut handed = 0usize;
             let read = match gen.db() {
                 Ok(Some(db)) => generation::guard("reading a generation", || {
-                    read_generation(&db.db, gen.id, lane, start, limits, reader)
+                    let counting = &mut |seq: u64, view: &ChunkView<'_>| {
+                        handed += 1;
+                        reader(seq, view)
+                    };
+                    read_generation(&db.db, gen.id, lane, start, limits, counting)
                 }),
                 Ok(None) => continue,
                 Err(e) => Err(e),
@@ -435,6 +443,9 @@ impl Queue {
                 Ok(span) => span,
                 Err(e) if e.is_corrupt() => {
                     gen.mark_damaged(&e);
+                    if handed > 0 {
+                        return Err(e);
+                    }
                     continue;
                 }
                 Err(e) => return Err(e),
