@@ -262,6 +262,10 @@ impl Collector for Observed {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let q = self.queue.stats();
         let (events, bytes) = self.queue.totals();
+        let corrupt = self.queue.corrupt_generations();
+        let aside = corrupt.iter().filter(|n| n.generation.is_some());
+        let (aside_gens, aside_events) =
+            aside.fold((0, 0), |(g, e), n| (g + 1, e + n.events.unwrap_or(0)));
         let d = &self.delivery;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let counters = [
@@ -362,6 +366,16 @@ impl Collector for Observed {
                 "queue_open_generations",
                 "Queue generations open (in memory) now",
                 load(&q.open_generations) as i64,
+            ),
+            (
+                "queue_corrupt_generations",
+                "Damaged queue generations moved aside (gen-N.corrupt), waiting for `salvage`",
+                aside_gens,
+            ),
+            (
+                "queue_corrupt_events",
+                "Events the moved-aside generations were known to hold",
+                aside_events as i64,
             ),
             (
                 "queue_full",
@@ -553,6 +567,19 @@ fn print_text(r: &StatusReport) {
         q.generations, q.open_generations
     );
     println!("dead letters {}", q.dead_letters);
+    for n in &q.corrupt_generations {
+        let events = n.events.map_or("unknown".to_owned(), |e| e.to_string());
+        let what = match n.generation {
+            Some(_) => format!("{events} events; see `sekoia-forwarder salvage`"),
+            None => "the meta database (lane map rebuilt; its dead letters stay there)".into(),
+        };
+        println!(
+            "DAMAGED      {} moved aside: {what}; {} bytes on disk ({})",
+            n.dir.display(),
+            n.disk_bytes,
+            n.reason
+        );
+    }
     for l in &q.lanes {
         println!(
             "  lane {:>3}  key {:<8} {:>10} events {:>14} bytes",

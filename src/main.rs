@@ -45,6 +45,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Put back into the queue what can still be read from damaged generations moved aside
+    /// (`gen-N.corrupt`). Run it on a stopped forwarder.
+    Salvage {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only this generation (its number); all moved-aside generations without it.
+        generation: Option<u64>,
+    },
     /// Run a mock of the Sekoia intake, to try a pipeline offline.
     MockIntake(sekoia_forwarder::mock_intake::MockCliOptions),
 }
@@ -99,11 +107,138 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load(config.as_ref())?;
             sekoia_forwarder::admin::print_dead_letters(&config, json)
         }
+        Command::Salvage { config, generation } => {
+            let config = load(config.as_ref())?;
+            salvage(&config, generation)
+        }
         Command::MockIntake(opts) => {
             init_logging(&LogConfig::default());
             runtime()?.block_on(sekoia_forwarder::mock_intake::run_cli(opts))
         }
     }
+}
+
+/// Events appended to the queue per request while salvaging.
+const SALVAGE_BATCH: usize = 1000;
+
+/// The `salvage` command: reads each moved-aside generation key by key back into the queue.
+fn salvage(config: &Config, generation: Option<u64>) -> anyhow::Result<()> {
+    use sekoia_forwarder::intake_api::IncomingEvent;
+    use sekoia_forwarder::queue::{salvage, Queue, QueueError};
+    use std::io::IsTerminal;
+
+    let queue = match Queue::open(&config.queue) {
+        Err(QueueError::Locked(path)) => anyhow::bail!(
+            "the queue at {} is in use: stop the forwarder before salvaging",
+            path.display()
+        ),
+        other => other?,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let notes = salvage::candidates(&config.queue.path, generation)?;
+    if notes.is_empty() {
+        println!(
+            "nothing to salvage: no moved-aside generation in {}",
+            config.queue.path.display()
+        );
+    }
+    let terminal = std::io::stderr().is_terminal();
+    let (mut recovered, mut unknown) = (0u64, false);
+    for note in &notes {
+        let mut pending: Vec<IncomingEvent> = Vec::new();
+        let flush = |pending: &mut Vec<IncomingEvent>| -> Result<(), QueueError> {
+            if pending.is_empty() {
+                return Ok(());
+            }
+            rt.block_on(queue.append(std::mem::take(pending)))
+        };
+        let mut sink = |chunk: sekoia_forwarder::queue::Chunk| {
+            for raw in chunk.events {
+                pending.push(IncomingEvent {
+                    intake_key: chunk.intake_key.clone(),
+                    timestamp: chunk.timestamp.clone(),
+                    raw,
+                });
+            }
+            if pending.len() >= SALVAGE_BATCH {
+                flush(&mut pending)?;
+            }
+            Ok(())
+        };
+        let mut progress = |o: &salvage::Outcome| {
+            if terminal {
+                eprint!(
+                    "\r{}: {} events recovered, {} reads failed ",
+                    o.dir.display(),
+                    o.events,
+                    o.failed_reads
+                );
+            }
+        };
+        let outcome = salvage::salvage_generation(note, &mut sink, &mut progress);
+        // What the sink gathered last is appended even if the walk stopped on an error.
+        flush(&mut pending)?;
+        let outcome = outcome?;
+        if terminal {
+            eprintln!();
+        }
+        recovered += outcome.events;
+        let lost = match outcome.lost_events {
+            Some(n) => n.to_string(),
+            None => {
+                unknown = true;
+                "an unknown number of".to_owned()
+            }
+        };
+        if outcome.opened {
+            println!(
+                "{}: recovered {} events ({} chunks) into the queue; {} reads failed; {lost} events could not be recovered",
+                outcome.dir.display(), outcome.events, outcome.chunks, outcome.failed_reads
+            );
+        } else {
+            println!(
+                "{}: sled cannot open it: recovered 0 events; {lost} events could not be recovered (the directory is kept)",
+                outcome.dir.display()
+            );
+        }
+    }
+    if generation.is_none() {
+        for note in salvage::meta_candidates(&config.queue.path)? {
+            let mut pending = Vec::new();
+            let outcome = salvage::salvage_dead_letters(&note, &mut |dead| {
+                pending.push(dead);
+                Ok(())
+            })?;
+            let found = pending.len();
+            rt.block_on(queue.restore_dead_letters(pending))?;
+            if outcome.opened {
+                println!(
+                    "{}: recovered {found} dead letters into the queue; {} reads failed",
+                    outcome.dir.display(),
+                    outcome.failed_reads
+                );
+            } else {
+                println!(
+                    "{}: sled cannot open it: no dead letter recovered (the directory is kept)",
+                    outcome.dir.display()
+                );
+            }
+        }
+    }
+    if notes.len() > 1 {
+        println!(
+            "total: {recovered} events recovered{}",
+            if unknown {
+                " (some losses unknown)"
+            } else {
+                ""
+            }
+        );
+    }
+    rt.block_on(queue.close())?;
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -20,11 +20,18 @@
 //!
 //! Sealed generations are opened only while delivery reads them and closed when idle, which
 //! bounds sled's memory and makes opening the queue cost one small database, not the backlog.
+//!
+//! A generation that sled cannot open or read (a torn sector, bit rot: sled's own checksums
+//! fail, or sled panics) is *moved aside* whole to `gen-….corrupt`, with a note of what it was
+//! known to hold, and never deleted: the rest of the queue flows on, and the `salvage` command
+//! reads what it still can from it. Every call into sled that may meet such damage goes
+//! through [`guard`], which turns sled's panics into [`QueueError::Corrupt`].
 
 use std::collections::HashSet;
 use std::fs::File;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -36,6 +43,12 @@ use super::{now_ms, QueueError};
 pub const META_DIR: &str = "meta";
 const GEN_PREFIX: &str = "gen-";
 const DELETED_SUFFIX: &str = ".deleted";
+/// A generation sled cannot open or read, moved aside: kept, never deleted.
+pub const CORRUPT_SUFFIX: &str = ".corrupt";
+/// A moved-aside generation whose readable chunks `salvage` put back into the queue.
+pub const SALVAGED_SUFFIX: &str = ".salvaged";
+/// The note written into a moved-aside directory: what it was known to hold, and why.
+pub const NOTE_FILE: &str = "moved-aside.json";
 /// A generation being created: renamed to its name once complete.
 const NEW_SUFFIX: &str = ".new";
 /// Where a queue of the first layout (one sled database at the root) is moved, step by step.
@@ -86,6 +99,86 @@ pub struct GenLane {
     pub bytes: u64,
     /// Sequence number after the lane's last chunk in this generation.
     pub end_seq: u64,
+}
+
+/// What a moved-aside generation (or meta database) was known to hold when it was moved aside.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CorruptNote {
+    /// The generation's id; `None` for the meta database.
+    pub generation: Option<u64>,
+    /// The directory it now lives in.
+    #[serde(default)]
+    pub dir: PathBuf,
+    /// Events and payload bytes it held by the queue's counters (its summary, or the writer's
+    /// own counts); `None` when nothing readable said (the active generation found damaged at
+    /// start: its counters were inside it).
+    pub events: Option<u64>,
+    pub bytes: Option<u64>,
+    /// Bytes its files take on disk.
+    pub disk_bytes: u64,
+    pub reason: String,
+    pub moved_at_ms: u64,
+}
+
+/// Runs a call into sled, turning a panic inside it into [`QueueError::Corrupt`].
+///
+/// sled 0.34 panics on some damaged files (at open: "tried to serialize Uninitialized") where
+/// it should return an error. That is a bug of the dependency, but the forwarder must outlive
+/// it: the panic is caught here, at the boundary where a generation is opened or read, and the
+/// generation is then treated like one whose checksums failed. (The release profile keeps
+/// `panic = "unwind"`, the default, for this.) The panic message is also printed on stderr by
+/// the default hook.
+pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, QueueError>) -> Result<T, QueueError> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            Err(QueueError::Corrupt(format!("sled panicked {what}: {msg}")))
+        }
+    }
+}
+
+/// Moves a damaged database's directory aside: writes `note` into it (fsynced), renames it to
+/// `<name>.corrupt` (or `.corrupt-2`, ... if taken), and syncs the queue directory. Returns the
+/// new path. The files are never deleted: `salvage` and forensic tools read them.
+pub fn move_aside(root: &Path, dir: &Path, note: &mut CorruptNote) -> Result<PathBuf, QueueError> {
+    let mut target = with_suffix(dir, CORRUPT_SUFFIX);
+    let mut n = 2;
+    while target.exists() {
+        target = with_suffix(dir, &format!("{CORRUPT_SUFFIX}-{n}"));
+        n += 1;
+    }
+    note.dir = target.clone();
+    note.disk_bytes = disk_usage(dir);
+    let text = serde_json::to_vec_pretty(note).map_err(|e| QueueError::Storage(e.to_string()))?;
+    let note_path = dir.join(NOTE_FILE);
+    std::fs::write(&note_path, text)?;
+    File::open(&note_path)?.sync_all()?;
+    std::fs::rename(dir, &target)?;
+    sync_dir(root)?;
+    Ok(target)
+}
+
+/// The note of a moved-aside directory; a default one (nothing known) if it cannot be read.
+pub fn read_note(dir: &Path) -> CorruptNote {
+    let note = std::fs::read(dir.join(NOTE_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<CorruptNote>(&t).ok());
+    let mut note = note.unwrap_or_else(|| CorruptNote {
+        reason: "moved aside (no readable note)".into(),
+        ..CorruptNote::default()
+    });
+    note.dir = dir.to_owned();
+    if note.generation.is_none() {
+        // The name tells, if the note does not (`meta.corrupt` names none).
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        note.generation = parse_aside_name(name);
+    }
+    note
 }
 
 pub fn gen_dir(root: &Path, id: u64) -> PathBuf {
@@ -141,8 +234,9 @@ pub struct GenDb {
 }
 
 impl GenDb {
+    /// Opens a database; damage that sled detects (or panics on) is [`QueueError::Corrupt`].
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<GenDb, QueueError> {
-        let db = open_sled(dir, cache_bytes)?;
+        let db = guard("opening a database", || open_sled(dir, cache_bytes))?;
         let data_file = File::open(dir.join("db"))?;
         Ok(GenDb { db, data_file })
     }
@@ -162,6 +256,9 @@ struct Slot {
     deleted: bool,
 }
 
+/// What [`Generation::db`] found.
+pub type Opened = Result<Option<Arc<GenDb>>, QueueError>;
+
 /// One generation, open or closed. Shared by the writer and readers.
 #[derive(Debug)]
 pub struct Generation {
@@ -174,6 +271,8 @@ pub struct Generation {
     /// sealed generation whose lane holds none need not be opened to read that lane). A set,
     /// so that a read and a commit cost the same however many lanes there are.
     lanes_holding: Mutex<HashSet<u32>>,
+    /// sled could not open or read it: readers skip it, and the writer moves it aside.
+    damaged: AtomicBool,
 }
 
 impl Generation {
@@ -185,24 +284,46 @@ impl Generation {
             slot: Mutex::default(),
             last_used_ms: AtomicU64::new(now_ms()),
             lanes_holding: Mutex::default(),
+            damaged: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the generation damaged: it is not opened again, readers skip it, and the writer
+    /// moves it aside at its next housekeeping (which logs it, once).
+    pub fn mark_damaged(&self, error: &QueueError) {
+        if !self.damaged.swap(true, Ordering::AcqRel) {
+            tracing::debug!(generation = self.id, error = %error, "queue generation damaged");
+        }
+    }
+
+    pub fn is_damaged(&self) -> bool {
+        self.damaged.load(Ordering::Acquire)
     }
 
     fn slot(&self) -> MutexGuard<'_, Slot> {
         self.slot.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The open database, opening it if needed; `None` once the generation is deleted.
-    pub fn db(&self) -> Result<Option<Arc<GenDb>>, QueueError> {
+    /// The open database, opening it if needed; `None` once the generation is deleted or
+    /// found damaged. A failure to open it for damage marks it damaged.
+    pub fn db(&self) -> Opened {
         self.last_used_ms.store(now_ms(), Ordering::Relaxed);
         let mut slot = self.slot();
-        if slot.deleted {
+        if slot.deleted || self.is_damaged() {
             return Ok(None);
         }
         if let Some(db) = &slot.open {
             return Ok(Some(db.clone()));
         }
-        let db = Arc::new(GenDb::open(&self.dir, self.cache_bytes)?);
+        let db = match GenDb::open(&self.dir, self.cache_bytes) {
+            Ok(db) => Arc::new(db),
+            Err(e) => {
+                if e.is_corrupt() {
+                    self.mark_damaged(&e);
+                }
+                return Err(e);
+            }
+        };
         slot.open = Some(db.clone());
         Ok(Some(db))
     }
@@ -282,12 +403,25 @@ impl Generation {
 pub struct RootListing {
     /// Generation ids, ascending.
     pub gens: Vec<u64>,
+    /// Moved-aside generations (and meta databases), with their notes.
+    pub corrupt: Vec<CorruptNote>,
+    /// The highest generation id ever used, moved-aside ones included: a new generation takes
+    /// a higher one, so that an id is never reused.
+    pub max_id: u64,
+}
+
+/// The generation id in a moved-aside (or salvaged) directory's name.
+fn parse_aside_name(name: &str) -> Option<u64> {
+    let base = name.split('.').next()?;
+    parse_gen_name(base)
 }
 
 /// Lists the generations, finishing any deletion or migration a crash interrupted.
 pub fn scan_root(root: &Path) -> Result<RootListing, QueueError> {
     finish_legacy_migration(root)?;
     let mut gens = Vec::new();
+    let mut corrupt = Vec::new();
+    let mut max_id = 0;
     for entry in std::fs::read_dir(root)? {
         let entry = entry?;
         let name = entry.file_name();
@@ -301,10 +435,23 @@ pub fn scan_root(root: &Path) -> Result<RootListing, QueueError> {
             tracing::info!(dir = %entry.path().display(), "removed a delivered generation left by a crash");
         } else if let Some(id) = parse_gen_name(name) {
             gens.push(id);
+            max_id = max_id.max(id);
+        } else if name.contains(CORRUPT_SUFFIX) || name.contains(SALVAGED_SUFFIX) {
+            if let Some(id) = parse_aside_name(name) {
+                max_id = max_id.max(id);
+            }
+            if name.contains(CORRUPT_SUFFIX) {
+                corrupt.push(read_note(&entry.path()));
+            }
         }
     }
     gens.sort_unstable();
-    Ok(RootListing { gens })
+    corrupt.sort_by(|a, b| a.dir.cmp(&b.dir));
+    Ok(RootListing {
+        gens,
+        corrupt,
+        max_id,
+    })
 }
 
 fn with_suffix(dir: &Path, suffix: &str) -> PathBuf {
@@ -500,6 +647,35 @@ mod tests {
             drop(gen.close_if_idle(Duration::ZERO));
             gen.db().unwrap().expect("reopened");
         }
+    }
+
+    /// A moved-aside generation is listed with its note, or without one (a crash between the
+    /// rename of a forwarder that wrote no note, or a hand-made one) with the id its name gives; `meta.corrupt` names none.
+    /// Moved-aside ids count for the next id.
+    #[test]
+    fn moved_aside_directories_are_listed_and_their_ids_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(gen_dir(root, 3)).unwrap();
+        let mut note = CorruptNote {
+            generation: Some(3),
+            events: Some(42),
+            ..CorruptNote::default()
+        };
+        let moved = move_aside(root, &gen_dir(root, 3), &mut note).unwrap();
+        assert!(moved.ends_with("gen-00000000000000000003.corrupt"));
+        std::fs::create_dir_all(root.join("gen-00000000000000000007.corrupt")).unwrap();
+        std::fs::create_dir_all(root.join("meta.corrupt")).unwrap();
+        std::fs::create_dir_all(gen_dir(root, 5)).unwrap();
+        let listing = scan_root(root).unwrap();
+        assert_eq!(listing.gens, [5]);
+        assert_eq!(listing.max_id, 7);
+        let found: Vec<(Option<u64>, Option<u64>)> = listing
+            .corrupt
+            .iter()
+            .map(|n| (n.generation, n.events))
+            .collect();
+        assert_eq!(found, [(Some(3), Some(42)), (Some(7), None), (None, None)]);
     }
 
     #[test]

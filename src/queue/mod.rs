@@ -17,6 +17,7 @@
 
 pub mod generation;
 pub mod record;
+pub mod salvage;
 mod writer;
 
 use std::collections::HashSet;
@@ -29,7 +30,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::QueueConfig;
 use crate::intake_api::IncomingEvent;
-use generation::{GenDb, Generation};
+use generation::{CorruptNote, GenDb, Generation};
 pub use record::{Chunk, ChunkView, DeadLetter};
 
 /// How many bytes of appends one group commit gathers at most.
@@ -65,6 +66,9 @@ pub enum QueueError {
     Locked(PathBuf),
     #[error("queue storage error: {0}")]
     Storage(String),
+    /// sled found its own data damaged (a checksum failed) or panicked on it.
+    #[error("queue database damaged: {0}")]
+    Corrupt(String),
     #[error("the queue at {path} was written by a newer release (format {found}, this release reads {supported})")]
     NewerFormat {
         path: PathBuf,
@@ -78,9 +82,21 @@ pub enum QueueError {
     },
 }
 
+impl QueueError {
+    /// Whether the error says a database is damaged (rather than, say, the disk full).
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, QueueError::Corrupt(_))
+    }
+}
+
 impl From<sled::Error> for QueueError {
     fn from(e: sled::Error) -> Self {
-        QueueError::Storage(e.to_string())
+        match e {
+            sled::Error::Corruption { .. } | sled::Error::ReportableBug(_) => {
+                QueueError::Corrupt(e.to_string())
+            }
+            _ => QueueError::Storage(e.to_string()),
+        }
     }
 }
 
@@ -172,6 +188,8 @@ struct Shared {
     max_intake_keys: usize,
     full: AtomicBool,
     stats: Stats,
+    /// Generations (and meta databases) moved aside as damaged, on disk now.
+    corrupt: Mutex<Vec<CorruptNote>>,
 }
 
 impl Shared {
@@ -180,6 +198,9 @@ impl Shared {
     }
     fn lanes_write(&self) -> RwLockWriteGuard<'_, Vec<Arc<Lane>>> {
         self.lanes.write().unwrap_or_else(|p| p.into_inner())
+    }
+    fn corrupt(&self) -> std::sync::MutexGuard<'_, Vec<CorruptNote>> {
+        self.corrupt.lock().unwrap_or_else(|p| p.into_inner())
     }
     fn gens_write(&self) -> RwLockWriteGuard<'_, GenList> {
         self.gens.write().unwrap_or_else(|p| p.into_inner())
@@ -310,6 +331,9 @@ pub struct QueueStatus {
     pub generations: u64,
     #[serde(default)]
     pub open_generations: u64,
+    /// Generations moved aside as damaged (`gen-….corrupt`), waiting for `salvage`.
+    #[serde(default)]
+    pub corrupt_generations: Vec<CorruptNote>,
     pub lanes: Vec<LaneStatus>,
 }
 
@@ -337,17 +361,16 @@ impl Queue {
         let path = config.path.clone();
         prepare_dir(&path)?;
         let lock = lock_dir(&path)?;
-        let listing = generation::scan_root(&path)?;
+        let mut listing = generation::scan_root(&path)?;
         let meta_dir = path.join(generation::META_DIR);
-        let meta = GenDb::open(&meta_dir, META_CACHE_BYTES)?;
-        check_format(&meta.db, &meta_dir, LAYOUT_VERSION)?;
+        let meta = open_meta(&path, &meta_dir, &mut listing)?;
         // The entries sled made in meta/ (its data file above all) must survive a power cut
         // too; the queue directory's own entries are synced below, once loading is done.
         meta.db.flush()?;
         meta.sync_data_file()?;
         generation::sync_dir(&meta_dir)?;
         let cache = (config.cache_capacity_bytes / 4).max(1024 * 1024);
-        let state = writer::WriterState::load(&path, &meta, &listing.gens, cache)?;
+        let state = writer::WriterState::load(&path, &meta, &mut listing, cache)?;
         let lanes: Vec<Arc<Lane>> = state.lanes_for_readers();
         let keys: HashSet<String> = lanes.iter().map(|l| l.intake_key.clone()).collect();
         let queued_events = lanes.iter().map(|l| l.events()).sum::<u64>();
@@ -372,6 +395,7 @@ impl Queue {
                 dead_letters: state.dead_letters.into(),
                 ..Stats::default()
             },
+            corrupt: Mutex::new(listing.corrupt),
         });
         generation::sync_dir(&path)?;
         let (tx, rx) = mpsc::channel(4096);
@@ -477,11 +501,38 @@ impl Queue {
                 gen: gen.id,
                 seq: start,
             };
-            if gen.id != active && !gen.may_hold(lane) {
+            if gen.is_damaged() || (gen.id != active && !gen.may_hold(lane)) {
                 continue;
             }
-            let Some(db) = gen.db()? else { continue };
-            let mut span = read_generation(&db.db, gen.id, lane, start, limits, reader)?;
+            // Damage that sled finds (or panics on) in this generation must not stop the lane:
+            // the generation is marked damaged (the writer moves it aside) and the read goes
+            // on with the next one. Unless the reader already took chunks of it: they would
+            // be taken for chunks of the next one (same sequence numbers, another
+            // generation), so the read fails instead, the reader drops them, and the next
+            // read skips the generation.
+            let mut handed = 0usize;
+            let read = match gen.db() {
+                Ok(Some(db)) => generation::guard("reading a generation", || {
+                    let counting = &mut |seq: u64, view: &ChunkView<'_>| {
+                        handed += 1;
+                        reader(seq, view)
+                    };
+                    read_generation(&db.db, gen.id, lane, start, limits, counting)
+                }),
+                Ok(None) => continue,
+                Err(e) => Err(e),
+            };
+            let mut span = match read {
+                Ok(span) => span,
+                Err(e) if e.is_corrupt() => {
+                    gen.mark_damaged(&e);
+                    if handed > 0 {
+                        return Err(e);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if span.chunks > 0 || !span.corrupt.is_empty() {
                 span.sealed = gen.id != active;
                 return Ok(span);
@@ -600,6 +651,7 @@ impl Queue {
             dead_letters: self.dead_letter_count(),
             generations: self.shared.stats.generations.load(Ordering::Relaxed),
             open_generations: self.shared.stats.open_generations.load(Ordering::Relaxed),
+            corrupt_generations: self.shared.corrupt().clone(),
             lanes,
         }
     }
@@ -618,6 +670,23 @@ impl Queue {
             .find(|db| db.db.contains_key(key).expect("read"))
             .unwrap_or_else(|| open(gens.iter().find(|g| g.id == active).expect("active")));
         db.db.insert(key, bytes).expect("insert");
+    }
+
+    /// Stores dead letters read back from a moved-aside meta database (`salvage`): an
+    /// acknowledgement for no generation (`u64::MAX` is never one) records only its dead
+    /// letters, durably, like any other.
+    pub async fn restore_dead_letters(&self, dead: Vec<DeadLetter>) -> Result<(), QueueError> {
+        let ack = Ack {
+            gen: u64::MAX,
+            dead,
+            ..Ack::default()
+        };
+        self.ack(0, ack).await
+    }
+
+    /// Generations (and meta databases) moved aside as damaged.
+    pub fn corrupt_generations(&self) -> Vec<CorruptNote> {
+        self.shared.corrupt().clone()
     }
 
     /// Dead letters kept in the queue.
@@ -794,6 +863,53 @@ fn read_generation(
         }
     }
     Ok(span)
+}
+
+/// Opens the meta database and reads it through once; if sled cannot (damage, or a panic), it
+/// is moved aside to `meta.corrupt` (kept: its dead letters stay readable by forensic tools)
+/// and a new one is made. The lane map is then rebuilt from the generations' own lane records
+/// (each generation names the intake key of every lane it holds), and since the summaries are
+/// gone with it, every generation is opened once and counted exactly.
+fn open_meta(
+    root: &Path,
+    meta_dir: &Path,
+    listing: &mut generation::RootListing,
+) -> Result<GenDb, QueueError> {
+    // A meta database that held anything holds its format marker (written, and fsynced, at
+    // its first open): if sled opens it without one, sled took damage for the end of its log
+    // and dropped everything.
+    let existed = std::fs::metadata(meta_dir.join("db")).is_ok_and(|m| m.len() > 0);
+    let check = |existed: bool| -> Result<GenDb, QueueError> {
+        let meta = GenDb::open(meta_dir, META_CACHE_BYTES)?;
+        generation::guard("reading the meta database", || {
+            if existed && meta.db.get(record::META_FORMAT_KEY)?.is_none() {
+                return Err(QueueError::Corrupt(
+                    "the format marker is gone: sled lost its contents".into(),
+                ));
+            }
+            check_format(&meta.db, meta_dir, LAYOUT_VERSION)?;
+            for item in meta.db.iter() {
+                item?;
+            }
+            Ok(())
+        })?;
+        Ok(meta)
+    };
+    match check(existed) {
+        Err(e) if e.is_corrupt() => {
+            tracing::error!(dir = %meta_dir.display(), error = %e,
+                "the queue's meta database is damaged: moving it aside and rebuilding the lane map from the generations (dead letters stay in the moved-aside copy)");
+            let mut note = generation::CorruptNote {
+                reason: e.to_string(),
+                moved_at_ms: now_ms(),
+                ..Default::default()
+            };
+            generation::move_aside(root, meta_dir, &mut note)?;
+            listing.corrupt.push(note);
+            check(false)
+        }
+        other => other,
+    }
 }
 
 /// Takes the queue directory's lock: one forwarder per queue.

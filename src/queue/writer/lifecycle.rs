@@ -33,6 +33,7 @@ impl Writer {
                 tracing::error!(error = %e, "cannot start a new queue generation; appending to the current one, retrying in 1 s");
             }
         }
+        self.set_aside_damaged();
         if let Err(e) = self.delete_delivered() {
             tracing::error!(error = %e, "cannot delete a delivered queue generation; will retry");
         }
@@ -153,6 +154,74 @@ impl Writer {
         Ok(())
     }
 
+    /// Moves aside every generation that sled could not open or read (marked damaged by a
+    /// reader or by the writer itself): its events leave the counters (they are noted in the
+    /// moved-aside directory, and shown by `status`), and the rest of the queue flows on. The
+    /// active generation is sealed first, so that appends go on in a fresh one.
+    fn set_aside_damaged(&mut self) {
+        let damaged: Vec<u64> = self
+            .state
+            .gens
+            .iter()
+            .filter(|(_, g)| g.handle.is_damaged())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in damaged {
+            if id == self.state.active {
+                if Instant::now() < self.rotate_retry_at {
+                    continue;
+                }
+                if let Err(e) = self.rotate() {
+                    self.rotate_retry_at = Instant::now() + Duration::from_secs(1);
+                    tracing::error!(error = %e, "cannot start a new queue generation in place of a damaged one; retrying in 1 s");
+                    continue;
+                }
+            }
+            if let Err(e) = self.set_aside(id) {
+                tracing::error!(generation = id, error = %e, "cannot move a damaged queue generation aside; will retry");
+            }
+        }
+    }
+
+    fn set_aside(&mut self, id: u64) -> Result<(), QueueError> {
+        let Some(g) = self.state.gens.get(&id) else {
+            return Ok(());
+        };
+        let handle = g.handle.clone();
+        let (events, bytes) = g
+            .lanes
+            .values()
+            .fold((0, 0), |(e, b), c| (e + c.events, b + c.bytes));
+        let Some(db) = handle.retire() else {
+            return Ok(()); // a reader holds it: next time
+        };
+        if let Some(db) = db {
+            // Closing a damaged database may panic in sled too.
+            let _ = generation::guard("closing a damaged generation", || {
+                drop(db);
+                Ok(())
+            });
+        }
+        self.replace_counts(id, HashMap::new());
+        self.state.gens.remove(&id);
+        self.synced_blobs.remove(&id);
+        self.publish_generations();
+        let mut note = generation::CorruptNote {
+            generation: Some(id),
+            events: Some(events),
+            bytes: Some(bytes),
+            reason: "sled cannot open or read it (see the log)".into(),
+            moved_at_ms: crate::queue::now_ms(),
+            ..Default::default()
+        };
+        generation::move_aside(&self.shared.path, &handle.dir, &mut note)?;
+        self.meta.db.remove(generation::summary_key(id))?;
+        tracing::error!(generation = id, dir = %note.dir.display(), events, bytes,
+            "damaged queue generation moved aside; the rest of the queue goes on. Run `sekoia-forwarder salvage` on the stopped forwarder to recover what it still holds");
+        self.shared.corrupt().push(note);
+        Ok(())
+    }
+
     /// Counts a generation from its chunks (the lane records disagreed with the store).
     fn recount(&mut self, gen: u64) -> Result<(), QueueError> {
         let Some(db) = self.gen_db(gen)? else {
@@ -246,19 +315,33 @@ impl Writer {
         if g.exact {
             return Ok(());
         }
-        let Some(db) = g.handle.db()? else {
-            return Ok(());
-        };
-        let loaded = load_generation(&db.db, &g.handle.dir)?;
+        let handle = g.handle.clone();
         let mut next_dead_seq = self.state.next_dead_seq;
-        let moved = import_dead_letters(&db, &self.meta, &mut next_dead_seq)?;
+        let meta = &self.meta;
+        let read = generation::guard("loading a generation", || {
+            let Some(db) = handle.db()? else {
+                return Ok(None);
+            };
+            let loaded = load_generation(&db.db, &handle.dir)?;
+            let moved = import_dead_letters(&db, meta, &mut next_dead_seq)?;
+            Ok(Some((loaded, moved)))
+        });
+        let (loaded, moved) = match read {
+            Ok(Some(read)) => read,
+            Ok(None) => return Ok(()),
+            // Moved aside at the next housekeeping; nothing to count meanwhile.
+            Err(e) if e.is_corrupt() => {
+                handle.mark_damaged(&e);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         self.state.next_dead_seq = next_dead_seq;
         self.state.dead_letters += moved;
         self.shared
             .stats
             .dead_letters
             .fetch_add(moved, Ordering::Relaxed);
-        drop(db);
         self.replace_counts(gen, loaded.lanes);
         Ok(())
     }

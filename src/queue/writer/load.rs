@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{storage, GenCount, GenState, LaneState, WriterState};
-use crate::queue::generation::{self, GenDb, GenSummary, Generation};
+use crate::queue::generation::{self, CorruptNote, GenDb, GenSummary, Generation, RootListing};
 use crate::queue::record::{self, LaneRecord};
 use crate::queue::QueueError;
 
@@ -47,7 +47,17 @@ pub(super) fn load_generation(db: &sled::Db, dir: &Path) -> Result<Loaded, Queue
     Ok(Loaded { lanes, names })
 }
 
+/// Checks a generation's format marker. Every generation is created with one (made durable
+/// before it gets its name), so a generation without it is one whose contents sled lost at
+/// open: damage that sled took for the end of its log. Generation 0, moved from the first
+/// layout, may lack it.
 fn check_gen_format(db: &sled::Db, dir: &Path) -> Result<(), QueueError> {
+    let legacy = dir.file_name() == generation::gen_dir(Path::new(""), 0).file_name();
+    if !legacy && db.get(record::META_FORMAT_KEY)?.is_none() {
+        return Err(QueueError::Corrupt(
+            "the generation's format marker is gone: sled lost its contents".into(),
+        ));
+    }
     crate::queue::check_format(db, dir, record::FORMAT_VERSION)
 }
 
@@ -79,16 +89,65 @@ pub(super) fn import_dead_letters(
     Ok(moved)
 }
 
+/// A generation's counts as its summary gives them (an upper bound).
+fn summary_counts(summary: &GenSummary) -> HashMap<u32, GenCount> {
+    summary
+        .lanes
+        .iter()
+        .map(|l| {
+            let count = GenCount {
+                events: l.events,
+                bytes: l.bytes,
+                end_seq: l.end_seq,
+            };
+            (l.lane, count)
+        })
+        .collect()
+}
+
+/// Moves aside a generation found damaged while the queue opens, noting what its summary (if
+/// any) says it held. The active generation has no summary: what it held is not known.
+fn set_aside_at_open(
+    root: &Path,
+    handle: &Generation,
+    summary: Option<&GenSummary>,
+    error: &QueueError,
+) -> Result<CorruptNote, QueueError> {
+    if let Some(Some(db)) = handle.retire() {
+        // Closing a damaged database may panic in sled too.
+        let _ = generation::guard("closing a damaged generation", || {
+            drop(db);
+            Ok(())
+        });
+    }
+    let mut note = CorruptNote {
+        generation: Some(handle.id),
+        events: summary.map(|s| s.lanes.iter().map(|l| l.events).sum()),
+        bytes: summary.map(|s| s.lanes.iter().map(|l| l.bytes).sum()),
+        reason: error.to_string(),
+        moved_at_ms: crate::queue::now_ms(),
+        ..CorruptNote::default()
+    };
+    generation::move_aside(root, &handle.dir, &mut note)?;
+    tracing::error!(generation = handle.id, dir = %note.dir.display(), events = ?note.events,
+        "damaged queue generation moved aside; run `sekoia-forwarder salvage` on the stopped forwarder to recover what it still holds");
+    Ok(note)
+}
+
 impl WriterState {
     /// Loads lanes and counters: the meta database, the active (newest) generation, and the
     /// summaries of sealed ones. A sealed generation without a summary is opened once to count
     /// it. Creates the first generation of a new queue.
+    ///
+    /// A generation that sled cannot open or read here is moved aside (see
+    /// [`generation::move_aside`]) and left out; its note is added to `listing.corrupt`.
     pub fn load(
         root: &Path,
         meta: &GenDb,
-        gen_ids: &[u64],
+        listing: &mut RootListing,
         cache_bytes: u64,
     ) -> Result<WriterState, QueueError> {
+        let gen_ids = listing.gens.clone();
         let mut names: BTreeMap<u32, String> = BTreeMap::new();
         for item in meta.db.scan_prefix([record::LANE_PREFIX]) {
             let (key, value) = item?;
@@ -114,59 +173,61 @@ impl WriterState {
             }
         }
 
-        let mut gen_ids = gen_ids.to_vec();
-        let mut first = None;
-        if gen_ids.is_empty() {
-            gen_ids.push(1);
-            let handle = Arc::new(Generation::new(root, 1, cache_bytes));
-            generation::create_generation(root, &handle, record::FORMAT_VERSION)?;
-            first = Some(handle);
-        }
-        let active = *gen_ids.last().unwrap_or(&1);
         let mut gens = BTreeMap::new();
         let mut found_names = Vec::new();
-        for id in gen_ids {
-            let handle = match first.take() {
-                Some(handle) => handle,
-                None => Arc::new(Generation::new(root, id, cache_bytes)),
-            };
-            let summary = summaries.remove(&id).filter(|_| id != active);
-            let (lanes, exact) = match summary {
-                Some(summary) => {
-                    let lanes = summary
-                        .lanes
-                        .iter()
-                        .map(|l| {
-                            let count = GenCount {
-                                events: l.events,
-                                bytes: l.bytes,
-                                end_seq: l.end_seq,
-                            };
-                            (l.lane, count)
-                        })
-                        .collect();
-                    (lanes, false)
-                }
+        let newest = listing.gens.last().copied();
+        for &id in &listing.gens {
+            let handle = Arc::new(Generation::new(root, id, cache_bytes));
+            let summary = summaries.remove(&id);
+            let is_active = Some(id) == newest;
+            let (lanes, exact) = match summary.as_ref().filter(|_| !is_active) {
+                Some(summary) => (summary_counts(summary), false),
                 None => {
-                    let db = handle.db()?.ok_or_else(|| storage("generation deleted"))?;
-                    let loaded = load_generation(&db.db, &handle.dir)?;
-                    import_dead_letters(&db, meta, &mut next_dead_seq)?;
+                    let read = generation::guard("loading a generation", || {
+                        let db = handle.db()?.ok_or_else(|| storage("generation deleted"))?;
+                        let loaded = load_generation(&db.db, &handle.dir)?;
+                        import_dead_letters(&db, meta, &mut next_dead_seq)?;
+                        Ok(loaded)
+                    });
+                    let loaded = match read {
+                        Ok(loaded) => loaded,
+                        Err(e) if e.is_corrupt() => {
+                            handle.mark_damaged(&e);
+                            let note = set_aside_at_open(root, &handle, summary.as_ref(), &e)?;
+                            listing.corrupt.push(note);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     found_names.extend(loaded.names);
-                    drop(db);
-                    if id != active {
+                    if !is_active {
                         drop(handle.close_if_idle(Duration::ZERO));
                     }
                     (loaded.lanes, true)
                 }
             };
             let mut state = GenState::new(handle, lanes, exact);
-            if id == active {
+            if is_active {
                 // What it holds counts as appended, so that it is sealed on time, and rotated
                 // away once delivered (which gives its space back).
                 state.appended = state.lanes.values().map(|c| c.bytes).sum();
             }
             gens.insert(id, state);
         }
+        // A new queue, or one whose newest generation was moved aside: appends go to a fresh
+        // generation, with an id never used before.
+        let active = match newest.filter(|id| gens.contains_key(id)) {
+            Some(id) => id,
+            None => {
+                let id = listing.max_id + 1;
+                let handle = Arc::new(Generation::new(root, id, cache_bytes));
+                generation::create_generation(root, &handle, record::FORMAT_VERSION)?;
+                gens.insert(id, GenState::new(handle, HashMap::new(), true));
+                listing.gens.push(id);
+                listing.max_id = id;
+                id
+            }
+        };
 
         // The lane map: the meta database's, plus lanes that only a generation names (a queue
         // of the first layout, or a crash between the two).
@@ -194,6 +255,26 @@ impl WriterState {
 
         let mut lanes = Vec::with_capacity(names.len());
         let mut by_key = HashMap::new();
+        // Lane ids are dense. A gap is a lane that only a lost meta database knew (its events
+        // all delivered or moved aside): it keeps its id, under a name no sender can use, so
+        // that the next new intake key does not take an id that a moved-aside generation
+        // (and so `salvage`) may still use.
+        let mut gaps = sled::Batch::default();
+        let mut gapped = false;
+        let last = names.keys().next_back().copied();
+        for id in 0..last.map_or(0, |l| l + 1) {
+            if let std::collections::btree_map::Entry::Vacant(e) = names.entry(id) {
+                let name = format!("\u{0}lost-lane-{id}");
+                gaps.insert(&record::lane_key(id), record::encode_value(&name));
+                e.insert(name);
+                gapped = true;
+            }
+        }
+        if gapped {
+            meta.db.apply_batch(gaps)?;
+            meta.db.flush()?;
+            meta.sync_data_file()?;
+        }
         for (id, intake_key) in names {
             if id as usize != lanes.len() {
                 return Err(storage(format!(
