@@ -55,6 +55,12 @@ pub enum QueueError {
     Locked(PathBuf),
     #[error("queue storage error: {0}")]
     Storage(String),
+    /// A write to the store failed after part of it may have reached sled (a failed flush or
+    /// fsync): nothing written since the last good fsync can be trusted, and retrying proves
+    /// nothing. The writer has stopped; the process must restart so that recovery reads what
+    /// is really on disk (`docs/reliability.md`, "What happens on a failed fsync").
+    #[error("queue storage failed, restart needed: {0}")]
+    RestartNeeded(String),
     #[error("the queue at {path} was written by a newer release (format {found}, this release reads {supported})")]
     NewerFormat {
         path: PathBuf,
@@ -153,6 +159,9 @@ struct Shared {
     lanes_changed: Notify,
     full: AtomicBool,
     stats: Stats,
+    /// Set once by the writer when the store can no longer be trusted
+    /// ([`QueueError::RestartNeeded`]); the writer stops then.
+    failure: std::sync::OnceLock<String>,
 }
 
 impl Shared {
@@ -164,6 +173,13 @@ impl Shared {
     }
     fn gens_write(&self) -> RwLockWriteGuard<'_, GenList> {
         self.gens.write().unwrap_or_else(|p| p.into_inner())
+    }
+    /// The error every operation gets once the store failed, if it did.
+    fn failed(&self) -> Result<(), QueueError> {
+        match self.failure.get() {
+            Some(why) => Err(QueueError::RestartNeeded(why.clone())),
+            None => Ok(()),
+        }
     }
     /// The generations now, oldest first, and the active one's id.
     fn gens_snapshot(&self) -> (Vec<Arc<Generation>>, u64) {
@@ -325,6 +341,7 @@ impl Queue {
                 dead_letters: state.dead_letters.into(),
                 ..Stats::default()
             },
+            failure: std::sync::OnceLock::new(),
         });
         generation::sync_dir(&path)?;
         let (tx, rx) = mpsc::channel(4096);
@@ -349,6 +366,7 @@ impl Queue {
     /// Appends `events` and returns once they are durable (fsynced). Order is kept per intake
     /// key. Either all the events are durable or, on error, the caller must assume none is.
     pub async fn append(&self, events: Vec<IncomingEvent>) -> Result<(), QueueError> {
+        self.shared.failed()?;
         if self.is_full() {
             return Err(QueueError::Full);
         }
@@ -358,18 +376,30 @@ impl Queue {
         self.ops
             .send(writer::Op::Append { groups, done })
             .await
-            .map_err(|_| QueueError::Closed)?;
-        wait.await.map_err(|_| QueueError::Closed)?
+            .map_err(|_| self.closed())?;
+        wait.await.map_err(|_| self.closed())?
+    }
+
+    /// Why the writer is gone: it failed, or the queue was closed.
+    fn closed(&self) -> QueueError {
+        self.shared.failed().err().unwrap_or(QueueError::Closed)
+    }
+
+    /// Why the store failed, once it did: the writer has stopped and the process must restart
+    /// ([`QueueError::RestartNeeded`]).
+    pub fn failure(&self) -> Option<&str> {
+        self.shared.failure.get().map(String::as_str)
     }
 
     /// Records what the intake acknowledged in `lane`: removes, rewrites, dead-letters.
     pub async fn ack(&self, lane: u32, ack: Ack) -> Result<(), QueueError> {
         let (done, wait) = oneshot::channel();
+        self.shared.failed()?;
         self.ops
             .send(writer::Op::Ack { lane, ack, done })
             .await
-            .map_err(|_| QueueError::Closed)?;
-        wait.await.map_err(|_| QueueError::Closed)?
+            .map_err(|_| self.closed())?;
+        wait.await.map_err(|_| self.closed())?
     }
 
     /// Reads chunks of `lane` from `from` on, in order and from one generation: at least one
@@ -524,17 +554,18 @@ impl Queue {
     }
 
     /// Commits everything sent so far, fsyncs, and stops the writer. Later calls fail with
-    /// [`QueueError::Closed`].
+    /// [`QueueError::Closed`]. Fails with [`QueueError::RestartNeeded`] if the store failed
+    /// at any time, so that the process ends with an error.
     pub async fn close(&self) -> Result<(), QueueError> {
         let (done, wait) = oneshot::channel();
         if self.ops.send(writer::Op::Close { done }).await.is_ok() {
-            wait.await.map_err(|_| QueueError::Closed)??;
+            wait.await.map_err(|_| self.closed())??;
         }
         let handle = self.writer.lock().ok().and_then(|mut h| h.take());
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
-        Ok(())
+        self.shared.failed()
     }
 }
 

@@ -670,3 +670,179 @@ async fn a_generation_whose_counters_lie_is_recounted_not_deleted() {
     assert_eq!(q.totals().0, 1000);
     assert_eq!(drain(&q, 0, true).await.len(), 1000);
 }
+
+#[cfg(feature = "failpoints")]
+mod failed_writes {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// Events of 400 bytes (two to a chunk) whose text says which group they belong to.
+    fn tagged(key: &str, tag: &str, n: usize) -> Vec<IncomingEvent> {
+        (0..n)
+            .map(|i| IncomingEvent {
+                intake_key: key.into(),
+                timestamp: None,
+                raw: format!("{tag}-{i:03}-{}", "x".repeat(390)),
+            })
+            .collect()
+    }
+
+    fn texts(events: &[IncomingEvent]) -> Vec<String> {
+        events.iter().map(|e| e.raw.clone()).collect()
+    }
+
+    /// Every event of every lane after a reopen, by intake key; asserts that each chunk is in the
+    /// lane of its own intake key.
+    fn contents_by_key(q: &Queue) -> HashMap<String, Vec<String>> {
+        let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
+        for lane in q.lanes() {
+            let batch = q
+                .read(lane.id, Position::default(), usize::MAX, usize::MAX)
+                .unwrap();
+            for c in batch.chunks {
+                assert_eq!(
+                    c.chunk.intake_key, lane.intake_key,
+                    "lane {} holds a chunk of another intake key",
+                    lane.id
+                );
+                by_key
+                    .entry(lane.intake_key.clone())
+                    .or_default()
+                    .extend(c.chunk.events);
+            }
+        }
+        by_key
+    }
+
+    fn contains_run(haystack: &[String], run: &[String]) -> bool {
+        haystack.windows(run.len()).any(|w| w == run)
+    }
+
+    /// The store's failure injected at `point` while `b` is committed, in one test's queue.
+    struct Injected {
+        _aim: crate::failpoint::Aimed,
+        _scenario: fail::FailScenario<'static>,
+    }
+
+    /// Serialises the tests that configure fail points, and aims the I/O points at `path`.
+    fn inject(path: &Path) -> Injected {
+        // Aimed first and released last: the points never fire for other tests' queues.
+        let aim = crate::failpoint::aim(path);
+        Injected {
+            _scenario: fail::FailScenario::setup(),
+            _aim: aim,
+        }
+    }
+
+    /// A commit that fails at `point` after its batch reached sled: its chunks may be visible
+    /// to readers, and a later group must never be stored under their keys, so that a
+    /// delivery of the failed group (which the intake acknowledges) removes nothing else.
+    async fn a_failed_commit_hands_out_no_key_twice(point: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let injected = inject(&cfg.path);
+        let q = Queue::open(&cfg).unwrap();
+        let (a, b, c) = (
+            tagged("K", "a", 4),
+            tagged("K", "b", 6),
+            tagged("K", "c", 2),
+        );
+        q.append(a.clone()).await.unwrap();
+        let a_chunks = q
+            .read(0, Position::default(), usize::MAX, usize::MAX)
+            .unwrap()
+            .chunks
+            .len();
+        fail::cfg(point, "return").unwrap();
+        assert!(
+            q.append(b).await.is_err(),
+            "{point}: the failure was not injected"
+        );
+        fail::remove(point);
+        // Delivery reads what sled shows: the failed group's chunks among them.
+        let seen = q
+            .read(0, Position::default(), usize::MAX, usize::MAX)
+            .unwrap();
+        let c_acked = q.append(c.clone()).await;
+        if let Err(e) = &c_acked {
+            assert!(matches!(e, QueueError::RestartNeeded(_)), "{point}: {e}");
+        }
+        // The intake acknowledges the failed group's chunks: they are removed.
+        let failed_seqs: Vec<u64> = seen.chunks[a_chunks..].iter().map(|c| c.seq).collect();
+        let removal = q
+            .ack(
+                0,
+                Ack {
+                    gen: seen.span.gen,
+                    remove: failed_seqs,
+                    ..Ack::default()
+                },
+            )
+            .await;
+        if c_acked.is_ok() {
+            let now = read_all(&q, 0);
+            assert!(
+                contains_run(&now, &texts(&c)),
+                "{point}: the removal of the failed group's chunks removed an acknowledged \
+                 group's (removal: {removal:?})"
+            );
+        }
+        let closed = q.close().await;
+        assert!(
+            matches!(closed, Err(QueueError::RestartNeeded(_))),
+            "{point}: a queue whose store failed must close with an error: {closed:?}"
+        );
+        drop(q);
+        drop(injected);
+        // Recovery reads what is on disk; everything acknowledged is there, whole, in order.
+        let q = Queue::open(&cfg).unwrap();
+        let d = tagged("K", "d", 3);
+        q.append(d.clone()).await.unwrap();
+        let stored = contents_by_key(&q).remove("K").unwrap_or_default();
+        assert!(contains_run(&stored, &texts(&a)), "{point}: {stored:?}");
+        assert!(contains_run(&stored, &texts(&d)), "{point}");
+        if c_acked.is_ok() {
+            assert!(contains_run(&stored, &texts(&c)), "{point}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_hands_out_no_key_twice() {
+        a_failed_commit_hands_out_no_key_twice("queue-flush").await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_blob_sync_hands_out_no_key_twice() {
+        a_failed_commit_hands_out_no_key_twice("queue-blob-sync").await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_fsync_hands_out_no_key_twice() {
+        a_failed_commit_hands_out_no_key_twice("queue-fsync").await;
+    }
+
+    /// A failed commit that created a lane: its id is never given to another intake key, or
+    /// chunks of two keys would share a lane (and a delivery batch).
+    #[tokio::test]
+    async fn a_failed_commit_hands_out_no_lane_id_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let injected = inject(&cfg.path);
+        let q = Queue::open(&cfg).unwrap();
+        q.append(tagged("K", "a", 2)).await.unwrap();
+        // The meta database's fsync (the new lane) passes, the generation's fails.
+        fail::cfg("queue-fsync", "1*off->return").unwrap();
+        assert!(q.append(tagged("L", "b", 6)).await.is_err());
+        fail::remove("queue-fsync");
+        let c = tagged("M", "c", 2);
+        let c_acked = q.append(c.clone()).await;
+        let _ = q.close().await;
+        drop(q);
+        drop(injected);
+        let q = Queue::open(&cfg).unwrap();
+        let stored = contents_by_key(&q);
+        if c_acked.is_ok() {
+            assert_eq!(stored.get("M"), Some(&texts(&c)));
+        }
+    }
+}

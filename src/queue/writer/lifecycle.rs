@@ -53,11 +53,18 @@ impl Writer {
             return Err(storage("no active generation"));
         };
         let summary = g.summary();
+        let (sealed, queued, appended) = (
+            g.handle.clone(),
+            g.lanes.values().map(|c| c.bytes).sum::<u64>(),
+            g.appended,
+        );
         self.meta
             .db
             .insert(generation::summary_key(old), record::encode_value(&summary))?;
-        self.meta.db.flush()?;
-        self.meta.sync_data_file()?;
+        // Applied: from here a failure is a failed write (`Writer::break_down`).
+        if let Err(e) = self.sync_meta() {
+            return Err(self.fail(e));
+        }
         crash_point!("queue-rotate-after-summary");
         let id = old + 1;
         let root = &self.shared.path;
@@ -73,9 +80,8 @@ impl Writer {
         // Delivery far behind (the sealed generation still holds most of what it received):
         // it will not read this generation for a while, so give its memory back now rather
         // than after IDLE_CLOSE, during which a fast ingest could fill another generation.
-        let queued: u64 = g.lanes.values().map(|c| c.bytes).sum();
-        if queued * 2 > g.appended {
-            if let Some(db) = g.handle.close_if_idle(Duration::ZERO) {
+        if queued * 2 > appended {
+            if let Some(db) = sealed.close_if_idle(Duration::ZERO) {
                 self.janitor.close(db);
             }
         }

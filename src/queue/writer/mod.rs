@@ -299,15 +299,19 @@ impl Writer {
             if !ops.is_empty() {
                 self.commit(ops);
             }
+            if self.shared.failure.get().is_some() {
+                break;
+            }
             self.maintain(refresh);
-            if closing {
+            if closing || self.shared.failure.get().is_some() {
                 break;
             }
         }
         self.janitor.discard_spare();
         rx.close();
         while let Ok(op) = rx.try_recv() {
-            answer(op, Err(QueueError::Closed));
+            let err = self.shared.failed().err().unwrap_or(QueueError::Closed);
+            answer(op, Err(err));
         }
     }
 
@@ -336,11 +340,16 @@ impl Writer {
                 .fetch_add(1, Ordering::Relaxed);
             // Most likely the disk is full: hold sources back at once, not at the next check.
             self.update_disk_usage();
-            tracing::error!(error = %e, "queue commit failed; nothing of it was acknowledged");
+            if !matches!(e, QueueError::RestartNeeded(_)) {
+                tracing::error!(error = %e, "queue commit failed; nothing of it was acknowledged");
+            }
         }
+        // Every operation of the group gets the same answer: none of its senders hears "done"
+        // unless all of it is durable.
         for op in ops {
             let r = match &result {
                 Ok(()) => Ok(()),
+                Err(QueueError::RestartNeeded(why)) => Err(QueueError::RestartNeeded(why.clone())),
                 Err(e) => Err(QueueError::Storage(e.to_string())),
             };
             answer(op, r);
@@ -519,6 +528,9 @@ impl Writer {
     }
 
     /// Applies the staged batches atomically per database, makes them durable, then publishes.
+    ///
+    /// A failure before anything is applied leaves the store as it was: the group fails and
+    /// the writer goes on. A failure once a batch was applied is fatal ([`Writer::break_down`]).
     fn write(&mut self, mut staged: Staged) -> Result<(), QueueError> {
         let counts: Vec<((u64, u32), GenCount)> =
             staged.counts.iter().map(|(k, c)| (*k, *c)).collect();
@@ -537,30 +549,20 @@ impl Writer {
                 .or_default()
                 .insert(&record::lane_key(lane), record::encode_value(&rec));
         }
-        crash_point!("queue-before-apply");
-        if staged.meta_dirty {
-            self.meta.db.apply_batch(std::mem::take(&mut staged.meta))?;
-            self.meta.db.flush()?;
-            self.meta.sync_data_file()?;
-            self.shared
-                .stats
-                .meta_fsyncs
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        // Batches are staged only for open generations (appends go to the active one, acks to
+        // deleted ones stage nothing); a database gone now must fail the commit rather than
+        // answer its senders as if their events were stored. Checked before anything is
+        // applied, so that such a commit leaves the store untouched.
+        let mut batches = Vec::with_capacity(staged.gens.len());
         for (gen, batch) in std::mem::take(&mut staged.gens) {
-            // Batches are staged only for open generations (appends go to the active one, acks
-            // to deleted ones stage nothing); a database gone now must fail the commit rather
-            // than answer its senders as if their events were stored.
             let db = self
                 .gen_db(gen)?
                 .ok_or_else(|| storage(format!("queue generation {gen} is gone")))?;
-            db.db.apply_batch(batch)?;
-            crash_point!("queue-after-apply");
-            db.db.flush()?;
-            crash_point!("queue-after-flush");
-            self.sync_blobs(gen)?;
-            self.sync_data_file(&db)?;
-            crash_point!("queue-after-fsync");
+            batches.push((gen, db, batch));
+        }
+        crash_point!("queue-before-apply");
+        if let Err(e) = self.apply_and_sync(&mut staged, batches) {
+            return Err(self.break_down(&staged, e));
         }
         self.shared.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.state.next_dead_seq = staged.next_dead_seq;
@@ -569,6 +571,94 @@ impl Writer {
             self.update_disk_usage();
         }
         Ok(())
+    }
+
+    /// Applies each database's batch and makes it durable: meta first, then the generations.
+    fn apply_and_sync(
+        &mut self,
+        staged: &mut Staged,
+        batches: Vec<(u64, Arc<GenDb>, sled::Batch)>,
+    ) -> Result<(), QueueError> {
+        if staged.meta_dirty {
+            self.meta.db.apply_batch(std::mem::take(&mut staged.meta))?;
+            self.sync_meta()?;
+        }
+        for (gen, db, batch) in batches {
+            db.db.apply_batch(batch)?;
+            crash_point!("queue-after-apply");
+            self.flush(&db)?;
+            crash_point!("queue-after-flush");
+            self.sync_blobs(gen)?;
+            self.sync_data_file(&db)?;
+            crash_point!("queue-after-fsync");
+        }
+        Ok(())
+    }
+
+    /// Makes what was applied to the meta database durable.
+    pub(super) fn sync_meta(&mut self) -> Result<(), QueueError> {
+        self.flush(&self.meta)?;
+        crate::io_point!("queue-fsync", &self.shared.path);
+        self.meta.sync_data_file()?;
+        self.shared
+            .stats
+            .meta_fsyncs
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// sled's `flush()`: writes its buffers to the files (not an fsync).
+    fn flush(&self, db: &GenDb) -> Result<(), QueueError> {
+        crate::io_point!("queue-flush", &self.shared.path);
+        db.db.flush()?;
+        Ok(())
+    }
+
+    /// The store failed after part of a commit may have reached sled: a failed flush or
+    /// fsync, as databases learned from "fsyncgate", means that nothing written since the last
+    /// good fsync may be assumed durable, and that retrying the fsync proves nothing (the
+    /// kernel may have dropped the pages and cleared the error). So the writer stops for good:
+    /// every sender of this group and every later operation is refused with
+    /// [`QueueError::RestartNeeded`], and the process is to exit so that recovery reads what
+    /// is really on disk.
+    ///
+    /// The chunks of the failed group may be in sled and visible to readers; their sequence
+    /// numbers and lane ids are never handed out again in this process (the state moves past
+    /// them), so a delivery of those chunks can only ever remove those chunks.
+    fn break_down(&mut self, staged: &Staged, e: QueueError) -> QueueError {
+        for (id, lane) in &staged.touched {
+            if let Some(mine) = self.state.lanes.get_mut(*id as usize) {
+                mine.next_seq = mine.next_seq.max(lane.next_seq);
+            }
+        }
+        let mut new_lanes = staged.new_lanes.clone();
+        new_lanes.sort_unstable();
+        for id in new_lanes {
+            if let Some(lane) = staged.touched.get(&id) {
+                if id as usize == self.state.lanes.len() {
+                    self.state.by_key.insert(lane.intake_key.clone(), id);
+                    self.state.lanes.push(lane.clone());
+                }
+            }
+        }
+        self.state.next_dead_seq = self.state.next_dead_seq.max(staged.next_dead_seq);
+        self.fail(e)
+    }
+
+    /// Marks the store as failed (once), says so loudly, and returns the error to answer.
+    pub(super) fn fail(&mut self, e: QueueError) -> QueueError {
+        let why = match e {
+            QueueError::RestartNeeded(why) => why,
+            e => e.to_string(),
+        };
+        if self.shared.failure.set(why.clone()).is_ok() {
+            tracing::error!(
+                error = %why,
+                "queue storage failed after a write had begun; nothing written since the last \
+                 good fsync can be trusted. Refusing every operation; the process must restart"
+            );
+        }
+        QueueError::RestartNeeded(why)
     }
 
     fn publish(&mut self, mut staged: Staged) {
@@ -626,6 +716,7 @@ impl Writer {
     /// fsyncs a generation's data file, and counts it: the count is what the fsync-regression
     /// test compares with the number of commits, so it must be taken here and nowhere else.
     fn sync_data_file(&self, db: &GenDb) -> Result<(), QueueError> {
+        crate::io_point!("queue-fsync", &self.shared.path);
         db.sync_data_file()?;
         self.shared.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -638,6 +729,7 @@ impl Writer {
     /// without any fsync (`shared/notes/measurements.md`); an acknowledged event in such a page
     /// would not survive a power cut. The directory is normally empty, so listing it is cheap.
     fn sync_blobs(&mut self, gen: u64) -> Result<(), QueueError> {
+        crate::io_point!("queue-blob-sync", &self.shared.path);
         let Some(g) = self.state.gens.get(&gen) else {
             return Ok(());
         };
