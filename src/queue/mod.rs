@@ -130,6 +130,9 @@ pub struct Stats {
     pub blob_fsyncs: AtomicU64,
     /// fsyncs of the meta database (new lanes, dead letters).
     pub meta_fsyncs: AtomicU64,
+    /// Blob files of the meta database fsynced (dead letters of large events); also counted
+    /// in `blob_fsyncs`.
+    pub meta_blob_fsyncs: AtomicU64,
     pub storage_errors: AtomicU64,
     /// Generations on disk, and how many are open.
     pub generations: AtomicU64,

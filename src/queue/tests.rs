@@ -291,6 +291,45 @@ async fn blob_files_of_large_events_are_fsynced() {
     );
 }
 
+/// Dead letters of large events make nodes over sled's blob threshold in the meta database:
+/// its `blobs/` files must be fsynced like a generation's, or a power cut loses dead letters
+/// (or leaves `meta/` unopenable).
+#[tokio::test]
+async fn blob_files_of_large_dead_letters_are_fsynced() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(&config(dir.path())).unwrap();
+    q.append(events("K", 1, 10)).await.unwrap();
+    // 24 events of 200 KB refused for good, one at a time, as bisection dead-letters them.
+    for event in incompressible_events("K", 24, 200_000) {
+        let dead = DeadLetter {
+            intake_key: "K".into(),
+            timestamp: None,
+            received_at_ms: 1,
+            event: event.raw,
+            status: 400,
+            reason: "refused".into(),
+            dead_at_ms: 2,
+        };
+        let ack = Ack {
+            gen: 1,
+            dead: vec![dead],
+            ..Ack::default()
+        };
+        q.ack(0, ack).await.unwrap();
+    }
+    assert_eq!(q.dead_letter_count(), 24);
+    let blobs = std::fs::read_dir(dir.path().join("q/meta/blobs")).map_or(0, |d| d.count());
+    let synced = q.stats().meta_blob_fsyncs.load(Ordering::Relaxed);
+    assert!(
+        blobs > 0,
+        "the test made no blob file in meta/: it tests nothing"
+    );
+    assert!(
+        synced as usize >= blobs,
+        "{blobs} blob files in meta/ but {synced} fsynced"
+    );
+}
+
 #[tokio::test]
 async fn corrupt_chunks_are_reported_not_fatal() {
     let dir = tempfile::tempdir().unwrap();

@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -229,6 +230,8 @@ pub struct Writer {
     last_disk_check: Instant,
     /// Names of the files in each generation's `blobs/` directory already fsynced.
     synced_blobs: HashMap<u64, HashSet<OsString>>,
+    /// The same for the meta database.
+    meta_synced_blobs: HashSet<OsString>,
     janitor: janitor::Janitor,
     /// After a failed rotation (a full disk, say), when to try again.
     rotate_retry_at: Instant,
@@ -273,6 +276,7 @@ impl Writer {
             generation_bytes,
             last_disk_check: Instant::now(),
             synced_blobs: HashMap::new(),
+            meta_synced_blobs: HashSet::new(),
             janitor,
             rotate_retry_at: Instant::now(),
         })
@@ -598,6 +602,7 @@ impl Writer {
     /// Makes what was applied to the meta database durable.
     pub(super) fn sync_meta(&mut self) -> Result<(), QueueError> {
         self.flush(&self.meta)?;
+        self.sync_meta_blobs()?;
         crate::io_point!("queue-fsync", &self.shared.path);
         self.meta.sync_data_file()?;
         self.shared
@@ -724,48 +729,66 @@ impl Writer {
 
     /// fsyncs the files sled wrote to a generation's `blobs/` since the last commit, and the
     /// directory.
-    ///
-    /// sled writes pages too large for its log segments to one file each under `blobs/`,
-    /// without any fsync (`shared/notes/measurements.md`); an acknowledged event in such a page
-    /// would not survive a power cut. The directory is normally empty, so listing it is cheap.
     fn sync_blobs(&mut self, gen: u64) -> Result<(), QueueError> {
         crate::io_point!("queue-blob-sync", &self.shared.path);
         let Some(g) = self.state.gens.get(&gen) else {
             return Ok(());
         };
-        let dir = g.handle.dir.join("blobs");
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        let synced_before = self.synced_blobs.entry(gen).or_default();
-        let mut present = HashSet::new();
-        let mut synced = 0;
-        for entry in entries {
-            let name = entry?.file_name();
-            if !synced_before.contains(&name) {
-                match File::open(dir.join(&name)) {
-                    Ok(f) => f.sync_all()?,
-                    // sled removed it meanwhile: nothing to make durable.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e.into()),
-                }
-                synced += 1;
-            }
-            present.insert(name);
-        }
-        if synced > 0 {
-            generation::sync_dir(&dir)?;
-            generation::sync_dir(&g.handle.dir)?;
-            self.shared
-                .stats
-                .blob_fsyncs
-                .fetch_add(synced, Ordering::Relaxed);
-        }
-        *synced_before = present;
+        let synced = sync_new_blobs(&g.handle.dir, self.synced_blobs.entry(gen).or_default())?;
+        self.shared
+            .stats
+            .blob_fsyncs
+            .fetch_add(synced, Ordering::Relaxed);
         Ok(())
     }
+
+    /// The same for the meta database, whose nodes grow over sled's blob threshold with dead
+    /// letters of large events (or very many lanes).
+    fn sync_meta_blobs(&mut self) -> Result<(), QueueError> {
+        crate::io_point!("queue-blob-sync", &self.shared.path);
+        let dir = self.shared.path.join(generation::META_DIR);
+        let synced = sync_new_blobs(&dir, &mut self.meta_synced_blobs)?;
+        let stats = &self.shared.stats;
+        stats.blob_fsyncs.fetch_add(synced, Ordering::Relaxed);
+        stats.meta_blob_fsyncs.fetch_add(synced, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// fsyncs the files in the `blobs/` directory of the database at `db_dir` that are not in
+/// `synced` (the names fsynced before), then the directories; returns how many it fsynced.
+///
+/// sled writes pages too large for its log segments to one file each under `blobs/`, without
+/// any fsync (`shared/notes/measurements.md`); what such a page holds would not survive a
+/// power cut. The directory is normally empty, so listing it is cheap.
+fn sync_new_blobs(db_dir: &Path, synced: &mut HashSet<OsString>) -> Result<u64, QueueError> {
+    let dir = db_dir.join("blobs");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let mut present = HashSet::new();
+    let mut count = 0;
+    for entry in entries {
+        let name = entry?.file_name();
+        if !synced.contains(&name) {
+            match File::open(dir.join(&name)) {
+                Ok(f) => f.sync_all()?,
+                // sled removed it meanwhile: nothing to make durable.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            }
+            count += 1;
+        }
+        present.insert(name);
+    }
+    if count > 0 {
+        generation::sync_dir(&dir)?;
+        generation::sync_dir(db_dir)?;
+    }
+    *synced = present;
+    Ok(count)
 }
 
 fn answer(op: Op, result: Result<(), QueueError>) {
