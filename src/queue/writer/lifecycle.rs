@@ -33,6 +33,9 @@ impl Writer {
                 tracing::error!(error = %e, "cannot start a new queue generation; appending to the current one, retrying in 1 s");
             }
         }
+        if let Err(e) = self.recount_passed() {
+            tracing::warn!(error = %e, "cannot recount a delivered queue generation; will retry");
+        }
         if let Err(e) = self.delete_delivered() {
             tracing::error!(error = %e, "cannot delete a delivered queue generation; will retry");
         }
@@ -160,7 +163,7 @@ impl Writer {
     }
 
     /// Counts a generation from its chunks (the lane records disagreed with the store).
-    fn recount(&mut self, gen: u64) -> Result<(), QueueError> {
+    pub(super) fn recount(&mut self, gen: u64) -> Result<(), QueueError> {
         let Some(db) = self.gen_db(gen)? else {
             return Ok(());
         };

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
+mod drift;
 mod janitor;
 mod lifecycle;
 mod load;
@@ -135,6 +136,9 @@ struct GenState {
     exact: bool,
     /// Payload appended while it was active.
     appended: u64,
+    /// Lanes whose delivery went past this (sealed) generation's end since it was last
+    /// counted ([`drift`]).
+    passed: HashSet<u32>,
 }
 
 impl GenState {
@@ -144,6 +148,7 @@ impl GenState {
             lanes,
             exact,
             appended: 0,
+            passed: HashSet::new(),
         };
         state.publish();
         state
@@ -254,6 +259,8 @@ struct Staged {
     acked_events: u64,
     dead: u64,
     next_dead_seq: u64,
+    /// How far each acknowledgement's lane got.
+    reached: Vec<drift::Reached>,
 }
 
 impl Writer {
@@ -460,6 +467,11 @@ impl Writer {
             staged.dead += 1;
         }
         let gen = ack.gen;
+        staged.reached.push(drift::Reached {
+            lane: id,
+            gen,
+            last_removed: ack.remove.iter().max().copied(),
+        });
         if !self.state.gens.contains_key(&gen) {
             // Deleted: everything it held was acknowledged already.
             return Ok(());
@@ -570,7 +582,9 @@ impl Writer {
         }
         self.shared.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.state.next_dead_seq = staged.next_dead_seq;
+        let reached = std::mem::take(&mut staged.reached);
         self.publish(staged);
+        self.note_reached(&reached);
         if self.last_disk_check.elapsed() >= Duration::from_millis(100) {
             self.update_disk_usage();
         }
