@@ -771,7 +771,7 @@ async fn a_generation_with_an_undecodable_chunk_is_deleted_once_delivered() {
 }
 
 #[cfg(feature = "failpoints")]
-mod failed_writes {
+mod fail_points {
     use super::*;
     use std::collections::HashMap;
 
@@ -943,5 +943,56 @@ mod failed_writes {
         if c_acked.is_ok() {
             assert_eq!(stored.get("M"), Some(&texts(&c)));
         }
+    }
+
+    /// An append is answered only after the fsyncs that cover it: the writer is held after
+    /// its flush, before each fsync (the meta database's for the new lane, then the
+    /// generation's), and the append must still be pending each time. (Counting fsyncs after
+    /// the fact, or killing the process, cannot see an answer sent too early: the page cache
+    /// survives a kill.)
+    #[tokio::test]
+    async fn an_append_is_pending_until_its_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let q = Queue::open(&cfg).unwrap();
+        let _injected = inject(&cfg.path);
+        let (reached_tx, mut reached) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = std::sync::Mutex::new(released);
+        fail::cfg_callback("queue-fsync", move || {
+            let _ = reached_tx.send(());
+            let _ = released
+                .lock()
+                .unwrap()
+                .recv_timeout(std::time::Duration::from_secs(60));
+        })
+        .unwrap();
+        let mut append = tokio::spawn({
+            let q = q.clone();
+            async move { q.append(tagged("K", "a", 3)).await }
+        });
+        let mut held = 0;
+        loop {
+            tokio::select! {
+                done = &mut append => {
+                    done.unwrap().unwrap();
+                    break;
+                }
+                Some(()) = reached.recv() => {
+                    held += 1;
+                    let fsyncs = q.stats().fsyncs.load(Ordering::Relaxed);
+                    // Flushed, not fsynced: the sender must not have its answer yet. An answer
+                    // sent early would reach it within moments.
+                    let early =
+                        tokio::time::timeout(std::time::Duration::from_millis(500), &mut append)
+                            .await;
+                    assert!(early.is_err(), "answered before its fsync: {early:?}");
+                    assert_eq!(q.stats().fsyncs.load(Ordering::Relaxed), fsyncs);
+                    release.send(()).unwrap();
+                }
+            }
+        }
+        assert!(held >= 2, "the writer was held at {held} fsyncs, not 2");
+        fail::remove("queue-fsync");
     }
 }
