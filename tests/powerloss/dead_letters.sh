@@ -2,7 +2,8 @@
 # Hand check, not run by CI (needs root, /dev/fuse and LazyFS: ../shared/powerloss/README.md).
 # 24 events of 200 KB refused for good (400) by the mock intake become dead letters in the
 # meta database; then a simulated power cut; prints how many dead letters survive (all 24 must).
-# Usage: LAZYFS_BIN=... tests/powerloss/dead_letters.sh   (fixed local ports 47611-47613)
+# Usage: LAZYFS_BIN=... POWERLOSS=/path/to/shared/powerloss tests/powerloss/dead_letters.sh
+# (from the repository root; fixed local ports 47611-47613)
 set -u
 BIN=${BIN:-target/debug/sekoia-forwarder}
 . "${POWERLOSS:-../shared/powerloss}/lib.sh"
