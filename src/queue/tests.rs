@@ -995,4 +995,69 @@ mod fail_points {
         assert!(held >= 2, "the writer was held at {held} fsyncs, not 2");
         fail::remove("queue-fsync");
     }
+
+    /// An append and an acknowledgement of the same lane in one group commit, the
+    /// acknowledgement in a sealed generation still counted from its summary: reading that
+    /// generation's real counts corrects the lane's total, and the append staged before must
+    /// not write the stale total back.
+    #[tokio::test]
+    async fn an_append_and_an_ack_in_one_group_keep_the_recount() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_generations(dir.path());
+        fill_and_close(&cfg).await;
+        // Empty generation 1 behind the queue's back: its summary still counts its events.
+        let removed = {
+            let db = generation::open_sled(&generation::gen_dir(&cfg.path, 1), 1 << 20).unwrap();
+            let mut removed = 0u64;
+            for item in db.scan_prefix([record::CHUNK_PREFIX]) {
+                let (k, v) = item.unwrap();
+                removed += u64::from(record::ChunkHeader::decode(&v).unwrap().events);
+                db.remove(k).unwrap();
+            }
+            set_lane_zero(&db);
+            removed
+        };
+        let q = Queue::open(&cfg).unwrap();
+        assert_eq!(q.totals().0, 1000);
+        // Hold the writer in a commit, so that the next two operations make one group.
+        let _injected = inject(&cfg.path);
+        let (reached_tx, mut reached) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = std::sync::Mutex::new(released);
+        fail::cfg_callback("queue-fsync", move || {
+            let _ = reached_tx.send(());
+            let _ = released
+                .lock()
+                .unwrap()
+                .recv_timeout(std::time::Duration::from_secs(60));
+        })
+        .unwrap();
+        let spawn_append = |n| {
+            let q = q.clone();
+            tokio::spawn(async move { q.append(events("K", n, 10)).await })
+        };
+        let first = spawn_append(1);
+        reached.recv().await.unwrap();
+        let queued = |q: &Queue| q.ops.max_capacity() - q.ops.capacity();
+        let append = spawn_append(1);
+        wait_for("the append queued", || queued(&q) >= 1).await;
+        let ack = tokio::spawn({
+            let q = q.clone();
+            async move {
+                let nothing = Ack {
+                    gen: 1,
+                    remove: vec![u64::MAX],
+                    ..Ack::default()
+                };
+                q.ack(0, nothing).await
+            }
+        });
+        wait_for("the ack queued", || queued(&q) >= 2).await;
+        fail::remove("queue-fsync");
+        release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        append.await.unwrap().unwrap();
+        ack.await.unwrap().unwrap();
+        assert_eq!(q.totals().0, 1000 - removed + 2);
+    }
 }

@@ -331,16 +331,24 @@ impl Writer {
             next_dead_seq: self.state.next_dead_seq,
             ..Staged::default()
         };
-        let mut result = Ok(());
-        for op in &mut ops {
-            let step = match op {
-                Op::Append { groups, .. } => self.stage_append(&mut staged, groups),
-                Op::Ack { lane, ack, .. } => self.stage_ack(&mut staged, *lane, ack),
-                Op::Close { .. } | Op::Refresh => Ok(()),
-            };
-            if let Err(e) = step {
-                result = Err(e);
-                break;
+        // Read the real counts of every generation acknowledged in this group before anything
+        // is staged: reading them corrects the lanes' totals, and a lane staged earlier in the
+        // group (an append) would otherwise write its stale total back.
+        let mut result = ops.iter().try_for_each(|op| match op {
+            Op::Ack { ack, .. } => self.make_exact(ack.gen),
+            _ => Ok(()),
+        });
+        if result.is_ok() {
+            for op in &mut ops {
+                let step = match op {
+                    Op::Append { groups, .. } => self.stage_append(&mut staged, groups),
+                    Op::Ack { lane, ack, .. } => self.stage_ack(&mut staged, *lane, ack),
+                    Op::Close { .. } | Op::Refresh => Ok(()),
+                };
+                if let Err(e) = step {
+                    result = Err(e);
+                    break;
+                }
             }
         }
         let result = result.and_then(|()| self.write(staged));
