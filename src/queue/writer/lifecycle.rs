@@ -261,7 +261,11 @@ impl Writer {
         };
         let loaded = load_generation(&db.db, &g.handle.dir)?;
         let mut next_dead_seq = self.state.next_dead_seq;
-        let moved = import_dead_letters(&db, &self.meta, &mut next_dead_seq)?;
+        let moved = match import_dead_letters(&db, &self.meta, &mut next_dead_seq) {
+            Ok(moved) => moved,
+            Err(e @ QueueError::RestartNeeded(_)) => return Err(self.fail(e)),
+            Err(e) => return Err(e),
+        };
         self.state.next_dead_seq = next_dead_seq;
         self.state.dead_letters += moved;
         self.shared
