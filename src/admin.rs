@@ -286,6 +286,11 @@ impl Collector for Observed {
                 load(&q.meta_fsyncs),
             ),
             (
+                "queue_meta_blob_fsyncs",
+                "Blob files of the queue's meta database fsynced (dead letters of large events)",
+                load(&q.meta_blob_fsyncs),
+            ),
+            (
                 "queue_storage_errors",
                 "Failed queue commits",
                 load(&q.storage_errors),

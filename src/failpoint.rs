@@ -1,12 +1,22 @@
-//! Crash points for tests: compiled in only with the `failpoints` feature.
+//! Fault injection for tests: compiled in only with the `failpoints` feature.
 //!
-//! `crash_point!("name")` aborts the process, as a power cut or `kill -9` would stop it, when
-//! the environment says `FAILPOINTS=name=return` (fail-rs syntax, so `name=2*off->return` aborts
-//! at the third pass). Without the feature the macro expands to nothing.
+//! Two kinds of points, both configured the fail-rs way (`FAILPOINTS=name=action` in the
+//! environment of the binary, `fail::cfg` in a unit test):
 //!
-//! The same points can panic instead (`FAILPOINTS=name=panic`, fail-rs's own action): the
-//! thread that passes there unwinds and ends while the process runs on, which is how a bug in
-//! a thread (the queue writer above all) shows; the process must notice and exit.
+//! - `crash_point!("name")` aborts the process, as a power cut or `kill -9` would stop it, when
+//!   the point is set to `return` (so `name=2*off->return` aborts at the third pass).
+//! - `io_point!("name", path)` stands before a step that writes to the disk (sled's flush, the
+//!   fsync of a blob file or of a data file): `return` makes the step fail with an I/O error,
+//!   as a failing disk would; `pause` (or a callback) holds the writer just before the step.
+//!   It fires only for the queue at `path` while a test [`aim`]s at it, so unit tests that run
+//!   side by side in one process do not fail each other's commits; with nothing aimed at (the
+//!   binary) it fires for every queue.
+//!
+//! Without the feature the macros expand to nothing.
+//!
+//! Crash points can panic instead (`FAILPOINTS=name=panic`, fail-rs's own action): the thread
+//! that passes there unwinds and ends while the process runs on, which is how a bug in a thread
+//! (the queue writer above all) shows; the process must notice and exit.
 
 /// Aborts the process here when the fail point `$name` is set to `return`.
 #[macro_export]
@@ -16,8 +26,65 @@ macro_rules! crash_point {
     };
 }
 
+/// Returns an injected I/O error from the enclosing function (which must return a `Result`
+/// whose error type converts from `std::io::Error`) when the fail point `$name` is set to
+/// `return` for the queue at `$path`; pauses here when it is set to `pause`.
+#[macro_export]
+macro_rules! io_point {
+    ($name:expr, $path:expr) => {
+        fail::fail_point!($name, $crate::failpoint::aimed_at($path), |_| Err(
+            $crate::failpoint::injected($name).into()
+        ))
+    };
+}
+
 /// Stops the process at once, with no unwinding and no flushing: what a crash does.
 pub fn crash(name: &str) -> ! {
     eprintln!("crash point {name}: aborting");
     std::process::abort()
 }
+
+/// The error an `io_point!` set to `return` makes its step fail with.
+pub fn injected(name: &str) -> std::io::Error {
+    std::io::Error::other(format!("injected failure at fail point {name}"))
+}
+
+#[cfg(feature = "failpoints")]
+mod aim {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static TARGETS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    fn targets() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+        TARGETS.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `io_point!`s fire for the queue at `path`.
+    pub fn aimed_at(path: &Path) -> bool {
+        let targets = targets();
+        targets.is_empty() || targets.iter().any(|t| path.starts_with(t))
+    }
+
+    /// Limits `io_point!`s to queues under `path` until the guard is dropped.
+    pub fn aim(path: &Path) -> Aimed {
+        targets().push(path.to_owned());
+        Aimed(path.to_owned())
+    }
+
+    /// Returned by [`aim`]; drop it to stop aiming at its queue.
+    #[must_use]
+    pub struct Aimed(PathBuf);
+
+    impl Drop for Aimed {
+        fn drop(&mut self) {
+            let mut targets = targets();
+            if let Some(i) = targets.iter().position(|t| *t == self.0) {
+                targets.remove(i);
+            }
+        }
+    }
+}
+
+#[cfg(feature = "failpoints")]
+pub use aim::{aim, aimed_at, Aimed};

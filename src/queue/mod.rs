@@ -69,6 +69,12 @@ pub enum QueueError {
     /// sled found its own data damaged (a checksum failed) or panicked on it.
     #[error("queue database damaged: {0}")]
     Corrupt(String),
+    /// A write to the store failed after part of it may have reached sled (a failed flush or
+    /// fsync): nothing written since the last good fsync can be trusted, and retrying proves
+    /// nothing. The writer has stopped; the process must restart so that recovery reads what
+    /// is really on disk (`docs/reliability.md`, "What happens on a failed fsync").
+    #[error("queue storage failed, restart needed: {0}")]
+    RestartNeeded(String),
     #[error("the queue at {path} was written by a newer release (format {found}, this release reads {supported})")]
     NewerFormat {
         path: PathBuf,
@@ -150,6 +156,9 @@ pub struct Stats {
     pub blob_fsyncs: AtomicU64,
     /// fsyncs of the meta database (new lanes, dead letters).
     pub meta_fsyncs: AtomicU64,
+    /// Blob files of the meta database fsynced (dead letters of large events); also counted
+    /// in `blob_fsyncs`.
+    pub meta_blob_fsyncs: AtomicU64,
     pub storage_errors: AtomicU64,
     /// Generations on disk, and how many are open.
     pub generations: AtomicU64,
@@ -190,6 +199,9 @@ struct Shared {
     stats: Stats,
     /// Generations (and meta databases) moved aside as damaged, on disk now.
     corrupt: Mutex<Vec<CorruptNote>>,
+    /// Set once by the writer when the store can no longer be trusted
+    /// ([`QueueError::RestartNeeded`]); the writer stops then.
+    failure: std::sync::OnceLock<String>,
 }
 
 impl Shared {
@@ -225,6 +237,13 @@ impl Shared {
             lane.bytes.swap(bytes, Ordering::AcqRel),
             bytes,
         );
+    }
+    /// The error every operation gets once the store failed, if it did.
+    fn failed(&self) -> Result<(), QueueError> {
+        match self.failure.get() {
+            Some(why) => Err(QueueError::RestartNeeded(why.clone())),
+            None => Ok(()),
+        }
     }
     /// The generations now, oldest first, and the active one's id.
     fn gens_snapshot(&self) -> (Vec<Arc<Generation>>, u64) {
@@ -396,6 +415,7 @@ impl Queue {
                 ..Stats::default()
             },
             corrupt: Mutex::new(listing.corrupt),
+            failure: std::sync::OnceLock::new(),
         });
         generation::sync_dir(&path)?;
         let (tx, rx) = mpsc::channel(4096);
@@ -422,6 +442,7 @@ impl Queue {
     /// Events of an intake key the queue does not know yet are refused, all of them, with
     /// [`QueueError::TooManyKeys`] if the new keys would bring it over `max_intake_keys`.
     pub async fn append(&self, events: Vec<IncomingEvent>) -> Result<(), QueueError> {
+        self.shared.failed()?;
         if self.is_full() {
             return Err(QueueError::Full);
         }
@@ -432,8 +453,19 @@ impl Queue {
         self.ops
             .send(writer::Op::Append { groups, done })
             .await
-            .map_err(|_| QueueError::Closed)?;
-        wait.await.map_err(|_| QueueError::Closed)?
+            .map_err(|_| self.closed())?;
+        wait.await.map_err(|_| self.closed())?
+    }
+
+    /// Why the writer is gone: it failed, or the queue was closed.
+    fn closed(&self) -> QueueError {
+        self.shared.failed().err().unwrap_or(QueueError::Closed)
+    }
+
+    /// Why the store failed, once it did: the writer has stopped and the process must restart
+    /// ([`QueueError::RestartNeeded`]).
+    pub fn failure(&self) -> Option<&str> {
+        self.shared.failure.get().map(String::as_str)
     }
 
     /// Admits the intake keys of `events` that the queue does not know yet, or refuses them
@@ -472,11 +504,12 @@ impl Queue {
     /// Records what the intake acknowledged in `lane`: removes, rewrites, dead-letters.
     pub async fn ack(&self, lane: u32, ack: Ack) -> Result<(), QueueError> {
         let (done, wait) = oneshot::channel();
+        self.shared.failed()?;
         self.ops
             .send(writer::Op::Ack { lane, ack, done })
             .await
-            .map_err(|_| QueueError::Closed)?;
-        wait.await.map_err(|_| QueueError::Closed)?
+            .map_err(|_| self.closed())?;
+        wait.await.map_err(|_| self.closed())?
     }
 
     /// Reads chunks of `lane` from `from` on, in order and from one generation: at least one
@@ -707,17 +740,18 @@ impl Queue {
     }
 
     /// Commits everything sent so far, fsyncs, and stops the writer. Later calls fail with
-    /// [`QueueError::Closed`].
+    /// [`QueueError::Closed`]. Fails with [`QueueError::RestartNeeded`] if the store failed
+    /// at any time, so that the process ends with an error.
     pub async fn close(&self) -> Result<(), QueueError> {
         let (done, wait) = oneshot::channel();
         if self.ops.send(writer::Op::Close { done }).await.is_ok() {
-            wait.await.map_err(|_| QueueError::Closed)??;
+            wait.await.map_err(|_| self.closed())??;
         }
         let handle = self.writer.lock().ok().and_then(|mut h| h.take());
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
-        Ok(())
+        self.shared.failed()
     }
 }
 

@@ -291,6 +291,45 @@ async fn blob_files_of_large_events_are_fsynced() {
     );
 }
 
+/// Dead letters of large events make nodes over sled's blob threshold in the meta database:
+/// its `blobs/` files must be fsynced like a generation's, or a power cut loses dead letters
+/// (or leaves `meta/` unopenable).
+#[tokio::test]
+async fn blob_files_of_large_dead_letters_are_fsynced() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(&config(dir.path())).unwrap();
+    q.append(events("K", 1, 10)).await.unwrap();
+    // 24 events of 200 KB refused for good, one at a time, as bisection dead-letters them.
+    for event in incompressible_events("K", 24, 200_000) {
+        let dead = DeadLetter {
+            intake_key: "K".into(),
+            timestamp: None,
+            received_at_ms: 1,
+            event: event.raw,
+            status: 400,
+            reason: "refused".into(),
+            dead_at_ms: 2,
+        };
+        let ack = Ack {
+            gen: 1,
+            dead: vec![dead],
+            ..Ack::default()
+        };
+        q.ack(0, ack).await.unwrap();
+    }
+    assert_eq!(q.dead_letter_count(), 24);
+    let blobs = std::fs::read_dir(dir.path().join("q/meta/blobs")).map_or(0, |d| d.count());
+    let synced = q.stats().meta_blob_fsyncs.load(Ordering::Relaxed);
+    assert!(
+        blobs > 0,
+        "the test made no blob file in meta/: it tests nothing"
+    );
+    assert!(
+        synced as usize >= blobs,
+        "{blobs} blob files in meta/ but {synced} fsynced"
+    );
+}
+
 #[tokio::test]
 async fn corrupt_chunks_are_reported_not_fatal() {
     let dir = tempfile::tempdir().unwrap();
@@ -670,3 +709,66 @@ async fn a_generation_whose_counters_lie_is_recounted_not_deleted() {
     assert_eq!(q.totals().0, 1000);
     assert_eq!(drain(&q, 0, true).await.len(), 1000);
 }
+
+/// Reads a lane to its end and acknowledges everything, moving undecodable chunks to the dead
+/// letters as delivery does.
+async fn deliver_all(q: &Queue, lane: u32) -> usize {
+    let mut from = Position::default();
+    let mut delivered = 0;
+    loop {
+        let batch = q.read(lane, from, 500, usize::MAX).unwrap();
+        if batch.chunks.is_empty() && batch.span.corrupt.is_empty() {
+            return delivered;
+        }
+        from = batch.span.next;
+        delivered += batch.events();
+        let mut ack = Ack {
+            gen: batch.span.gen,
+            remove: batch.chunks.iter().map(|c| c.seq).collect(),
+            ..Ack::default()
+        };
+        for (seq, bytes) in &batch.span.corrupt {
+            ack.remove.push(*seq);
+            ack.dead.push(DeadLetter {
+                intake_key: "K".into(),
+                timestamp: None,
+                received_at_ms: 0,
+                event: format!("{} undecodable bytes", bytes.len()),
+                status: 0,
+                reason: "undecodable chunk".into(),
+                dead_at_ms: 0,
+            });
+        }
+        q.ack(lane, ack).await.unwrap();
+    }
+}
+
+/// A chunk whose header no longer decodes (one byte left: a tampered generation) was counted
+/// when it was appended, and its quarantine cannot say how many events it held. Once delivery
+/// has passed the end of its sealed generation, the generation is recounted from what it holds
+/// and deleted, whatever its counters said.
+#[tokio::test]
+async fn a_generation_with_an_undecodable_chunk_is_deleted_once_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_generations(dir.path());
+    fill_and_close(&cfg).await;
+    let oldest = generation::gen_dir(&cfg.path, 1);
+    {
+        let db = generation::open_sled(&oldest, 1 << 20).unwrap();
+        let (key, _) = db
+            .scan_prefix([record::CHUNK_PREFIX])
+            .next()
+            .unwrap()
+            .unwrap();
+        db.insert(key, &[record::CHUNK_V2][..]).unwrap();
+        db.flush().unwrap();
+    }
+    let q = Queue::open(&cfg).unwrap();
+    let delivered = deliver_all(&q, 0).await;
+    assert!(delivered > 0 && q.dead_letter_count() == 1);
+    wait_for("the delivered generation deleted", || !oldest.exists()).await;
+    wait_for("the counters recounted", || q.totals() == (0, 0)).await;
+}
+
+#[cfg(feature = "failpoints")]
+mod fail_points;

@@ -34,6 +34,9 @@ impl Writer {
             }
         }
         self.set_aside_damaged();
+        if let Err(e) = self.recount_passed() {
+            tracing::warn!(error = %e, "cannot recount a delivered queue generation; will retry");
+        }
         if let Err(e) = self.delete_delivered() {
             tracing::error!(error = %e, "cannot delete a delivered queue generation; will retry");
         }
@@ -54,11 +57,18 @@ impl Writer {
             return Err(storage("no active generation"));
         };
         let summary = g.summary();
+        let (sealed, queued, appended) = (
+            g.handle.clone(),
+            g.lanes.values().map(|c| c.bytes).sum::<u64>(),
+            g.appended,
+        );
         self.meta
             .db
             .insert(generation::summary_key(old), record::encode_value(&summary))?;
-        self.meta.db.flush()?;
-        self.meta.sync_data_file()?;
+        // Applied: from here a failure is a failed write (`Writer::break_down`).
+        if let Err(e) = self.sync_meta() {
+            return Err(self.fail(e));
+        }
         crash_point!("queue-rotate-after-summary");
         let id = old + 1;
         let root = &self.shared.path;
@@ -74,9 +84,8 @@ impl Writer {
         // Delivery far behind (the sealed generation still holds most of what it received):
         // it will not read this generation for a while, so give its memory back now rather
         // than after IDLE_CLOSE, during which a fast ingest could fill another generation.
-        let queued: u64 = g.lanes.values().map(|c| c.bytes).sum();
-        if queued * 2 > g.appended {
-            if let Some(db) = g.handle.close_if_idle(Duration::ZERO) {
+        if queued * 2 > appended {
+            if let Some(db) = sealed.close_if_idle(Duration::ZERO) {
                 self.janitor.close(db);
             }
         }
@@ -223,7 +232,7 @@ impl Writer {
     }
 
     /// Counts a generation from its chunks (the lane records disagreed with the store).
-    fn recount(&mut self, gen: u64) -> Result<(), QueueError> {
+    pub(super) fn recount(&mut self, gen: u64) -> Result<(), QueueError> {
         let Some(db) = self.gen_db(gen)? else {
             return Ok(());
         };
@@ -330,6 +339,7 @@ impl Writer {
             Ok(Some(read)) => read,
             Ok(None) => return Ok(()),
             // Moved aside at the next housekeeping; nothing to count meanwhile.
+            Err(e @ QueueError::RestartNeeded(_)) => return Err(self.fail(e)),
             Err(e) if e.is_corrupt() => {
                 handle.mark_damaged(&e);
                 return Ok(());

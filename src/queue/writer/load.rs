@@ -79,12 +79,16 @@ pub(super) fn import_dead_letters(
         moved += 1;
     }
     if moved > 0 {
-        meta.db.apply_batch(to_meta)?;
-        meta.db.flush()?;
-        meta.sync_data_file()?;
-        gen.db.apply_batch(from_gen)?;
-        gen.db.flush()?;
-        gen.sync_data_file()?;
+        // Once a batch is applied, a failure is a failed write: fatal (`Writer::break_down`).
+        let write = || -> Result<(), QueueError> {
+            meta.db.apply_batch(to_meta)?;
+            meta.db.flush()?;
+            meta.sync_data_file()?;
+            gen.db.apply_batch(from_gen)?;
+            gen.db.flush()?;
+            gen.sync_data_file()
+        };
+        write().map_err(|e| QueueError::RestartNeeded(e.to_string()))?;
     }
     Ok(moved)
 }

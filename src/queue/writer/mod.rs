@@ -12,19 +12,20 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
-use std::fs::File;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
+mod drift;
+mod durable;
 mod janitor;
 mod lifecycle;
 mod load;
 mod space;
 
-use super::generation::{self, GenDb, GenLane, GenSummary, Generation};
+use super::generation::{GenDb, GenLane, GenSummary, Generation};
 use super::record::{self, Chunk, ChunkHeader, LaneRecord};
 use super::{Ack, Lane, QueueError, Shared, COMMIT_MAX_BYTES};
 use crate::crash_point;
@@ -165,6 +166,9 @@ struct GenState {
     exact: bool,
     /// Payload appended while it was active.
     appended: u64,
+    /// Lanes whose delivery went past this (sealed) generation's end since it was last
+    /// counted ([`drift`]).
+    passed: HashSet<u32>,
 }
 
 impl GenState {
@@ -174,6 +178,7 @@ impl GenState {
             lanes: lanes.into(),
             exact,
             appended: 0,
+            passed: HashSet::new(),
         };
         state.publish();
         state
@@ -268,6 +273,8 @@ pub struct Writer {
     last_disk_check: Instant,
     /// Names of the files in each generation's `blobs/` directory already fsynced.
     synced_blobs: HashMap<u64, HashSet<OsString>>,
+    /// The same for the meta database.
+    meta_synced_blobs: HashSet<OsString>,
     janitor: janitor::Janitor,
     /// After a failed rotation (a full disk, say), when to try again.
     rotate_retry_at: Instant,
@@ -293,6 +300,8 @@ struct Staged {
     acked_events: u64,
     dead: u64,
     next_dead_seq: u64,
+    /// How far each acknowledgement's lane got.
+    reached: Vec<drift::Reached>,
 }
 
 impl Writer {
@@ -315,6 +324,7 @@ impl Writer {
             generation_bytes,
             last_disk_check: Instant::now(),
             synced_blobs: HashMap::new(),
+            meta_synced_blobs: HashSet::new(),
             janitor,
             rotate_retry_at: Instant::now(),
         })
@@ -341,15 +351,19 @@ impl Writer {
             if !ops.is_empty() {
                 self.commit(ops);
             }
+            if self.shared.failure.get().is_some() {
+                break;
+            }
             self.maintain(refresh);
-            if closing {
+            if closing || self.shared.failure.get().is_some() {
                 break;
             }
         }
         self.janitor.discard_spare();
         rx.close();
         while let Ok(op) = rx.try_recv() {
-            answer(op, Err(QueueError::Closed));
+            let err = self.shared.failed().err().unwrap_or(QueueError::Closed);
+            answer(op, Err(err));
         }
     }
 
@@ -358,16 +372,24 @@ impl Writer {
             next_dead_seq: self.state.next_dead_seq,
             ..Staged::default()
         };
-        let mut result = Ok(());
-        for op in &mut ops {
-            let step = match op {
-                Op::Append { groups, .. } => self.stage_append(&mut staged, groups),
-                Op::Ack { lane, ack, .. } => self.stage_ack(&mut staged, *lane, ack),
-                Op::Close { .. } | Op::Refresh => Ok(()),
-            };
-            if let Err(e) = step {
-                result = Err(e);
-                break;
+        // Read the real counts of every generation acknowledged in this group before anything
+        // is staged: reading them corrects the lanes' totals, and a lane staged earlier in the
+        // group (an append) would otherwise write its stale total back.
+        let mut result = ops.iter().try_for_each(|op| match op {
+            Op::Ack { ack, .. } => self.make_exact(ack.gen),
+            _ => Ok(()),
+        });
+        if result.is_ok() {
+            for op in &mut ops {
+                let step = match op {
+                    Op::Append { groups, .. } => self.stage_append(&mut staged, groups),
+                    Op::Ack { lane, ack, .. } => self.stage_ack(&mut staged, *lane, ack),
+                    Op::Close { .. } | Op::Refresh => Ok(()),
+                };
+                if let Err(e) = step {
+                    result = Err(e);
+                    break;
+                }
             }
         }
         let result = result.and_then(|()| self.write(staged));
@@ -378,11 +400,16 @@ impl Writer {
                 .fetch_add(1, Ordering::Relaxed);
             // Most likely the disk is full: hold sources back at once, not at the next check.
             self.update_disk_usage();
-            tracing::error!(error = %e, "queue commit failed; nothing of it was acknowledged");
+            if !matches!(e, QueueError::RestartNeeded(_)) {
+                tracing::error!(error = %e, "queue commit failed; nothing of it was acknowledged");
+            }
         }
+        // Every operation of the group gets the same answer: none of its senders hears "done"
+        // unless all of it is durable.
         for op in ops {
             let r = match &result {
                 Ok(()) => Ok(()),
+                Err(QueueError::RestartNeeded(why)) => Err(QueueError::RestartNeeded(why.clone())),
                 Err(e) => Err(QueueError::Storage(e.to_string())),
             };
             answer(op, r);
@@ -484,6 +511,11 @@ impl Writer {
             staged.dead += 1;
         }
         let gen = ack.gen;
+        staged.reached.push(drift::Reached {
+            lane: id,
+            gen,
+            last_removed: ack.remove.iter().max().copied(),
+        });
         if !self.state.gens.contains_key(&gen) {
             // Deleted: everything it held was acknowledged already.
             return Ok(());
@@ -556,6 +588,9 @@ impl Writer {
     }
 
     /// Applies the staged batches atomically per database, makes them durable, then publishes.
+    ///
+    /// A failure before anything is applied leaves the store as it was: the group fails and
+    /// the writer goes on. A failure once a batch was applied is fatal ([`Writer::break_down`]).
     fn write(&mut self, mut staged: Staged) -> Result<(), QueueError> {
         let counts: Vec<((u64, u32), GenCount)> =
             staged.counts.iter().map(|(k, c)| (*k, *c)).collect();
@@ -574,34 +609,26 @@ impl Writer {
                 .or_default()
                 .insert(&record::lane_key(lane), record::encode_value(&rec));
         }
-        crash_point!("queue-before-apply");
-        if staged.meta_dirty {
-            self.meta.db.apply_batch(std::mem::take(&mut staged.meta))?;
-            self.meta.db.flush()?;
-            self.meta.sync_data_file()?;
-            self.shared
-                .stats
-                .meta_fsyncs
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        // Batches are staged only for open generations (appends go to the active one, acks to
+        // deleted ones stage nothing); a database gone now must fail the commit rather than
+        // answer its senders as if their events were stored. Checked before anything is
+        // applied, so that such a commit leaves the store untouched.
+        let mut batches = Vec::with_capacity(staged.gens.len());
         for (gen, batch) in std::mem::take(&mut staged.gens) {
-            // Batches are staged only for open generations (appends go to the active one, acks
-            // to deleted ones stage nothing); a database gone now must fail the commit rather
-            // than answer its senders as if their events were stored.
             let db = self
                 .gen_db(gen)?
                 .ok_or_else(|| storage(format!("queue generation {gen} is gone")))?;
-            db.db.apply_batch(batch)?;
-            crash_point!("queue-after-apply");
-            db.db.flush()?;
-            crash_point!("queue-after-flush");
-            self.sync_blobs(gen)?;
-            self.sync_data_file(&db)?;
-            crash_point!("queue-after-fsync");
+            batches.push((gen, db, batch));
+        }
+        crash_point!("queue-before-apply");
+        if let Err(e) = self.apply_and_sync(&mut staged, batches) {
+            return Err(self.break_down(&staged, e));
         }
         self.shared.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.state.next_dead_seq = staged.next_dead_seq;
+        let reached = std::mem::take(&mut staged.reached);
         self.publish(staged);
+        self.note_reached(&reached);
         if self.last_disk_check.elapsed() >= Duration::from_millis(100) {
             self.update_disk_usage();
         }
@@ -653,58 +680,6 @@ impl Writer {
         if !staged.new_lanes.is_empty() {
             self.shared.lanes_changed.notify_waiters();
         }
-    }
-
-    /// fsyncs a generation's data file, and counts it: the count is what the fsync-regression
-    /// test compares with the number of commits, so it must be taken here and nowhere else.
-    fn sync_data_file(&self, db: &GenDb) -> Result<(), QueueError> {
-        db.sync_data_file()?;
-        self.shared.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// fsyncs the files sled wrote to a generation's `blobs/` since the last commit, and the
-    /// directory.
-    ///
-    /// sled writes pages too large for its log segments to one file each under `blobs/`,
-    /// without any fsync (`shared/notes/measurements.md`); an acknowledged event in such a page
-    /// would not survive a power cut. The directory is normally empty, so listing it is cheap.
-    fn sync_blobs(&mut self, gen: u64) -> Result<(), QueueError> {
-        let Some(g) = self.state.gens.get(&gen) else {
-            return Ok(());
-        };
-        let dir = g.handle.dir.join("blobs");
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        let synced_before = self.synced_blobs.entry(gen).or_default();
-        let mut present = HashSet::new();
-        let mut synced = 0;
-        for entry in entries {
-            let name = entry?.file_name();
-            if !synced_before.contains(&name) {
-                match File::open(dir.join(&name)) {
-                    Ok(f) => f.sync_all()?,
-                    // sled removed it meanwhile: nothing to make durable.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e.into()),
-                }
-                synced += 1;
-            }
-            present.insert(name);
-        }
-        if synced > 0 {
-            generation::sync_dir(&dir)?;
-            generation::sync_dir(&g.handle.dir)?;
-            self.shared
-                .stats
-                .blob_fsyncs
-                .fetch_add(synced, Ordering::Relaxed);
-        }
-        *synced_before = present;
-        Ok(())
     }
 }
 
