@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{now_ms, QueueError};
+use super::QueueError;
 
 /// Directory of the meta database.
 pub const META_DIR: &str = "meta";
@@ -266,6 +266,8 @@ pub struct Generation {
     pub dir: PathBuf,
     cache_bytes: u64,
     slot: Mutex<Slot>,
+    /// When it was last used, on the process's monotonic clock ([`mono_ms`]): a wall clock
+    /// stepped back would keep an idle generation open (and its memory held) for as long.
     last_used_ms: AtomicU64,
     /// The lanes that hold events in this generation, as the writer last published them (a
     /// sealed generation whose lane holds none need not be opened to read that lane). A set,
@@ -282,7 +284,7 @@ impl Generation {
             dir: gen_dir(root, id),
             cache_bytes,
             slot: Mutex::default(),
-            last_used_ms: AtomicU64::new(now_ms()),
+            last_used_ms: AtomicU64::new(mono_ms()),
             lanes_holding: Mutex::default(),
             damaged: AtomicBool::new(false),
         }
@@ -307,7 +309,7 @@ impl Generation {
     /// The open database, opening it if needed; `None` once the generation is deleted or
     /// found damaged. A failure to open it for damage marks it damaged.
     pub fn db(&self) -> Opened {
-        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+        self.last_used_ms.store(mono_ms(), Ordering::Relaxed);
         let mut slot = self.slot();
         if slot.deleted || self.is_damaged() {
             return Ok(None);
@@ -335,7 +337,7 @@ impl Generation {
     /// Closes the database if nobody else holds it and it was not used for `idle`.
     /// The database is handed back for the caller to drop where it likes.
     pub fn close_if_idle(&self, idle: Duration) -> Option<Arc<GenDb>> {
-        let idle_ms = now_ms().saturating_sub(self.last_used_ms.load(Ordering::Relaxed));
+        let idle_ms = mono_ms().saturating_sub(self.last_used_ms.load(Ordering::Relaxed));
         if u128::from(idle_ms) < idle.as_millis() {
             return None;
         }
@@ -396,6 +398,16 @@ impl Generation {
     fn holding(&self) -> MutexGuard<'_, HashSet<u32>> {
         self.lanes_holding.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Milliseconds on a monotonic clock that starts with the process: for ages and waits inside
+/// it, which must not follow the wall clock when it is stepped.
+fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 /// What [`scan_root`] found in the queue directory.

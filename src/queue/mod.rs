@@ -286,8 +286,6 @@ pub struct ReadSpan {
     pub chunks: usize,
     pub events: usize,
     pub bytes: usize,
-    /// The earliest reception time of those chunks.
-    pub oldest_received_ms: Option<u64>,
     /// Sequence numbers and raw bytes of undecodable chunks found on the way.
     pub corrupt: Vec<(u64, Vec<u8>)>,
     /// Where the next read starts.
@@ -886,10 +884,6 @@ fn read_generation(
         span.chunks += 1;
         span.events += view.events.len();
         span.bytes += view.payload_bytes();
-        span.oldest_received_ms = Some(
-            span.oldest_received_ms
-                .map_or(view.received_at_ms, |t| t.min(view.received_at_ms)),
-        );
         span.next.seq = seq + 1;
         reader(seq, &view);
         if span.events >= limits.max_events || span.bytes >= limits.max_bytes {

@@ -379,11 +379,20 @@ impl Writer {
             Op::Ack { ack, .. } => self.make_exact(ack.gen),
             _ => Ok(()),
         });
+        // An ack that finds its generation damaged fails alone: the group's appends and other
+        // acks go on, and the generation is moved aside at the next housekeeping.
+        let mut failed_alone: HashMap<usize, QueueError> = HashMap::new();
         if result.is_ok() {
-            for op in &mut ops {
+            for (i, op) in ops.iter_mut().enumerate() {
                 let step = match op {
                     Op::Append { groups, .. } => self.stage_append(&mut staged, groups),
-                    Op::Ack { lane, ack, .. } => self.stage_ack(&mut staged, *lane, ack),
+                    Op::Ack { lane, ack, .. } => match self.stage_ack(&mut staged, *lane, ack) {
+                        Err(e) if e.is_corrupt() => {
+                            failed_alone.insert(i, e);
+                            Ok(())
+                        }
+                        other => other,
+                    },
                     Op::Close { .. } | Op::Refresh => Ok(()),
                 };
                 if let Err(e) = step {
@@ -406,7 +415,11 @@ impl Writer {
         }
         // Every operation of the group gets the same answer: none of its senders hears "done"
         // unless all of it is durable.
-        for op in ops {
+        for (i, op) in ops.into_iter().enumerate() {
+            if let Some(e) = failed_alone.remove(&i) {
+                answer(op, Err(e));
+                continue;
+            }
             let r = match &result {
                 Ok(()) => Ok(()),
                 Err(QueueError::RestartNeeded(why)) => Err(QueueError::RestartNeeded(why.clone())),
@@ -501,6 +514,9 @@ impl Writer {
     }
 
     fn stage_ack(&mut self, staged: &mut Staged, id: u32, ack: &Ack) -> Result<(), QueueError> {
+        // Every read comes before anything is staged, so that an ack that cannot be read (a
+        // damaged generation) leaves the group's other operations as they were.
+        let changes = self.ack_changes(staged, id, ack)?;
         for dead in &ack.dead {
             staged.meta.insert(
                 &record::dead_key(staged.next_dead_seq),
@@ -516,51 +532,16 @@ impl Writer {
             gen,
             last_removed: ack.remove.iter().max().copied(),
         });
-        if !self.state.gens.contains_key(&gen) {
-            // Deleted: everything it held was acknowledged already.
-            return Ok(());
-        }
-        self.make_exact(gen)?;
-        let Some(db) = self.gen_db(gen)? else {
+        let Some(AckChanges {
+            chunks,
+            removed_events,
+            removed_bytes,
+        }) = changes
+        else {
             return Ok(());
         };
-        let mut removed_events = 0u64;
-        let mut removed_bytes = 0u64;
-        let mut changes: Vec<(u64, Option<Vec<u8>>, Option<ChunkHeader>)> = Vec::new();
-        let header_now = |seq: u64| -> Result<Option<ChunkHeader>, QueueError> {
-            if let Some(h) = staged.changed.get(&(gen, id, seq)) {
-                return Ok(*h);
-            }
-            Ok(db
-                .db
-                .get(record::chunk_key(id, seq))?
-                .map(|old| ChunkHeader::decode(&old).unwrap_or_default()))
-        };
-        // A chunk that is not there (already removed) changes nothing: counters follow the
-        // store, so they can never go below zero.
-        for seq in &ack.remove {
-            if let Some(h) = header_now(*seq)? {
-                removed_events += u64::from(h.events);
-                removed_bytes += u64::from(h.payload_bytes);
-                changes.push((*seq, None, None));
-            }
-        }
-        for (seq, chunk) in &ack.rewrite {
-            if let Some(h) = header_now(*seq)? {
-                let kept_events = chunk.events.len() as u64;
-                let kept_bytes = chunk.payload_bytes() as u64;
-                removed_events += u64::from(h.events).saturating_sub(kept_events);
-                removed_bytes += u64::from(h.payload_bytes).saturating_sub(kept_bytes);
-                let header = ChunkHeader {
-                    events: kept_events as u32,
-                    payload_bytes: kept_bytes as u32,
-                };
-                changes.push((*seq, Some(chunk.encode()), Some(header)));
-            }
-        }
-        drop(db);
         let batch = staged.gens.entry(gen).or_default();
-        for (seq, value, header) in changes {
+        for (seq, value, header) in chunks {
             let key = record::chunk_key(id, seq);
             match value {
                 Some(v) => batch.insert(&key, v),
@@ -578,6 +559,34 @@ impl Writer {
         lane.bytes = lane.bytes.saturating_sub(removed_bytes);
         staged.acked_events += removed_events.saturating_sub(ack.dead.len() as u64);
         Ok(())
+    }
+
+    /// What an ack changes in its generation, read from the store; `None` if the generation
+    /// is gone (deleted: everything it held was acknowledged already; or moved aside as
+    /// damaged: its events are counted there). A read that finds the generation damaged marks
+    /// it so, for the writer to move it aside.
+    fn ack_changes(
+        &mut self,
+        staged: &Staged,
+        id: u32,
+        ack: &Ack,
+    ) -> Result<Option<AckChanges>, QueueError> {
+        let gen = ack.gen;
+        if !self.state.gens.contains_key(&gen) {
+            return Ok(None);
+        }
+        let read = self.make_exact(gen).and_then(|()| match self.gen_db(gen)? {
+            Some(db) => ack_changes_in(&db, staged, gen, id, ack).map(Some),
+            None => Ok(None),
+        });
+        if let Err(e) = &read {
+            if e.is_corrupt() {
+                if let Some(g) = self.state.gens.get(&gen) {
+                    g.handle.mark_damaged(e);
+                }
+            }
+        }
+        read
     }
 
     fn gen_db(&self, gen: u64) -> Result<Option<Arc<GenDb>>, QueueError> {
@@ -681,6 +690,62 @@ impl Writer {
             self.shared.lanes_changed.notify_waiters();
         }
     }
+}
+
+/// What an ack changes in one generation: per chunk, its new value (`None`: removed) and
+/// header, and the events and bytes that leave the queue.
+struct AckChanges {
+    chunks: Vec<(u64, Option<Vec<u8>>, Option<ChunkHeader>)>,
+    removed_events: u64,
+    removed_bytes: u64,
+}
+
+fn ack_changes_in(
+    db: &GenDb,
+    staged: &Staged,
+    gen: u64,
+    id: u32,
+    ack: &Ack,
+) -> Result<AckChanges, QueueError> {
+    let mut changes = AckChanges {
+        chunks: Vec::new(),
+        removed_events: 0,
+        removed_bytes: 0,
+    };
+    let header_now = |seq: u64| -> Result<Option<ChunkHeader>, QueueError> {
+        if let Some(h) = staged.changed.get(&(gen, id, seq)) {
+            return Ok(*h);
+        }
+        Ok(db
+            .db
+            .get(record::chunk_key(id, seq))?
+            .map(|old| ChunkHeader::decode(&old).unwrap_or_default()))
+    };
+    // A chunk that is not there (already removed) changes nothing: counters follow the
+    // store, so they can never go below zero.
+    for seq in &ack.remove {
+        if let Some(h) = header_now(*seq)? {
+            changes.removed_events += u64::from(h.events);
+            changes.removed_bytes += u64::from(h.payload_bytes);
+            changes.chunks.push((*seq, None, None));
+        }
+    }
+    for (seq, chunk) in &ack.rewrite {
+        if let Some(h) = header_now(*seq)? {
+            let kept_events = chunk.events.len() as u64;
+            let kept_bytes = chunk.payload_bytes() as u64;
+            changes.removed_events += u64::from(h.events).saturating_sub(kept_events);
+            changes.removed_bytes += u64::from(h.payload_bytes).saturating_sub(kept_bytes);
+            let header = ChunkHeader {
+                events: kept_events as u32,
+                payload_bytes: kept_bytes as u32,
+            };
+            changes
+                .chunks
+                .push((*seq, Some(chunk.encode()), Some(header)));
+        }
+    }
+    Ok(changes)
 }
 
 fn answer(op: Op, result: Result<(), QueueError>) {
