@@ -63,11 +63,13 @@ use crate::queue::{Queue, QueueError};
 
 /// Path of the liveness / readiness probe.
 const HEALTH_PATH: &str = "/health";
+const READY_PATH: &str = "/ready";
 
 /// Least time between two warnings that `max_connections` is reached.
 const FULL_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Counters of the HTTP source, read by metrics. `/health` requests are not counted.
+/// Counters of the HTTP source, read by metrics. `/health` and `/ready` requests are not
+/// counted.
 #[derive(Debug, Default)]
 pub struct HttpSourceStats {
     /// Requests received (any path, any answer).
@@ -493,7 +495,9 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
     let _in_flight = shared.in_flight.token();
     let path = request.uri().path().to_owned();
     let mut response = if path == HEALTH_PATH {
-        health(&shared, request.method())
+        probe(&shared, request.method(), Probe::Liveness)
+    } else if path == READY_PATH {
+        probe(&shared, request.method(), Probe::Readiness)
     } else {
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         match intake(&shared, &path, request).await {
@@ -510,13 +514,31 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
     response
 }
 
-/// `GET /health`: 200 when events are accepted, 503 when they would be refused.
-fn health(shared: &Shared, method: &Method) -> Response {
+/// The two probes of the source's port, with the same meaning as the admin listener's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// `GET /health`: 503 only when the process is broken (the queue writer is gone, so that
+    /// nothing can ever be stored again): what a liveness probe may restart it for.
+    Liveness,
+    /// `GET /ready`: 503 also while events would be refused for now (a full queue, a stop):
+    /// what a load balancer steers senders away for.
+    Readiness,
+}
+
+fn probe(shared: &Shared, method: &Method, probe: Probe) -> Response {
     if method != Method::GET && method != Method::HEAD {
-        return Rejection::method_not_allowed(HEALTH_PATH, "GET, HEAD")
+        let path = match probe {
+            Probe::Liveness => HEALTH_PATH,
+            Probe::Readiness => READY_PATH,
+        };
+        return Rejection::method_not_allowed(path, "GET, HEAD")
             .into_response(shared.config.retry_after_secs);
     }
-    let status = if shared.stopping.is_cancelled() {
+    let status = if !shared.queue.writer_alive() {
+        "queue_writer_stopped"
+    } else if probe == Probe::Liveness {
+        return Json(serde_json::json!({ "status": "ok" })).into_response();
+    } else if shared.stopping.is_cancelled() {
         "stopping"
     } else if shared.queue.is_full() {
         "queue_full"
@@ -1170,7 +1192,11 @@ mod tests {
     async fn full_queue_gets_503_with_retry_after() {
         let h = start_full().await;
         assert!(h.queue.is_full());
-        let response = h.client.get(h.url("/health")).send().await.unwrap();
+        // Alive (a liveness probe must not restart it), but not ready.
+        let (status, answer) = json(h.client.get(h.url("/health")).send().await.unwrap()).await;
+        assert_eq!(status, 200);
+        assert_eq!(answer, serde_json::json!({"status": "ok"}));
+        let response = h.client.get(h.url("/ready")).send().await.unwrap();
         assert_eq!(response.headers()["retry-after"], "7");
         let (status, answer) = json(response).await;
         assert_eq!(status, 503);
@@ -1289,6 +1315,7 @@ mod tests {
     }
 
     const HEALTH_REQUEST: &str = "GET /health HTTP/1.1\r\nHost: t\r\n\r\n";
+    const READY_REQUEST: &str = "GET /ready HTTP/1.1\r\nHost: t\r\n\r\n";
 
     #[tokio::test]
     async fn shutdown_finishes_requests_in_flight_and_refuses_the_rest() {
@@ -1332,10 +1359,10 @@ mod tests {
         assert_eq!(refused.header("connection"), Some("close"));
         assert_message(&refused.body, "stopping");
 
-        raw_send(&mut idle_health, HEALTH_REQUEST).await;
-        let health = raw_read(&mut idle_health).await;
-        assert_eq!(health.status, 503);
-        assert_eq!(health.body, serde_json::json!({"status": "stopping"}));
+        raw_send(&mut idle_health, READY_REQUEST).await;
+        let ready = raw_read(&mut idle_health).await;
+        assert_eq!(ready.status, 503);
+        assert_eq!(ready.body, serde_json::json!({"status": "stopping"}));
 
         let addr = h.addr;
         tokio::time::timeout(WAIT, async {
