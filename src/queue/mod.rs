@@ -16,6 +16,7 @@
 //! space is given back whole. See [`record`] for the layout of one database.
 
 pub mod generation;
+mod read;
 pub mod record;
 pub mod salvage;
 mod writer;
@@ -31,6 +32,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::config::QueueConfig;
 use crate::intake_api::IncomingEvent;
 use generation::{CorruptNote, GenDb, Generation};
+pub use read::{Position, ReadBatch, ReadLimits, ReadSpan, StoredChunk};
 pub use record::{Chunk, ChunkView, DeadLetter};
 
 /// How many bytes of appends one group commit gathers at most.
@@ -263,51 +265,6 @@ pub struct Queue {
     _lock: Arc<std::fs::File>,
 }
 
-/// A place in a lane: generation, then sequence number. Reading from a position returns the
-/// chunks at or after it, in this order.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Position {
-    pub gen: u64,
-    pub seq: u64,
-}
-
-/// A chunk read from a lane, with its sequence number in its generation.
-#[derive(Debug, Clone)]
-pub struct StoredChunk {
-    pub seq: u64,
-    pub chunk: Chunk,
-}
-
-/// What one read of a lane covered, all in one generation ([`Queue::read_with`]).
-#[derive(Debug, Default)]
-pub struct ReadSpan {
-    pub gen: u64,
-    /// Chunks handed to the reader, their events and payload bytes.
-    pub chunks: usize,
-    pub events: usize,
-    pub bytes: usize,
-    /// Sequence numbers and raw bytes of undecodable chunks found on the way.
-    pub corrupt: Vec<(u64, Vec<u8>)>,
-    /// Where the next read starts.
-    pub next: Position,
-    /// Read from a sealed generation: nothing more will be appended after these chunks in it,
-    /// so waiting for a fuller batch (linger) would wait for nothing.
-    pub sealed: bool,
-}
-
-/// What [`Queue::read`] found: the chunks, owned.
-#[derive(Debug, Default)]
-pub struct ReadBatch {
-    pub span: ReadSpan,
-    pub chunks: Vec<StoredChunk>,
-}
-
-impl ReadBatch {
-    pub fn events(&self) -> usize {
-        self.span.events
-    }
-}
-
 /// What delivery reports for a lane once the intake answered.
 #[derive(Debug, Default, Clone)]
 pub struct Ack {
@@ -508,94 +465,6 @@ impl Queue {
             .await
             .map_err(|_| self.closed())?;
         wait.await.map_err(|_| self.closed())?
-    }
-
-    /// Reads chunks of `lane` from `from` on, in order and from one generation: at least one
-    /// chunk if there is any, then more while they fit in `max_events` and `max_bytes`
-    /// (payload) and share the first chunk's event date (one request carries one date). Each
-    /// chunk is handed to `reader` as a [`ChunkView`] that borrows the stored bytes: nothing is
-    /// copied that the reader does not copy.
-    ///
-    /// Sealed generations that hold nothing of the lane are skipped without being opened.
-    pub fn read_with(
-        &self,
-        lane: u32,
-        from: Position,
-        limits: ReadLimits,
-        reader: &mut dyn FnMut(u64, &ChunkView<'_>),
-    ) -> Result<ReadSpan, QueueError> {
-        let (gens, active) = self.shared.gens_snapshot();
-        let mut next = from;
-        for gen in gens.iter().filter(|g| g.id >= from.gen) {
-            let start = if gen.id == from.gen { from.seq } else { 0 };
-            next = Position {
-                gen: gen.id,
-                seq: start,
-            };
-            if gen.is_damaged() || (gen.id != active && !gen.may_hold(lane)) {
-                continue;
-            }
-            // Damage that sled finds (or panics on) in this generation must not stop the lane:
-            // the generation is marked damaged (the writer moves it aside) and the read goes
-            // on with the next one. Unless the reader already took chunks of it: they would
-            // be taken for chunks of the next one (same sequence numbers, another
-            // generation), so the read fails instead, the reader drops them, and the next
-            // read skips the generation.
-            let mut handed = 0usize;
-            let read = match gen.db() {
-                Ok(Some(db)) => generation::guard("reading a generation", || {
-                    let counting = &mut |seq: u64, view: &ChunkView<'_>| {
-                        handed += 1;
-                        reader(seq, view)
-                    };
-                    read_generation(&db.db, gen.id, lane, start, limits, counting)
-                }),
-                Ok(None) => continue,
-                Err(e) => Err(e),
-            };
-            let mut span = match read {
-                Ok(span) => span,
-                Err(e) if e.is_corrupt() => {
-                    gen.mark_damaged(&e);
-                    if handed > 0 {
-                        return Err(e);
-                    }
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if span.chunks > 0 || !span.corrupt.is_empty() {
-                span.sealed = gen.id != active;
-                return Ok(span);
-            }
-        }
-        Ok(ReadSpan {
-            gen: next.gen,
-            next,
-            ..ReadSpan::default()
-        })
-    }
-
-    /// [`Queue::read_with`], collecting owned copies of the chunks (for tests and tools).
-    pub fn read(
-        &self,
-        lane: u32,
-        from: Position,
-        max_events: usize,
-        max_bytes: usize,
-    ) -> Result<ReadBatch, QueueError> {
-        let mut chunks = Vec::new();
-        let limits = ReadLimits {
-            max_events,
-            max_bytes,
-        };
-        let span = self.read_with(lane, from, limits, &mut |seq, view| {
-            chunks.push(StoredChunk {
-                seq,
-                chunk: view.to_chunk(),
-            })
-        })?;
-        Ok(ReadBatch { span, chunks })
     }
 
     /// The lanes known now.
@@ -829,68 +698,6 @@ fn prepare_dir(path: &Path) -> Result<(), QueueError> {
     #[cfg(not(unix))]
     std::fs::create_dir_all(path).map_err(err)?;
     Ok(())
-}
-
-/// Reads chunks of `lane` from `start` on in one generation's database.
-/// How much one read may cover (payload bytes).
-#[derive(Debug, Clone, Copy)]
-pub struct ReadLimits {
-    pub max_events: usize,
-    pub max_bytes: usize,
-}
-
-fn read_generation(
-    db: &sled::Db,
-    gen: u64,
-    lane: u32,
-    start: u64,
-    limits: ReadLimits,
-    reader: &mut dyn FnMut(u64, &ChunkView<'_>),
-) -> Result<ReadSpan, QueueError> {
-    let range = record::chunk_key(lane, start)..=record::chunk_key(lane, u64::MAX);
-    let mut span = ReadSpan {
-        gen,
-        next: Position { gen, seq: start },
-        ..Default::default()
-    };
-    // The event date of the first chunk: one request carries one date.
-    let mut date: Option<Option<String>> = None;
-    let mut scratch = Vec::new();
-    for item in db.range(range) {
-        let (key, value) = item?;
-        let (_, seq) =
-            record::parse_chunk_key(&key).map_err(|e| QueueError::Storage(e.to_string()))?;
-        let header = record::ChunkHeader::decode(&value);
-        if let (Ok(h), Some(_)) = (&header, &date) {
-            if span.events + h.events as usize > limits.max_events
-                || span.bytes + h.payload_bytes as usize > limits.max_bytes
-            {
-                break;
-            }
-        }
-        let view = match header.and_then(|_| ChunkView::decode(&value, &mut scratch)) {
-            Ok(view) => view,
-            Err(_) => {
-                span.corrupt.push((seq, value.to_vec()));
-                span.next.seq = seq + 1;
-                continue;
-            }
-        };
-        match &date {
-            Some(d) if d.as_deref() != view.timestamp => break,
-            Some(_) => {}
-            None => date = Some(view.timestamp.map(str::to_owned)),
-        }
-        span.chunks += 1;
-        span.events += view.events.len();
-        span.bytes += view.payload_bytes();
-        span.next.seq = seq + 1;
-        reader(seq, &view);
-        if span.events >= limits.max_events || span.bytes >= limits.max_bytes {
-            break;
-        }
-    }
-    Ok(span)
 }
 
 /// Opens the meta database and reads it through once; if sled cannot (damage, or a panic), it
