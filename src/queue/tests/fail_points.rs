@@ -289,3 +289,198 @@ async fn an_append_and_an_ack_in_one_group_keep_the_recount() {
     ack.await.unwrap().unwrap();
     assert_eq!(q.totals().0, 1000 - removed + 2);
 }
+
+/// The values of chunks `seqs` of lane 0 as sled stores them, read from a closed generation.
+/// Opening it also makes sled write a snapshot that covers its whole log: from then on, sled
+/// opens it without reading the older segments again.
+fn stored_values(gen_dir: &Path, seqs: &[u64]) -> Vec<(u64, Vec<u8>)> {
+    let db = generation::open_sled(gen_dir, 1 << 20).unwrap();
+    seqs.iter()
+        .map(|&seq| {
+            let value = db.get(record::chunk_key(0, seq)).unwrap().unwrap();
+            (seq, value.to_vec())
+        })
+        .collect()
+}
+
+/// Overwrites every copy of 32 bytes from the middle of a chunk's stored value (its
+/// compressed events, past the header and the metadata that chunks share) in a generation's
+/// log with a fixed pattern. The events must not compress, or the same bytes could stand in
+/// other chunks (and other leaves).
+fn overwrite_value(gen_dir: &Path, value: &[u8]) {
+    assert!(value.len() > 1024, "the chunk is too small to find");
+    let needle = &value[value.len() / 2..value.len() / 2 + 32];
+    let path = gen_dir.join("db");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mut hits = 0;
+    for at in 0..bytes.len() - needle.len() {
+        if &bytes[at..at + needle.len()] == needle {
+            bytes[at..at + needle.len()].fill(0xA5);
+            hits += 1;
+        }
+    }
+    assert!(hits > 0, "the chunk is not in the generation's log");
+    std::fs::write(&path, bytes).unwrap();
+}
+
+/// Copies a directory (a generation's files), to try a damage on the copy.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Whether a damaged generation is damaged the way the test needs: sled opens it, the
+/// writer's count of it reads (the format marker, the lane record, the dead-letter scan at
+/// the start of the keys, the lane's last chunk), and only the read of chunk `damaged` fails.
+fn damaged_only_at(gen_dir: &Path, damaged: u64, last: u64) -> bool {
+    let Ok(db) = generation::open_sled(gen_dir, 1 << 20) else {
+        return false; // the damage lies where sled reads at open: its last segment
+    };
+    let reads = |key: &[u8]| matches!(db.get(key), Ok(Some(_)));
+    reads(record::META_FORMAT_KEY)
+        && reads(&record::lane_key(0))
+        && reads(&record::chunk_key(0, last))
+        && db.scan_prefix([record::DEAD_PREFIX]).all(|r| r.is_ok())
+        && matches!(
+            db.get(record::chunk_key(0, damaged)).map_err(QueueError::from),
+            Err(e) if e.is_corrupt()
+        )
+}
+
+/// Damages one leaf in the middle of a closed generation so that sled opens it and the
+/// writer counts it, but a read of the leaf's chunks fails its checksum; returns the chunk.
+/// sled reads the segment its snapshot points into at open: the damage must lie in an
+/// earlier one. Where a leaf's last copy lies varies from run to run (sled's segment cleaner
+/// moves live pages to the log's end), so candidates are tried on a copy first.
+fn damage_a_middle_leaf(gen_dir: &Path, seqs: &[u64], scratch: &Path) -> u64 {
+    let last = *seqs.last().unwrap();
+    let candidates: Vec<u64> = (1..12).map(|i| seqs[seqs.len() * i / 24]).collect();
+    for (i, (seq, value)) in stored_values(gen_dir, &candidates).into_iter().enumerate() {
+        let probe = scratch.join(format!("probe-{i}"));
+        copy_dir(gen_dir, &probe);
+        overwrite_value(&probe, &value);
+        if damaged_only_at(&probe, seq, last) {
+            overwrite_value(gen_dir, &value);
+            return seq;
+        }
+    }
+    panic!("no damage of the kind needed found among chunks {candidates:?}");
+}
+
+/// An acknowledgement whose generation turns out damaged when the writer reads the chunks it
+/// removes (sled opens the generation, the leaf of those chunks fails its checksum) fails
+/// alone: an append committed in the same group is stored and answered, and the generation
+/// is moved aside. (It used to fail the whole group, and delivery retries the ack every
+/// second: every append that met it was refused, again and again.)
+#[tokio::test]
+async fn an_ack_in_a_damaged_generation_fails_alone_in_its_group() {
+    let dir = tempfile::tempdir().unwrap();
+    // A first generation that spans several of sled's segments (2 MiB), in chunks of 4 KiB.
+    let cfg = QueueConfig {
+        generation_bytes: 4 * 1024 * 1024,
+        chunk_bytes: 4096,
+        ..config(dir.path())
+    };
+    // Read (as delivery does) but not acknowledged: the whole first generation.
+    let (gen, seqs) = {
+        let q = Queue::open(&cfg).unwrap();
+        let all = incompressible_events("K", 10_000, 500);
+        for part in all.chunks(500) {
+            q.append(part.to_vec()).await.unwrap();
+        }
+        let batch = q
+            .read(0, Position::default(), usize::MAX, usize::MAX)
+            .unwrap();
+        let seqs: Vec<u64> = batch.chunks.iter().map(|c| c.seq).collect();
+        q.close().await.unwrap();
+        (batch.span.gen, seqs)
+    };
+    assert!(
+        gen_dirs(&cfg.path).len() >= 2,
+        "the first generation is sealed"
+    );
+    let gen_path = generation::gen_dir(&cfg.path, gen);
+    // Damaged while the queue is stopped: a sealed generation is opened when first needed,
+    // here by the writer, for the ack (or its count, which reads around the damage).
+    damage_a_middle_leaf(&gen_path, &seqs, &dir.path().join("scratch"));
+
+    let q = Queue::open(&cfg).unwrap();
+    // Hold the writer in a commit, so that the next two operations make one group.
+    let injected = inject(&cfg.path);
+    let (reached_tx, mut reached) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = std::sync::Mutex::new(released);
+    fail::cfg_callback("queue-fsync", move || {
+        let _ = reached_tx.send(());
+        let _ = released
+            .lock()
+            .unwrap()
+            .recv_timeout(std::time::Duration::from_secs(60));
+    })
+    .unwrap();
+    let first = tokio::spawn({
+        let q = q.clone();
+        async move { q.append(tagged("K", "first", 1)).await }
+    });
+    reached.recv().await.unwrap();
+    let queued = |q: &Queue| q.ops.max_capacity() - q.ops.capacity();
+    let after = tagged("K", "after", 3);
+    let append = tokio::spawn({
+        let (q, after) = (q.clone(), after.clone());
+        async move { q.append(after).await }
+    });
+    wait_for("the append queued", || queued(&q) >= 1).await;
+    let ack = tokio::spawn({
+        let q = q.clone();
+        async move {
+            let ack = Ack {
+                gen,
+                remove: seqs,
+                ..Ack::default()
+            };
+            q.ack(0, ack).await
+        }
+    });
+    wait_for("the ack queued", || queued(&q) >= 2).await;
+    fail::remove("queue-fsync");
+    release.send(()).unwrap();
+    first.await.unwrap().unwrap();
+    let appended = append.await.unwrap();
+    let acked = ack.await.unwrap();
+    drop(injected);
+    assert!(
+        appended.is_ok(),
+        "the append failed with the damaged ack of its group: {appended:?}"
+    );
+    assert!(
+        matches!(&acked, Err(e) if e.is_corrupt()),
+        "the ack of a damaged generation must fail as such: {acked:?}"
+    );
+
+    let moved = format!(
+        "{}.corrupt",
+        gen_path.file_name().unwrap().to_string_lossy()
+    );
+    wait_for("the damaged generation moved aside", || {
+        cfg.path.join(&moved).exists()
+    })
+    .await;
+    assert!(!gen_path.exists());
+    assert!(q
+        .corrupt_generations()
+        .iter()
+        .any(|note| note.generation == Some(gen)));
+    assert!(contains_run(&drain(&q, 0, false).await, &texts(&after)));
+    q.close().await.unwrap();
+    drop(q);
+    // Durable: the append is there after a reopen.
+    let q = Queue::open(&cfg).unwrap();
+    assert!(contains_run(&drain(&q, 0, false).await, &texts(&after)));
+}
