@@ -25,7 +25,7 @@ mod lifecycle;
 mod load;
 mod space;
 
-use super::generation::{GenDb, GenLane, GenSummary, Generation};
+use super::generation::{self, GenDb, GenLane, GenSummary, Generation};
 use super::record::{self, Chunk, ChunkHeader, LaneRecord};
 use super::{Ack, Lane, QueueError, Shared, COMMIT_MAX_BYTES};
 use crate::crash_point;
@@ -576,7 +576,12 @@ impl Writer {
             return Ok(None);
         }
         let read = self.make_exact(gen).and_then(|()| match self.gen_db(gen)? {
-            Some(db) => ack_changes_in(&db, staged, gen, id, ack).map(Some),
+            // sled may panic on a damaged leaf instead of reporting it: the writer must not
+            // die of it.
+            Some(db) => generation::guard("reading chunks to acknowledge", || {
+                ack_changes_in(&db, staged, gen, id, ack)
+            })
+            .map(Some),
             None => Ok(None),
         });
         if let Err(e) = &read {
