@@ -355,8 +355,27 @@ pub fn encode_value<T: Serialize>(value: &T) -> Vec<u8> {
 pub fn decode_value<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     match bytes.first() {
         None => Err(DecodeError::Truncated(0)),
-        Some(&VALUE_V1) => Ok(bincode::serde::decode_from_slice(&bytes[1..], decode_config())?.0),
+        Some(&VALUE_V1) => decode_owned(&bytes[1..]),
         Some(&v) => Err(DecodeError::UnknownVersion(v)),
+    }
+}
+
+/// bincode of an owned value, with a limit in proportion to `body`. bincode allocates a
+/// string's claimed length before reading it, so [`DECODE_LIMIT`] alone would let a corrupt
+/// 6-byte value allocate a gigabyte. A valid value claims at most 8 bytes per byte it holds (an
+/// integer of one varint byte counts 8; a string counts its bytes, all present), so a claim
+/// beyond 8 times the body is corruption. (The limit is a type parameter, hence the steps.)
+fn decode_owned<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
+    fn with_limit<T: serde::de::DeserializeOwned, const LIMIT: usize>(
+        body: &[u8],
+    ) -> Result<T, DecodeError> {
+        Ok(bincode::serde::decode_from_slice(body, config().with_limit::<LIMIT>())?.0)
+    }
+    match body.len() {
+        n if n <= 4 << 10 => with_limit::<T, { 32 << 10 }>(body),
+        n if n <= 1 << 20 => with_limit::<T, { 8 << 20 }>(body),
+        n if n <= 16 << 20 => with_limit::<T, { 128 << 20 }>(body),
+        _ => with_limit::<T, DECODE_LIMIT>(body),
     }
 }
 
@@ -732,5 +751,31 @@ mod tests {
         assert_eq!(parse_chunk_key(&chunk_key(7, 9)).unwrap(), (7, 9));
         assert_eq!(parse_lane_key(&lane_key(7)).unwrap(), 7);
         assert_eq!(parse_dead_key(&dead_key(3)).unwrap(), 3);
+    }
+
+    /// Found while bounding the allocations of the `queue_record` fuzz target (`fuzz/`): a
+    /// 6-byte lane record whose key claims 900,000,000 bytes made bincode allocate them before
+    /// finding the value short (a corrupt meta value, read at every start, could then abort the
+    /// process where memory is tight). A claim beyond what the value's own bytes can hold is
+    /// refused before any allocation.
+    #[test]
+    fn a_length_beyond_the_value_is_refused_before_allocating() {
+        // Version byte, then bincode's varint marker for a u32 and the string's length.
+        let mut bytes = vec![VALUE_V1, 252];
+        bytes.extend_from_slice(&900_000_000u32.to_le_bytes());
+        for result in [
+            decode_value::<LaneRecord>(&bytes).map(drop),
+            decode_value::<DeadLetter>(&bytes).map(drop),
+            decode_value::<String>(&bytes).map(drop),
+        ] {
+            let err = result.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    DecodeError::Body(bincode::error::DecodeError::LimitExceeded)
+                ),
+                "{err:?}"
+            );
+        }
     }
 }
