@@ -154,12 +154,7 @@ fn walk_chunks(
     let mut failed_in_a_row = 0u64;
     let mut empty_lanes = 0u32;
     loop {
-        let step = generation::guard("reading a moved-aside generation", || {
-            match db.range(cursor.as_slice()..&end[..]).next() {
-                None => Ok(None),
-                Some(item) => Ok(Some(item?)),
-            }
-        });
+        let step = first_at_or_after(db, &cursor, &end, "reading a moved-aside generation");
         match step {
             Ok(None) => return Ok(()),
             Ok(Some((key, value))) => {
@@ -199,6 +194,20 @@ fn walk_chunks(
     }
 }
 
+/// The first entry at or after `from` and before `end`, read under the panic guard: one entry
+/// at a time, so that damage costs only the entries it hides.
+fn first_at_or_after(
+    db: &sled::Db,
+    from: &[u8],
+    end: &[u8],
+    what: &str,
+) -> Result<Option<(sled::IVec, sled::IVec)>, QueueError> {
+    generation::guard(what, || match db.range(from..end).next() {
+        None => Ok(None),
+        Some(item) => Ok(Some(item?)),
+    })
+}
+
 /// Walks the dead letters one at a time, skipping what fails.
 fn walk_dead_letters(
     db: &sled::Db,
@@ -210,12 +219,7 @@ fn walk_dead_letters(
     let mut failed_in_a_row = 0u64;
     loop {
         let from = record::dead_key(seq);
-        let step = generation::guard("reading a moved-aside meta database", || {
-            match db.range(&from[..]..&end[..]).next() {
-                None => Ok(None),
-                Some(item) => Ok(Some(item?)),
-            }
-        });
+        let step = first_at_or_after(db, &from, &end, "reading a moved-aside meta database");
         match step {
             Ok(None) => return Ok(()),
             Ok(Some((key, value))) => {
