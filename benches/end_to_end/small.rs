@@ -2,6 +2,11 @@
 //! connections, first straight to a mock intake, then through a fresh forwarder to one, in the
 //! same run. The figure that counts is the ratio of the two rates: the machine is shared and
 //! noisy, and a ratio taken minutes apart on the same machine is steadier than either rate.
+//!
+//! The straight-to-the-mock baseline runs, by default, against `sekoia-forwarder mock-intake
+//! --quiet` in a process of its own, as the forwarder runs in its own: a mock inside the bench
+//! process answers without a process boundary and makes a baseline no separate server could
+//! reach. `E2E_SMALL_BASELINE=in-process` uses the in-process mock instead (both are printed).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -67,6 +72,11 @@ impl CellReport {
 }
 
 pub async fn run(cells: &[Cell], ticks: f64) -> Vec<CellReport> {
+    let baseline = match std::env::var("E2E_SMALL_BASELINE") {
+        Ok(v) if v == "in-process" => "a count-only mock in the bench process",
+        _ => "`mock-intake --quiet` in its own process",
+    };
+    println!("small: the baseline is the client straight to {baseline}");
     let mut reports = Vec::new();
     for cell in cells {
         println!(
@@ -87,17 +97,65 @@ pub async fn run(cells: &[Cell], ticks: f64) -> Vec<CellReport> {
     reports
 }
 
-/// The client straight to a mock intake.
+/// The client straight to a mock intake: in a process of its own unless
+/// `E2E_SMALL_BASELINE=in-process`.
 async fn direct(cell: &Cell, bodies: Arc<Bodies>) -> f64 {
-    let mock = MockIntake::start_count_only(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .expect("mock");
-    let started = Instant::now();
-    let deadline = started + deadline_for(cell.events);
-    let sent = send_all(&mock.url(), cell.events, cell.connections, bodies, deadline).await;
+    let in_process = std::env::var("E2E_SMALL_BASELINE").is_ok_and(|v| v == "in-process");
+    let deadline = Instant::now() + deadline_for(cell.events);
+    if in_process {
+        let mock = MockIntake::start_count_only(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("mock");
+        let sent = send_all(&mock.url(), cell.events, cell.connections, bodies, deadline).await;
+        assert!(!sent.timed_out, "small: the mock alone did not keep up");
+        mock.shutdown().await;
+        return rate(sent.acked_events, sent.elapsed);
+    }
+    let mut mock = tokio::task::block_in_place(MockProcess::start);
+    let sent = send_all(&mock.url, cell.events, cell.connections, bodies, deadline).await;
     assert!(!sent.timed_out, "small: the mock alone did not keep up");
-    mock.shutdown().await;
+    tokio::task::block_in_place(|| mock.stop());
     rate(sent.acked_events, sent.elapsed)
+}
+
+/// `sekoia-forwarder mock-intake --quiet --keep-events 0` in a process of its own.
+struct MockProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl MockProcess {
+    fn start() -> MockProcess {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(crate::common::binary())
+            .args(["mock-intake", "--quiet", "--keep-events", "0"])
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start mock-intake");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        // "mock intake listening on http://127.0.0.1:PORT"
+        let url = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                l.split_once("listening on ")
+                    .map(|(_, url)| url.trim().to_owned())
+            })
+            .expect("mock-intake did not say where it listens");
+        // Keep reading its stderr so that it never blocks on a full pipe.
+        std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
+        MockProcess { child, url }
+    }
+
+    fn stop(&mut self) {
+        crate::common::signal(self.child.id(), "TERM");
+        let _ = self.child.wait();
+    }
 }
 
 /// The client through a fresh forwarder to a mock intake.
