@@ -125,6 +125,7 @@ const SALVAGE_BATCH: usize = 1000;
 fn salvage(config: &Config, generation: Option<u64>) -> anyhow::Result<()> {
     use sekoia_forwarder::intake_api::IncomingEvent;
     use sekoia_forwarder::queue::{salvage, Queue, QueueError};
+    use std::cell::RefCell;
     use std::io::IsTerminal;
 
     let queue = match Queue::open(&config.queue) {
@@ -147,23 +148,30 @@ fn salvage(config: &Config, generation: Option<u64>) -> anyhow::Result<()> {
     let terminal = std::io::stderr().is_terminal();
     let (mut recovered, mut unknown) = (0u64, false);
     for note in &notes {
-        let mut pending: Vec<IncomingEvent> = Vec::new();
-        let flush = |pending: &mut Vec<IncomingEvent>| -> Result<(), QueueError> {
-            if pending.is_empty() {
+        // Shared by the sink, which batches, and `done`, which appends the last batch before
+        // the directory is marked salvaged.
+        let pending: RefCell<Vec<IncomingEvent>> = RefCell::new(Vec::new());
+        let flush = || -> Result<(), QueueError> {
+            let events = std::mem::take(&mut *pending.borrow_mut());
+            if events.is_empty() {
                 return Ok(());
             }
-            rt.block_on(queue.append(std::mem::take(pending)))
+            rt.block_on(queue.append(events))
         };
         let mut sink = |chunk: sekoia_forwarder::queue::Chunk| {
-            for raw in chunk.events {
-                pending.push(IncomingEvent {
-                    intake_key: chunk.intake_key.clone(),
-                    timestamp: chunk.timestamp.clone(),
-                    raw,
-                });
-            }
-            if pending.len() >= SALVAGE_BATCH {
-                flush(&mut pending)?;
+            let full = {
+                let mut pending = pending.borrow_mut();
+                for raw in chunk.events {
+                    pending.push(IncomingEvent {
+                        intake_key: chunk.intake_key.clone(),
+                        timestamp: chunk.timestamp.clone(),
+                        raw,
+                    });
+                }
+                pending.len() >= SALVAGE_BATCH
+            };
+            if full {
+                flush()?;
             }
             Ok(())
         };
@@ -177,9 +185,7 @@ fn salvage(config: &Config, generation: Option<u64>) -> anyhow::Result<()> {
                 );
             }
         };
-        let outcome = salvage::salvage_generation(note, &mut sink, &mut progress);
-        // What the sink gathered last is appended even if the walk stopped on an error.
-        flush(&mut pending)?;
+        let outcome = salvage::salvage_generation(note, &mut sink, &mut progress, &mut || flush());
         let outcome = outcome?;
         if terminal {
             eprintln!();
@@ -206,13 +212,21 @@ fn salvage(config: &Config, generation: Option<u64>) -> anyhow::Result<()> {
     }
     if generation.is_none() {
         for note in salvage::meta_candidates(&config.queue.path)? {
-            let mut pending = Vec::new();
-            let outcome = salvage::salvage_dead_letters(&note, &mut |dead| {
-                pending.push(dead);
-                Ok(())
-            })?;
-            let found = pending.len();
-            rt.block_on(queue.restore_dead_letters(pending))?;
+            // Restored before the directory is marked salvaged.
+            let pending = RefCell::new(Vec::new());
+            let mut found = 0;
+            let outcome = salvage::salvage_dead_letters(
+                &note,
+                &mut |dead| {
+                    pending.borrow_mut().push(dead);
+                    Ok(())
+                },
+                &mut || {
+                    let dead = std::mem::take(&mut *pending.borrow_mut());
+                    found = dead.len();
+                    rt.block_on(queue.restore_dead_letters(dead))
+                },
+            )?;
             if outcome.opened {
                 println!(
                     "{}: recovered {found} dead letters into the queue; {} reads failed",

@@ -60,14 +60,16 @@ pub fn meta_candidates(root: &Path) -> Result<Vec<CorruptNote>, QueueError> {
 }
 
 /// Reads every dead letter still readable in a moved-aside meta database, handing each to
-/// `sink`. (`Outcome::events` counts dead letters.) Renames the directory `.salvaged` if sled
-/// could open it.
+/// `sink`, then calls `done` (see [`salvage_generation`]). (`Outcome::events` counts dead
+/// letters.) Renames the directory `.salvaged` if sled could open it and `done` succeeded.
 pub fn salvage_dead_letters(
     note: &CorruptNote,
     sink: &mut dyn FnMut(DeadLetter) -> Result<(), QueueError>,
+    done: &mut dyn FnMut() -> Result<(), QueueError>,
 ) -> Result<Outcome, QueueError> {
     salvage_dir(note, &mut |db, outcome| {
-        walk_dead_letters(db, outcome, sink)
+        let walked = walk_dead_letters(db, outcome, sink);
+        walked.and(done())
     })
 }
 
@@ -84,14 +86,19 @@ pub fn candidates(root: &Path, only: Option<u64>) -> Result<Vec<CorruptNote>, Qu
 
 /// Reads every chunk still readable in the moved-aside generation `note.dir`, handing each to
 /// `sink` (which puts it back into the queue), and `progress` the number of chunks read so far
-/// from time to time. Renames the directory `.salvaged` if sled could open it.
+/// from time to time. Then calls `done`, also after a walk that failed: the caller makes
+/// durable what its sink still holds. Renames the directory `.salvaged` only if sled could open
+/// it and both succeeded: a directory is never marked salvaged before what was read from it is
+/// in the queue.
 pub fn salvage_generation(
     note: &CorruptNote,
     sink: &mut dyn FnMut(Chunk) -> Result<(), QueueError>,
     progress: &mut dyn FnMut(&Outcome),
+    done: &mut dyn FnMut() -> Result<(), QueueError>,
 ) -> Result<Outcome, QueueError> {
     salvage_dir(note, &mut |db, outcome| {
-        walk_chunks(db, outcome, sink, progress)
+        let walked = walk_chunks(db, outcome, sink, progress);
+        walked.and(done())
     })
 }
 
@@ -337,6 +344,7 @@ mod tests {
                 Ok(())
             },
             &mut |_| {},
+            &mut || Ok(()),
         )
         .unwrap();
         assert!(outcome.opened);
@@ -356,5 +364,37 @@ mod tests {
         assert!(seen.iter().any(|&i| i > 1520), "read past the damage");
         assert!(outcome.dir.to_str().unwrap().ends_with(".salvaged"));
         assert!(!dir.exists());
+    }
+
+    /// What was read is put into the queue by `done` (the last batch): if that fails, the
+    /// directory is not marked salvaged, so a later `salvage` reads it again.
+    #[test]
+    fn a_generation_is_marked_salvaged_only_once_its_events_are_queued() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("gen-00000000000000000002.corrupt");
+        {
+            let db = generation::open_sled(&dir, 1 << 22).unwrap();
+            for i in 0..10u64 {
+                db.insert(record::chunk_key(0, i), chunk(i).encode_plain())
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let note = CorruptNote {
+            generation: Some(2),
+            dir: dir.clone(),
+            events: Some(10),
+            ..CorruptNote::default()
+        };
+        let failed = salvage_generation(&note, &mut |_| Ok(()), &mut |_| {}, &mut || {
+            Err(QueueError::Full)
+        });
+        assert!(matches!(failed, Err(QueueError::Full)), "{failed:?}");
+        assert!(dir.exists(), "kept as .corrupt for the next salvage");
+        let outcome =
+            salvage_generation(&note, &mut |_| Ok(()), &mut |_| {}, &mut || Ok(())).unwrap();
+        assert_eq!(outcome.events, 10);
+        assert!(!dir.exists());
+        assert!(outcome.dir.to_str().unwrap().ends_with(".salvaged"));
     }
 }
