@@ -428,9 +428,20 @@ fn parse_aside_name(name: &str) -> Option<u64> {
     parse_gen_name(base)
 }
 
-/// Lists the generations, finishing any deletion or migration a crash interrupted.
+/// Lists the generations, finishing any deletion or migration a crash interrupted. Only at
+/// open, before the queue's threads run: a `.new` or `.deleted` directory is then a leftover.
 pub fn scan_root(root: &Path) -> Result<RootListing, QueueError> {
     finish_legacy_migration(root)?;
+    list_root(root, true)
+}
+
+/// Lists the generations without changing anything: safe while the queue is open (its
+/// janitor may be making a `.new` generation or removing a `.deleted` one right then).
+pub fn list_root_read_only(root: &Path) -> Result<RootListing, QueueError> {
+    list_root(root, false)
+}
+
+fn list_root(root: &Path, tidy: bool) -> Result<RootListing, QueueError> {
     let mut gens = Vec::new();
     let mut corrupt = Vec::new();
     let mut max_id = 0;
@@ -440,11 +451,15 @@ pub fn scan_root(root: &Path) -> Result<RootListing, QueueError> {
         let Some(name) = name.to_str() else { continue };
         if name.ends_with(NEW_SUFFIX) && name.starts_with(GEN_PREFIX) {
             // A generation whose creation a crash interrupted: it never held anything.
-            std::fs::remove_dir_all(entry.path())?;
+            if tidy {
+                std::fs::remove_dir_all(entry.path())?;
+            }
         } else if name.ends_with(DELETED_SUFFIX) {
             // A deletion that a crash interrupted: the rename was its commit point.
-            std::fs::remove_dir_all(entry.path())?;
-            tracing::info!(dir = %entry.path().display(), "removed a delivered generation left by a crash");
+            if tidy {
+                std::fs::remove_dir_all(entry.path())?;
+                tracing::info!(dir = %entry.path().display(), "removed a delivered generation left by a crash");
+            }
         } else if let Some(id) = parse_gen_name(name) {
             gens.push(id);
             max_id = max_id.max(id);

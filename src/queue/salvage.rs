@@ -47,7 +47,7 @@ pub struct Outcome {
 
 /// The moved-aside meta databases under `root` (`meta.corrupt`, ...).
 pub fn meta_candidates(root: &Path) -> Result<Vec<CorruptNote>, QueueError> {
-    let listing = generation::scan_root(root)?;
+    let listing = generation::list_root_read_only(root)?;
     Ok(listing
         .corrupt
         .into_iter()
@@ -75,7 +75,7 @@ pub fn salvage_dead_letters(
 
 /// The moved-aside generations under `root` (all, or generation `only`).
 pub fn candidates(root: &Path, only: Option<u64>) -> Result<Vec<CorruptNote>, QueueError> {
-    let listing = generation::scan_root(root)?;
+    let listing = generation::list_root_read_only(root)?;
     Ok(listing
         .corrupt
         .into_iter()
