@@ -9,7 +9,7 @@
 //! 0. **small** ([`small`]): requests of 1, 10, 100 and 1,000 events over 8 or 64 connections,
 //!    straight to a mock and through the forwarder, in the same run: the ratio of the rates,
 //!    forwarder CPU per million events, bytes written per payload byte. `E2E_SMALL_SCALE`
-//!    multiplies its event counts.
+//!    multiplies its event counts; `E2E_SMALL_CELLS=1x8,100x8` keeps only some rows.
 //! 1. **live**: client → forwarder's `POST /jsons` (batches of 1,000 events, several keep-alive
 //!    connections, bodies serialised beforehand) → queue → mock intake. Events/s from the first
 //!    send to the last event acknowledged by the mock; forwarder CPU seconds per million events;
