@@ -276,6 +276,16 @@ impl Collector for Observed {
             ),
             ("queue_commits", "Group commits", load(&q.commits)),
             (
+                "queue_group_waits",
+                "Times a commit waited a moment for more appends",
+                load(&q.group_waits),
+            ),
+            (
+                "queue_group_wait_gained_ops",
+                "Operations those waits gained",
+                load(&q.group_wait_gained),
+            ),
+            (
                 "queue_fsyncs",
                 "fsyncs of the queue's data file",
                 load(&q.fsyncs),

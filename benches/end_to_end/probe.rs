@@ -83,6 +83,22 @@ pub async fn queue_view(client: &reqwest::Client, admin: SocketAddr) -> Option<Q
     })
 }
 
+/// A counter of the forwarder's `/metrics` (`sekoia_forwarder_NAME_total`).
+pub async fn metric(client: &reqwest::Client, admin: SocketAddr, name: &str) -> Option<f64> {
+    let text = client
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let wanted = format!("sekoia_forwarder_{name}_total ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&wanted))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Sample {
     pub rss: u64,

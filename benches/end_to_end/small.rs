@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::client::http_client;
 use crate::client::{send_all, Bodies};
 use crate::common::MockIntake;
 use crate::deadline_for;
@@ -19,7 +20,7 @@ use crate::phases::{
     cpu_per_million, rate, start_forwarder, stop_forwarder, wait_accepted, wait_queue_empty,
     write_config, SETTLE,
 };
-use crate::probe::{cpu_secs, write_bytes};
+use crate::probe::{cpu_secs, metric, write_bytes};
 
 /// One request size and connection count.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +75,8 @@ pub struct CellReport {
     /// Bytes the forwarder wrote to the disk per payload byte.
     pub written_per_payload: f64,
     pub duplicates: u64,
+    /// Events appended per queue commit (appends and acknowledgements), from `/metrics`.
+    pub events_per_commit: Option<f64>,
     pub complete: bool,
 }
 
@@ -199,6 +202,7 @@ async fn forwarded(cell: &Cell, bodies: Arc<Bodies>, direct_rate: f64, ticks: f6
     assert!(drained, "small: the queue did not drain");
     tokio::time::sleep(SETTLE).await;
     let written = write_bytes(pid) - written0;
+    let commits = metric(&http_client(), fwd.admin, "queue_commits").await;
     stop_forwarder(&mut fwd);
     let delivered = mock.stats().accepted_events;
     mock.shutdown().await;
@@ -209,6 +213,8 @@ async fn forwarded(cell: &Cell, bodies: Arc<Bodies>, direct_rate: f64, ticks: f6
         cpu_per_million: cpu_per_million(cpu, sent.acked_events),
         written_per_payload: written as f64 / Bodies::payload(sent.acked_events).max(1) as f64,
         duplicates: delivered.saturating_sub(sent.acked_events),
+        // Appends and acknowledgements both commit; the figure is per event appended.
+        events_per_commit: commits.map(|c| sent.acked_events as f64 / c.max(1.0)),
         complete,
     }
 }

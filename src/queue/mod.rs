@@ -168,6 +168,22 @@ pub struct Stats {
     /// Generations sealed, and delivered generations deleted, since start.
     pub rotations: AtomicU64,
     pub deleted_generations: AtomicU64,
+    /// Times the writer waited a moment for more appends before a commit, and the operations
+    /// those waits gained (`writer/gather.rs`).
+    pub group_waits: AtomicU64,
+    pub group_wait_gained: AtomicU64,
+}
+
+/// One sender that may append again soon ([`Queue::sender`]).
+#[derive(Debug)]
+pub struct SenderGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for SenderGuard {
+    fn drop(&mut self) {
+        self.shared.senders.remove();
+    }
 }
 
 /// The generations as readers see them.
@@ -204,6 +220,9 @@ struct Shared {
     /// Set once by the writer when the store can no longer be trusted
     /// ([`QueueError::RestartNeeded`]); the writer stops then.
     failure: std::sync::OnceLock<String>,
+    /// Senders that may append again soon ([`SenderGuard`]): how many appends a commit may
+    /// wait for.
+    senders: writer::Senders,
 }
 
 impl Shared {
@@ -371,6 +390,7 @@ impl Queue {
             },
             corrupt: Mutex::new(listing.corrupt),
             failure: std::sync::OnceLock::new(),
+            senders: writer::Senders::default(),
         });
         generation::sync_dir(&path)?;
         let (tx, rx) = mpsc::channel(4096);
@@ -409,7 +429,19 @@ impl Queue {
             .send(writer::Op::Append { groups, done })
             .await
             .map_err(|_| self.closed())?;
+        self.shared.senders.wake_writer();
         wait.await.map_err(|_| self.closed())?
+    }
+
+    /// Says that appends may keep coming from one more sender until the guard is dropped: a
+    /// source holds one per client that waits for each answer before sending again (an HTTP
+    /// keep-alive connection). A commit then waits a moment for such senders' next appends
+    /// instead of committing each cohort apart (`writer/gather.rs`).
+    pub fn sender(&self) -> SenderGuard {
+        self.shared.senders.add();
+        SenderGuard {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Why the writer is gone: it failed, or the queue was closed.

@@ -59,7 +59,7 @@ use crate::intake_api::{
     self, ApiError, BodyEncoding, Endpoint, ErrorResponse, EventIdResponse, EventIdsResponse,
     IncomingEvent, Limits, RequestMeta,
 };
-use crate::queue::{Queue, QueueError};
+use crate::queue::{Queue, QueueError, SenderGuard};
 
 /// Path of the liveness / readiness probe.
 const HEALTH_PATH: &str = "/health";
@@ -165,6 +165,7 @@ impl HttpSource {
             max_connections: self.config.max_connections,
             last_full_warning: None,
         };
+        let queue = self.queue.clone();
         let shared = Arc::new(Shared {
             config: self.config,
             queue: self.queue,
@@ -175,12 +176,15 @@ impl HttpSource {
         let service = TowerToHyperService::new(Router::new().fallback(handle).with_state(shared));
         let connections = GracefulShutdown::new();
         while let Some((stream, slot)) = acceptor.accept().await {
+            // An HTTP client waits for each answer before sending again on its connection: the
+            // queue may wait a moment for its next request before committing.
+            let sender = queue.sender();
             tokio::spawn(serve_connection(
                 stream,
                 service.clone(),
                 connections.watcher(),
                 timeouts,
-                slot,
+                (slot, sender),
             ));
         }
         // Closes the listening socket: new connections are refused from now on.
@@ -313,14 +317,14 @@ impl Phase {
 }
 
 /// Serves one connection until it ends, or until its watchdog closes it (by dropping it) for
-/// a request head that takes too long or an idle time that lasts too long. `_slot` is held
-/// until then.
+/// a request head that takes too long or an idle time that lasts too long. `_held` (its
+/// connection slot, and its place among the queue's senders) is held until then.
 async fn serve_connection(
     stream: TcpStream,
     service: TowerToHyperService<Router>,
     watcher: Watcher,
     timeouts: ConnectionTimeouts,
-    _slot: OwnedSemaphorePermit,
+    _held: (OwnedSemaphorePermit, SenderGuard),
 ) {
     let (phase, mut phase_changes) = watch::channel(Phase::Head(Instant::now()));
     let phase = Arc::new(phase);

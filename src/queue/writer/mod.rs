@@ -1,6 +1,7 @@
 //! The one thread that changes the store: group commit, rotation and deletion of generations.
 //!
-//! It takes every operation waiting in its channel (up to `COMMIT_MAX_BYTES` of appends),
+//! It takes every operation waiting in its channel (up to `COMMIT_MAX_BYTES` of appends, and
+//! waiting a moment for more when that pays: [`gather`]),
 //! stages them as one atomic sled batch per database they touch, then for each database in
 //! turn applies its batch, `flush()`es sled and fsyncs its data file, and only then answers.
 //! So one fsync covers every sender of the group, and no sender hears "done" before its events
@@ -20,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 mod drift;
 mod durable;
+mod gather;
 mod janitor;
 mod lifecycle;
 mod load;
@@ -27,8 +29,9 @@ mod space;
 
 use super::generation::{self, GenDb, GenLane, GenSummary, Generation};
 use super::record::{self, Chunk, ChunkHeader, LaneRecord};
-use super::{Ack, Lane, QueueError, Shared, COMMIT_MAX_BYTES};
+use super::{Ack, Lane, QueueError, Shared};
 use crate::crash_point;
+pub use gather::Senders;
 
 /// Bytes of disk sled takes per byte of payload while it is queued: a generation's files reach
 /// about 2x its payload (sled writes a value to its log, then again in the consolidated leaf
@@ -278,6 +281,7 @@ pub struct Writer {
     janitor: janitor::Janitor,
     /// After a failed rotation (a full disk, say), when to try again.
     rotate_retry_at: Instant,
+    gatherer: gather::Gatherer,
 }
 
 /// Changes staged for one commit, made visible only if the commit succeeds.
@@ -327,35 +331,29 @@ impl Writer {
             meta_synced_blobs: HashSet::new(),
             janitor,
             rotate_retry_at: Instant::now(),
+            gatherer: gather::Gatherer::default(),
         })
     }
 
     pub fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        // Senders unpark this thread while it waits for them.
+        self.shared.senders.set_writer();
         while let Some(first) = rx.blocking_recv() {
-            let mut ops = vec![first];
-            let mut bytes = ops[0].bytes();
-            let mut closing = matches!(ops[0], Op::Close { .. });
-            while !closing && bytes < COMMIT_MAX_BYTES {
-                match rx.try_recv() {
-                    Ok(op) => {
-                        bytes += op.bytes();
-                        closing = matches!(op, Op::Close { .. });
-                        ops.push(op);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let refresh = ops.iter().any(|op| matches!(op, Op::Refresh));
-            ops.retain(|op| !matches!(op, Op::Refresh));
-            let ops = self.refuse_appends_if_disk_low(ops);
+            let shared = &self.shared;
+            let group = self
+                .gatherer
+                .gather(&shared.senders, &shared.stats, &mut rx, first);
+            let ops = self.refuse_appends_if_disk_low(group.ops);
             if !ops.is_empty() {
+                let started = Instant::now();
                 self.commit(ops);
+                self.gatherer.committed(started.elapsed());
             }
             if self.shared.failure.get().is_some() {
                 break;
             }
-            self.maintain(refresh);
-            if closing || self.shared.failure.get().is_some() {
+            self.maintain(group.refresh);
+            if group.closing || self.shared.failure.get().is_some() {
                 break;
             }
         }
