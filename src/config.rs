@@ -66,6 +66,18 @@ pub struct QueueConfig {
     /// as long as the queue; a request that would bring more is refused (403) before anything
     /// of it is stored.
     pub max_intake_keys: usize,
+    /// Compression of stored chunks: `lz4` (each chunk stored compressed when that makes it
+    /// at least an eighth smaller) or `none` (less CPU, more bytes written).
+    pub chunk_compression: ChunkCompression,
+}
+
+/// `[queue] chunk_compression`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkCompression {
+    #[default]
+    Lz4,
+    None,
 }
 
 impl Default for QueueConfig {
@@ -78,6 +90,7 @@ impl Default for QueueConfig {
             generation_bytes: 32 * 1024 * 1024,
             min_free_bytes: 256 * 1024 * 1024,
             max_intake_keys: 1000,
+            chunk_compression: ChunkCompression::Lz4,
         }
     }
 }
@@ -484,6 +497,30 @@ listen = "127.0.0.1:10080"
         assert!(err.contains("line 3"), "{err}");
         assert!(err.contains("intake.batch_max_bytes"), "{err}");
         assert!(err.contains("10485760"), "{err}");
+    }
+
+    #[test]
+    fn chunk_compression_is_lz4_or_none() {
+        let parse = |v: &str| {
+            Config::parse(
+                &format!("[queue]\nchunk_compression = {v}\n"),
+                Path::new("f.toml"),
+            )
+        };
+        assert_eq!(
+            Config::default().queue.chunk_compression,
+            ChunkCompression::Lz4
+        );
+        assert_eq!(
+            parse("\"none\"").unwrap().queue.chunk_compression,
+            ChunkCompression::None
+        );
+        assert_eq!(
+            parse("\"lz4\"").unwrap().queue.chunk_compression,
+            ChunkCompression::Lz4
+        );
+        let err = parse("\"zstd\"").unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("`lz4` or `none`"), "{err}");
     }
 
     #[test]

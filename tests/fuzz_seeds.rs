@@ -189,7 +189,11 @@ fn queue_seeds() {
         ..chunk.clone()
     };
     let tagged = |which: u8, bytes: &[u8]| [&[which][..], bytes].concat();
-    write("queue_record", "chunk-v2", &tagged(0, &chunk.encode()));
+    write(
+        "queue_record",
+        "chunk-v2",
+        &tagged(0, &chunk.encode_compressed()),
+    );
     write(
         "queue_record",
         "chunk-v1",
@@ -198,7 +202,7 @@ fn queue_seeds() {
     write(
         "queue_record",
         "chunk-v2-untimed",
-        &tagged(0, &untimed.encode()),
+        &tagged(0, &untimed.encode_compressed()),
     );
     let lane = LaneRecord {
         intake_key: "YOUR_INTAKE_KEY".into(),

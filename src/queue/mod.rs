@@ -15,11 +15,14 @@
 //! *lane* per intake key, in a series of sled databases ([`generation`]) so that delivered
 //! space is given back whole. See [`record`] for the layout of one database.
 
+mod compression;
 pub mod generation;
 mod read;
 pub mod record;
 pub mod salvage;
 mod writer;
+
+use compression::Compression;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -40,11 +43,6 @@ const COMMIT_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// Version of the queue directory's layout, kept in the meta database: 2 = generations. (A
 /// directory of layout 1, one sled database at the root, is moved into generation 0.)
 pub const LAYOUT_VERSION: u32 = 2;
-/// Chunks are compressed (format v2) once this much payload is queued: then they are likely to
-/// wait on disk, where compression halves what a backlog of log lines takes. Below it, delivery
-/// keeps up and reads them back within moments, and compressing them would only cost CPU
-/// (lz4 was the largest single cost of a live forwarder, ~0.4 s per million events).
-const COMPRESS_ABOVE_BYTES: u64 = 16 * 1024 * 1024;
 /// Page cache of the meta database, which holds little.
 const META_CACHE_BYTES: u64 = 1024 * 1024;
 
@@ -223,6 +221,8 @@ struct Shared {
     /// Senders that may append again soon ([`SenderGuard`]): how many appends a commit may
     /// wait for.
     senders: writer::Senders,
+    /// Whether compressing chunks pays.
+    compression: Compression,
 }
 
 impl Shared {
@@ -391,6 +391,7 @@ impl Queue {
             corrupt: Mutex::new(listing.corrupt),
             failure: std::sync::OnceLock::new(),
             senders: writer::Senders::default(),
+            compression: Compression::new(config.chunk_compression),
         });
         generation::sync_dir(&path)?;
         let (tx, rx) = mpsc::channel(4096);
@@ -422,8 +423,8 @@ impl Queue {
             return Err(QueueError::Full);
         }
         self.admit_keys(&events)?;
-        let compress = self.totals().1 >= COMPRESS_ABOVE_BYTES;
-        let groups = chunk_events(events, self.chunk_bytes, now_ms(), compress);
+        let compression = &self.shared.compression;
+        let groups = chunk_events(events, self.chunk_bytes, now_ms(), compression);
         let (done, wait) = oneshot::channel();
         self.ops
             .send(writer::Op::Append { groups, done })
@@ -666,13 +667,13 @@ fn chunk_events(
     events: Vec<IncomingEvent>,
     chunk_bytes: usize,
     now: u64,
-    compress: bool,
+    compression: &Compression,
 ) -> Vec<writer::Group> {
     let mut groups: Vec<writer::Group> = Vec::new();
     let mut current: Option<Chunk> = None;
     let mut current_bytes = 0;
     let flush = |chunk: Chunk, groups: &mut Vec<writer::Group>| {
-        let encoded = writer::EncodedChunk::new(&chunk, compress);
+        let encoded = writer::EncodedChunk::new(&chunk, compression);
         match groups.last_mut() {
             Some(g) if g.intake_key == chunk.intake_key => g.chunks.push(encoded),
             _ => groups.push(writer::Group {

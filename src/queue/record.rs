@@ -29,12 +29,13 @@
 //! | 1 ([`VALUE_V1`]) | bincode of [`Chunk`] |
 //! | 2 ([`CHUNK_V2`]) | the v1 body's length (u32 LE), then the v1 body as one lz4 block |
 //!
-//! This release reads both. It writes v2 once a backlog builds (16 MiB queued,
-//! `COMPRESS_ABOVE_BYTES` in `queue/mod.rs`), and v1 below that, for chunks that delivery reads
-//! back within moments, and for a body over [`MAX_CHUNK_BODY_BYTES`], which chunks never reach
-//! with the default limits. Why v2: disk is what a backlog costs, the target is at most
-//! 1.5x the payload while queued, and sled writes each value about twice, so every byte saved in
-//! a value is saved about twice. Log lines repeat much from one event of a chunk to the next
+//! This release reads both. It writes v2 whenever that makes the value at least an eighth
+//! smaller, and v1 otherwise (events that do not compress; while chunks keep not compressing,
+//! the queue only tries one in 16: `queue/compression.rs`), and for a body over
+//! [`MAX_CHUNK_BODY_BYTES`], which chunks never reach with the default limits. Why v2: disk is
+//! what a backlog costs, the target is at most 1.5x the payload while queued, and sled writes
+//! each value about three times over its life (its log, leaf consolidations and splits), so every
+//! byte saved in a value is saved several times in flash wear. Log lines repeat much from one event of a chunk to the next
 //! (host, program, field names, user agents): on 200-byte access-log lines with random ids, v2
 //! takes about half the bytes of v1, for about half a microsecond of CPU per event (compress
 //! and decompress).
@@ -141,25 +142,39 @@ impl Chunk {
         self.events.iter().map(String::len).sum()
     }
 
-    /// Encodes the chunk with its header, as v2 (lz4).
+    /// Encodes the chunk with its header: as v2 (lz4) when that is at least an eighth smaller
+    /// than v1, else as v1, so that delivery does not pay to decompress what did not compress.
     pub fn encode(&self) -> Vec<u8> {
         let body = self.body();
+        match self.encode_v2(&body) {
+            Some(v2) if v2.len() - CHUNK_HEADER_LEN <= body.len() - body.len() / 8 => v2,
+            _ => self.encode_v1(&body),
+        }
+    }
+
+    /// Encodes the chunk with its header as v2, whatever it saves.
+    pub fn encode_compressed(&self) -> Vec<u8> {
+        let body = self.body();
+        self.encode_v2(&body)
+            .unwrap_or_else(|| self.encode_v1(&body))
+    }
+
+    /// The v2 value of a chunk whose v1 body is `body`; `None` for a body over
+    /// [`MAX_CHUNK_BODY_BYTES`].
+    fn encode_v2(&self, body: &[u8]) -> Option<Vec<u8>> {
         if body.len() > MAX_CHUNK_BODY_BYTES {
-            return self.encode_v1(&body);
+            return None;
         }
         let max = lz4_flex::block::get_maximum_output_size(body.len());
         let mut out = self.header(CHUNK_V2, LZ4_SIZE_LEN + max);
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
         let start = out.len();
         out.resize(start + max, 0);
-        match lz4_flex::block::compress_into(&body, &mut out[start..]) {
-            Ok(n) => {
-                out.truncate(start + n);
-                out
-            }
-            // The buffer has the block's maximum size: cannot happen, but v1 is always right.
-            Err(_) => self.encode_v1(&body),
-        }
+        // The buffer has the block's maximum size: an error cannot happen, but v1 is always
+        // right.
+        let n = lz4_flex::block::compress_into(body, &mut out[start..]).ok()?;
+        out.truncate(start + n);
+        Some(out)
     }
 
     /// Encodes the chunk with its header, as v1 (uncompressed): for chunks that will be read
@@ -462,14 +477,14 @@ mod tests {
 
     /// The v2 value of `chunk` with its size field replaced by `size`.
     fn v2_with_size(chunk: &Chunk, size: u32) -> Vec<u8> {
-        let mut bytes = chunk.encode();
+        let mut bytes = chunk.encode_compressed();
         bytes[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + 4].copy_from_slice(&size.to_le_bytes());
         bytes
     }
 
     #[test]
     fn chunk_round_trips_with_header() {
-        let bytes = chunk().encode();
+        let bytes = chunk().encode_compressed();
         assert_eq!(bytes[0], CHUNK_V2);
         assert_eq!(
             ChunkHeader::decode(&bytes).unwrap(),
@@ -580,7 +595,7 @@ mod tests {
             8, 0, 0, 0, // body size
             0x80, 1, b'K', 0, 5, 1, 2, b'a', b'b', // lz4: token (8 literals), the v1 body
         ];
-        assert_eq!(chunk.encode(), pinned);
+        assert_eq!(chunk.encode_compressed(), pinned);
         assert_eq!(Chunk::decode(&pinned).unwrap(), chunk);
 
         // Body: key "K", no date, 5 ms, one event of 20 'a's: 1 K 0 5 1 20 a*20 (26 bytes).
@@ -618,7 +633,7 @@ mod tests {
 
     #[test]
     fn unknown_version_and_truncation_are_errors() {
-        let mut bytes = chunk().encode();
+        let mut bytes = chunk().encode_compressed();
         assert!(matches!(
             Chunk::decode(&bytes[..3]),
             Err(DecodeError::Truncated(3))
@@ -643,14 +658,14 @@ mod tests {
         ));
         // Chunk versions are not lane or dead-letter versions.
         assert!(matches!(
-            decode_value::<LaneRecord>(&big_chunk().encode()),
+            decode_value::<LaneRecord>(&big_chunk().encode_compressed()),
             Err(DecodeError::UnknownVersion(CHUNK_V2))
         ));
     }
 
     #[test]
     fn truncated_v2_is_an_error() {
-        let bytes = big_chunk().encode();
+        let bytes = big_chunk().encode_compressed();
         for len in CHUNK_HEADER_LEN + 4..bytes.len() {
             assert!(
                 Chunk::decode(&bytes[..len]).is_err(),
@@ -704,7 +719,7 @@ mod tests {
 
     #[test]
     fn corrupt_lz4_and_bodies_are_errors_not_panics() {
-        let bytes = big_chunk().encode();
+        let bytes = big_chunk().encode_compressed();
         // Every single-byte corruption after the header: an error or (a changed literal) a
         // chunk, never a panic or an allocation beyond the bounds.
         for at in CHUNK_HEADER_LEN..bytes.len() {

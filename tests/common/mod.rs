@@ -13,8 +13,14 @@ pub use sekoia_forwarder::mock_intake::{FaultConfig, MockIntake, ReceivedEvent, 
 /// Generous: CI is a busy 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The forwarder binary: cargo's build of this tree, or `E2E_BINARY` (the benchmark compares
+/// two builds that way, e.g. a copy of the binary before a change).
 pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_sekoia-forwarder")
+    static BINARY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        std::env::var("E2E_BINARY")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_sekoia-forwarder").to_owned())
+    })
 }
 
 /// A running forwarder process.

@@ -27,6 +27,7 @@ mod lifecycle;
 mod load;
 mod space;
 
+use super::compression::Compression;
 use super::generation::{self, GenDb, GenLane, GenSummary, Generation};
 use super::record::{self, Chunk, ChunkHeader, LaneRecord};
 use super::{Ack, Lane, QueueError, Shared};
@@ -54,13 +55,17 @@ pub struct EncodedChunk {
 }
 
 impl EncodedChunk {
-    pub fn new(chunk: &Chunk, compress: bool) -> EncodedChunk {
+    /// Encodes `chunk`, compressed when that pays ([`Compression`]).
+    pub fn new(chunk: &Chunk, compression: &Compression) -> EncodedChunk {
+        let bytes = if compression.should_try() {
+            let bytes = chunk.encode();
+            compression.record(bytes.first() == Some(&record::CHUNK_V2));
+            bytes
+        } else {
+            chunk.encode_plain()
+        };
         EncodedChunk {
-            bytes: if compress {
-                chunk.encode()
-            } else {
-                chunk.encode_plain()
-            },
+            bytes,
             header: ChunkHeader {
                 events: chunk.events.len() as u32,
                 payload_bytes: chunk.payload_bytes() as u32,
