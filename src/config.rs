@@ -66,8 +66,8 @@ pub struct QueueConfig {
     /// as long as the queue; a request that would bring more is refused (403) before anything
     /// of it is stored.
     pub max_intake_keys: usize,
-    /// Compression of stored chunks: `lz4` (each chunk stored compressed when that makes it
-    /// at least an eighth smaller) or `none` (less CPU, more bytes written).
+    /// Compression of stored chunks: `zstd` or `lz4` (each chunk stored compressed when that
+    /// makes it at least an eighth smaller) or `none` (less CPU, more bytes written).
     pub chunk_compression: ChunkCompression,
 }
 
@@ -76,6 +76,7 @@ pub struct QueueConfig {
 #[serde(rename_all = "lowercase")]
 pub enum ChunkCompression {
     #[default]
+    Zstd,
     Lz4,
     None,
 }
@@ -90,7 +91,7 @@ impl Default for QueueConfig {
             generation_bytes: 32 * 1024 * 1024,
             min_free_bytes: 256 * 1024 * 1024,
             max_intake_keys: 1000,
-            chunk_compression: ChunkCompression::Lz4,
+            chunk_compression: ChunkCompression::Zstd,
         }
     }
 }
@@ -500,7 +501,7 @@ listen = "127.0.0.1:10080"
     }
 
     #[test]
-    fn chunk_compression_is_lz4_or_none() {
+    fn chunk_compression_is_zstd_lz4_or_none() {
         let parse = |v: &str| {
             Config::parse(
                 &format!("[queue]\nchunk_compression = {v}\n"),
@@ -509,7 +510,11 @@ listen = "127.0.0.1:10080"
         };
         assert_eq!(
             Config::default().queue.chunk_compression,
-            ChunkCompression::Lz4
+            ChunkCompression::Zstd
+        );
+        assert_eq!(
+            parse("\"zstd\"").unwrap().queue.chunk_compression,
+            ChunkCompression::Zstd
         );
         assert_eq!(
             parse("\"none\"").unwrap().queue.chunk_compression,
@@ -519,8 +524,11 @@ listen = "127.0.0.1:10080"
             parse("\"lz4\"").unwrap().queue.chunk_compression,
             ChunkCompression::Lz4
         );
-        let err = parse("\"zstd\"").unwrap_err().to_string();
-        assert!(err.contains("line 2") && err.contains("`lz4` or `none`"), "{err}");
+        let err = parse("\"brotli\"").unwrap_err().to_string();
+        assert!(
+            err.contains("line 2") && err.contains("`zstd`, `lz4`, `none`"),
+            "{err}"
+        );
     }
 
     #[test]

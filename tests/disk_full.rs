@@ -50,8 +50,9 @@ impl Drop for Mount {
     }
 }
 
-/// An event of about 190 bytes that does not compress (its tail is pseudo-random hex): the
-/// queue stores chunks lz4-compressed, and `event(i)` would take too little disk to fill it.
+/// An event of about 190 bytes that does not compress much (its tail is pseudo-random hex),
+/// stored plain (`chunk_compression = "none"`): `event(i)` would take too little disk to fill
+/// it.
 fn incompressible_event(i: usize) -> String {
     let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let tail: String = (0..180)
@@ -94,7 +95,7 @@ fn config_on(
         "generation_bytes = 131072\n",
         &format!(
             "generation_bytes = {generation_bytes}\nmax_bytes = 1073741824\n\
-             min_free_bytes = {min_free_bytes}\n"
+             min_free_bytes = {min_free_bytes}\nchunk_compression = \"none\"\n"
         ),
     );
     std::fs::write(&config, text).unwrap();

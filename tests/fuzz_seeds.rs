@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use sekoia_forwarder::queue::generation::{GenLane, GenSummary};
-use sekoia_forwarder::queue::record::{self, Chunk, DeadLetter, LaneRecord};
+use sekoia_forwarder::queue::record::{self, Chunk, Codec, DeadLetter, LaneRecord};
 
 fn corpus(target: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -192,7 +192,12 @@ fn queue_seeds() {
     write(
         "queue_record",
         "chunk-v2",
-        &tagged(0, &chunk.encode_compressed()),
+        &tagged(0, &chunk.encode_compressed(Codec::Lz4)),
+    );
+    write(
+        "queue_record",
+        "chunk-v3",
+        &tagged(0, &chunk.encode_compressed(Codec::Zstd)),
     );
     write(
         "queue_record",
@@ -202,7 +207,7 @@ fn queue_seeds() {
     write(
         "queue_record",
         "chunk-v2-untimed",
-        &tagged(0, &untimed.encode_compressed()),
+        &tagged(0, &untimed.encode_compressed(Codec::Lz4)),
     );
     let lane = LaneRecord {
         intake_key: "YOUR_INTAKE_KEY".into(),

@@ -524,7 +524,11 @@ mod tests {
             received_at_ms: now_ms() + 3_600_000,
             events: vec!["from the future".into()],
         };
-        queue.insert_raw_chunk(0, 0, &ahead.encode());
+        queue.insert_raw_chunk(
+            0,
+            0,
+            &ahead.encode_compressed(crate::queue::record::Codec::Lz4),
+        );
         let running = Running::start(&queue, &mock);
         let delivered = mock
             .wait_for(|e| !e.is_empty(), Duration::from_secs(30))

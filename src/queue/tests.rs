@@ -23,8 +23,17 @@ fn events(key: &str, n: usize, size: usize) -> Vec<IncomingEvent> {
         .collect()
 }
 
-/// Events of `size` bytes that do not compress (pseudo-random hex): chunks are stored lz4
-/// compressed, and the tests about value sizes need values as large as their payload.
+/// Events of `size` bytes that compress little (pseudo-random hex: zstd takes them to about
+/// half, lz4 not at all). The tests about value sizes also store chunks plain
+/// ([`plain_config`]), to have values as large as their payload.
+/// The test configuration with chunks stored uncompressed.
+fn plain_config(dir: &Path) -> QueueConfig {
+    QueueConfig {
+        chunk_compression: crate::config::ChunkCompression::None,
+        ..config(dir)
+    }
+}
+
 fn incompressible_events(key: &str, n: usize, size: usize) -> Vec<IncomingEvent> {
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     (0..n)
@@ -256,7 +265,7 @@ async fn second_opener_is_refused() {
 #[tokio::test]
 async fn ordinary_chunks_stay_out_of_blob_files() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
+    let mut cfg = plain_config(dir.path());
     cfg.chunk_bytes = 16 * 1024;
     let q = Queue::open(&cfg).unwrap();
     for _ in 0..40 {
@@ -272,7 +281,7 @@ async fn ordinary_chunks_stay_out_of_blob_files() {
 #[tokio::test]
 async fn blob_files_of_large_events_are_fsynced() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
+    let mut cfg = plain_config(dir.path());
     cfg.chunk_bytes = 256 * 1024;
     let q = Queue::open(&cfg).unwrap();
     // 20 events of 250,000 bytes that do not compress, one chunk each: a sled leaf of up to
@@ -605,7 +614,11 @@ async fn a_queue_of_the_first_layout_is_read() {
             received_at_ms: 1,
             events: vec!["a1".into(), "a2".into(), "a3".into()],
         };
-        db.insert(record::chunk_key(0, 4), chunk.encode()).unwrap();
+        db.insert(
+            record::chunk_key(0, 4),
+            chunk.encode_compressed(record::Codec::Lz4),
+        )
+        .unwrap();
         let dead = DeadLetter {
             intake_key: "OLD".into(),
             timestamp: None,
@@ -658,18 +671,19 @@ async fn chunks_are_compressed_from_the_first_byte_when_it_pays() {
     q.append(events("K", 10, 100)).await.unwrap();
     assert_eq!(
         stored_versions(&q),
-        [record::CHUNK_V2],
+        [record::CHUNK_V3],
         "log lines compress: stored compressed from the first chunk"
     );
-    q.append(incompressible_events("K", 10, 100)).await.unwrap();
+    // One short event: the compressed value would be larger.
+    q.append(incompressible_events("K", 1, 12)).await.unwrap();
     assert_eq!(
         stored_versions(&q),
-        [record::CHUNK_V2, record::VALUE_V1],
+        [record::CHUNK_V3, record::VALUE_V1],
         "what does not compress is stored plain"
     );
     // Both kinds read back the same.
     let all = drain(&q, 0, true).await;
-    assert_eq!(all.len(), 20);
+    assert_eq!(all.len(), 11);
     assert_eq!(
         all[..10],
         events("K", 10, 100)

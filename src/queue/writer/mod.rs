@@ -57,12 +57,13 @@ pub struct EncodedChunk {
 impl EncodedChunk {
     /// Encodes `chunk`, compressed when that pays ([`Compression`]).
     pub fn new(chunk: &Chunk, compression: &Compression) -> EncodedChunk {
-        let bytes = if compression.should_try() {
-            let bytes = chunk.encode();
-            compression.record(bytes.first() == Some(&record::CHUNK_V2));
-            bytes
-        } else {
-            chunk.encode_plain()
+        let bytes = match compression.should_try() {
+            Some(codec) => {
+                let bytes = chunk.encode(codec);
+                compression.record(bytes.first() != Some(&record::VALUE_V1));
+                bytes
+            }
+            None => chunk.encode_plain(),
         };
         EncodedChunk {
             bytes,
@@ -750,7 +751,8 @@ fn ack_changes_in(
             };
             changes
                 .chunks
-                .push((*seq, Some(chunk.encode()), Some(header)));
+                // The rest of a half-delivered chunk, about to be sent: plain.
+                .push((*seq, Some(chunk.encode_plain()), Some(header)));
         }
     }
     Ok(changes)
