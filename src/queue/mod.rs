@@ -15,6 +15,7 @@
 //! *lane* per intake key, in a series of sled databases ([`generation`]) so that delivered
 //! space is given back whole. See [`record`] for the layout of one database.
 
+mod delivered;
 pub mod generation;
 mod read;
 pub mod record;

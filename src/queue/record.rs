@@ -49,13 +49,17 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Version of a generation's layout, stored under its `M format`: 2 since chunks may be v2
-/// (a generation marked 1 holds only v1 chunks; both are read).
-pub const FORMAT_VERSION: u32 = 2;
-/// Version byte of lane records, dead letters and of the chunks written before v2.
+/// Version of a generation's layout, stored under its `M format`: 2 since chunks may be v2,
+/// 3 since lane records may be v2 (a generation marked 1 holds only v1 chunks and lane
+/// records; all are read).
+pub const FORMAT_VERSION: u32 = 3;
+/// Version byte of lane records before v2, dead letters and of the chunks written before v2.
 pub const VALUE_V1: u8 = 1;
 /// Version byte of the chunks written by this release: the v1 body, lz4-compressed.
 pub const CHUNK_V2: u8 = 2;
+/// Version byte of the lane records written by this release: v1's fields, then a
+/// [`Watermark`].
+pub const LANE_V2: u8 = 2;
 
 pub const META_FORMAT_KEY: &[u8] = b"Mformat";
 pub const LANE_PREFIX: u8 = b'L';
@@ -320,14 +324,170 @@ impl ChunkHeader {
     }
 }
 
-/// A lane: the events of one intake key, in queue order, with their counters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A lane's share of one generation: its intake key, its counters there, and which of its
+/// chunks there are delivered ([`Watermark`]).
+///
+/// Stored as v2 ([`LANE_V2`]); a v1 record (the releases before, without a watermark) decodes
+/// with an empty watermark, which means what v1 meant: the chunks present are not delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LaneRecord {
     pub intake_key: String,
     /// Events queued in this lane.
     pub events: u64,
     /// Payload bytes queued in this lane.
     pub bytes: u64,
+    pub watermark: Watermark,
+}
+
+/// Which chunks of a lane in one generation are delivered, although still stored: removing
+/// each delivered chunk from sled cost about half of all the bytes written (sled rewrites
+/// whole leaves on consolidation, splits and merges), and a generation is deleted whole once
+/// empty anyway.
+///
+/// A chunk is delivered if its sequence number is below `acked_below`, or in `acked`, or if it
+/// is absent (delivered chunks were removed one by one before; and still are, past
+/// [`MAX_ACKED`]). Both rules hold together everywhere a chunk is read or counted.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Watermark {
+    /// Every chunk of the lane in this generation below it is delivered. Starts at the lane's
+    /// first sequence number in the generation, so that `acked` compacts.
+    pub acked_below: u64,
+    /// Delivered chunks at or above `acked_below`, sorted, without duplicates: delivery has
+    /// several batches in flight, which finish out of order.
+    pub acked: Vec<u64>,
+}
+
+/// Most sequence numbers a [`Watermark`] keeps in `acked`: the lane record is rewritten at
+/// every commit that touches the lane, so it must stay small. Past it, delivered chunks are
+/// removed from the store instead (absent means delivered). Reached only if one chunk stays
+/// undelivered while a thousand after it are (a batch retried while others succeed).
+pub const MAX_ACKED: usize = 1024;
+
+impl Watermark {
+    /// Starts at `first`: the lane's first sequence number in the generation.
+    pub fn starting_at(first: u64) -> Watermark {
+        Watermark {
+            acked_below: first,
+            acked: Vec::new(),
+        }
+    }
+
+    /// Whether chunk `seq` is marked delivered (an absent chunk is delivered too).
+    pub fn is_acked(&self, seq: u64) -> bool {
+        seq < self.acked_below || self.acked.binary_search(&seq).is_ok()
+    }
+
+    /// Marks `seq` delivered.
+    pub fn add(&mut self, seq: u64) {
+        if seq < self.acked_below {
+            return;
+        }
+        if let Err(at) = self.acked.binary_search(&seq) {
+            self.acked.insert(at, seq);
+        }
+    }
+
+    /// Moves `acked_below` over the delivered chunks that follow it: those in `acked`, and
+    /// those absent. `next_present(seq)` is the first chunk at or after `seq` that the store
+    /// holds, if any. It never goes past `end` (the lane's next sequence number in the
+    /// generation, as committed): an absent chunk at or past it is one not yet appended.
+    pub fn advance(
+        &mut self,
+        end: u64,
+        next_present: &mut dyn FnMut(u64) -> Result<Option<u64>, sled::Error>,
+    ) -> Result<(), sled::Error> {
+        while self.acked_below < end {
+            if self.acked.first() == Some(&self.acked_below) {
+                self.acked.remove(0);
+                self.acked_below += 1;
+                continue;
+            }
+            let present = next_present(self.acked_below)?.unwrap_or(end).min(end);
+            if present <= self.acked_below {
+                break;
+            }
+            self.acked_below = present;
+            let below = self.acked_below;
+            self.acked.retain(|s| *s >= below);
+        }
+        Ok(())
+    }
+
+    /// Takes out of `acked` what exceeds [`MAX_ACKED`] (the highest): chunks for the caller to
+    /// remove from the store.
+    pub fn overflow(&mut self) -> Vec<u64> {
+        if self.acked.len() <= MAX_ACKED {
+            return Vec::new();
+        }
+        self.acked.split_off(MAX_ACKED)
+    }
+}
+
+/// The v1 lane record body.
+#[derive(Serialize, Deserialize)]
+struct LaneRecordV1 {
+    intake_key: String,
+    events: u64,
+    bytes: u64,
+}
+
+/// The v2 lane record body: v1's fields, then the watermark.
+#[derive(Serialize, Deserialize)]
+struct LaneRecordV2 {
+    intake_key: String,
+    events: u64,
+    bytes: u64,
+    watermark: Watermark,
+}
+
+impl LaneRecord {
+    /// The v2 value.
+    pub fn encode(&self) -> Vec<u8> {
+        let body = LaneRecordV2 {
+            intake_key: self.intake_key.clone(),
+            events: self.events,
+            bytes: self.bytes,
+            watermark: self.watermark.clone(),
+        };
+        let mut out = vec![LANE_V2];
+        out.extend_from_slice(&bincode::serde::encode_to_vec(&body, config()).unwrap_or_default());
+        out
+    }
+
+    /// The v1 value, as the releases before v2 wrote it (tests, and what a v1 record means).
+    pub fn encode_v1(&self) -> Vec<u8> {
+        encode_value(&LaneRecordV1 {
+            intake_key: self.intake_key.clone(),
+            events: self.events,
+            bytes: self.bytes,
+        })
+    }
+
+    /// Decodes a v1 or v2 lane record.
+    pub fn decode(bytes: &[u8]) -> Result<LaneRecord, DecodeError> {
+        match bytes.first() {
+            None => Err(DecodeError::Truncated(0)),
+            Some(&VALUE_V1) => {
+                let v1: LaneRecordV1 = decode_owned(&bytes[1..])?;
+                Ok(LaneRecord {
+                    intake_key: v1.intake_key,
+                    events: v1.events,
+                    bytes: v1.bytes,
+                    watermark: Watermark::default(),
+                })
+            }
+            Some(&LANE_V2) => {
+                let v2: LaneRecordV2 = decode_owned(&bytes[1..])?;
+                Ok(LaneRecord {
+                    intake_key: v2.intake_key,
+                    events: v2.events,
+                    bytes: v2.bytes,
+                    watermark: v2.watermark,
+                })
+            }
+            Some(&v) => Err(DecodeError::UnknownVersion(v)),
+        }
+    }
 }
 
 /// An event the intake refused for good (400), kept for a person to look at.
@@ -641,9 +801,9 @@ mod tests {
             ChunkHeader::decode(&bytes),
             Err(DecodeError::UnknownVersion(9))
         ));
-        // Chunk versions are not lane or dead-letter versions.
+        // Chunk versions are not dead-letter versions.
         assert!(matches!(
-            decode_value::<LaneRecord>(&big_chunk().encode()),
+            decode_value::<DeadLetter>(&big_chunk().encode()),
             Err(DecodeError::UnknownVersion(CHUNK_V2))
         ));
     }
@@ -737,11 +897,12 @@ mod tests {
             intake_key: "K".into(),
             events: 3,
             bytes: 4,
+            watermark: Watermark {
+                acked_below: 300,
+                acked: vec![302, 70_000],
+            },
         };
-        assert_eq!(
-            decode_value::<LaneRecord>(&encode_value(&lane)).unwrap(),
-            lane
-        );
+        assert_eq!(LaneRecord::decode(&lane.encode()).unwrap(), lane);
     }
 
     #[test]
@@ -764,7 +925,7 @@ mod tests {
         let mut bytes = vec![VALUE_V1, 252];
         bytes.extend_from_slice(&900_000_000u32.to_le_bytes());
         for result in [
-            decode_value::<LaneRecord>(&bytes).map(drop),
+            LaneRecord::decode(&bytes).map(drop),
             decode_value::<DeadLetter>(&bytes).map(drop),
             decode_value::<String>(&bytes).map(drop),
         ] {

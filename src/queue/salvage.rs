@@ -20,6 +20,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::delivered;
 use super::generation::{self, CorruptNote};
 use super::record::{self, Chunk, DeadLetter};
 use super::QueueError;
@@ -149,13 +150,21 @@ fn salvage_dir(note: &CorruptNote, walk: &mut Walk<'_>) -> Result<Outcome, Queue
     Ok(outcome)
 }
 
-/// Walks the chunk keys one at a time, skipping what fails.
+/// Walks the chunk keys one at a time, skipping what fails, and what the lane records that
+/// can still be read mark delivered.
 fn walk_chunks(
     db: &sled::Db,
     outcome: &mut Outcome,
     sink: &mut dyn FnMut(Chunk) -> Result<(), QueueError>,
     progress: &mut dyn FnMut(&Outcome),
 ) -> Result<(), QueueError> {
+    // Delivered chunks stay stored until their generation is deleted: a lane whose record is
+    // readable has its delivered chunks skipped; one whose record is not has them put back
+    // too, and delivered again (a duplicate, never a loss).
+    let marks = generation::guard("reading a moved-aside generation's lane records", || {
+        delivered::lane_watermarks(db)
+    })
+    .unwrap_or_default();
     let end = [record::CHUNK_PREFIX + 1];
     let mut cursor = record::chunk_key(0, 0).to_vec();
     let mut failed_in_a_row = 0u64;
@@ -169,6 +178,15 @@ fn walk_chunks(
                 empty_lanes = 0;
                 cursor = key.to_vec();
                 cursor.push(0); // the next key after this one
+                let (lane, seq) = position(&key);
+                match marks.get(&lane) {
+                    Some(m) if seq < m.acked_below => {
+                        cursor = record::chunk_key(lane, m.acked_below).to_vec();
+                        continue;
+                    }
+                    Some(m) if m.is_acked(seq) => continue,
+                    _ => {}
+                }
                 match Chunk::decode(&value) {
                     Ok(chunk) => {
                         outcome.chunks += 1;
