@@ -384,6 +384,58 @@ mod tests {
         assert!(!dir.exists());
     }
 
+    /// Delivered chunks stay in a generation until it is deleted whole: salvage must not put
+    /// them back when the lane record that marks them can be read.
+    #[test]
+    fn delivered_chunks_are_not_salvaged() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("gen-00000000000000000003.corrupt");
+        {
+            let db = generation::open_sled(&dir, 1 << 22).unwrap();
+            for lane in 0..2 {
+                for i in 0..10u64 {
+                    db.insert(record::chunk_key(lane, i), chunk(i).encode_plain())
+                        .unwrap();
+                }
+            }
+            let rec = record::LaneRecord {
+                intake_key: "K".into(),
+                events: 4,
+                bytes: 0,
+                watermark: record::Watermark {
+                    acked_below: 5,
+                    acked: vec![7, 8],
+                },
+            };
+            db.insert(record::lane_key(0), rec.encode()).unwrap();
+            // Lane 1's record cannot be read: its chunks all go back (duplicates, not loss).
+            db.insert(record::lane_key(1), &[record::LANE_V2, 0xFF][..])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let note = CorruptNote {
+            generation: Some(3),
+            dir: dir.clone(),
+            events: Some(13),
+            ..CorruptNote::default()
+        };
+        let mut seen = Vec::new();
+        let outcome = salvage_generation(
+            &note,
+            &mut |c| {
+                seen.push(c.received_at_ms);
+                Ok(())
+            },
+            &mut |_| {},
+            &mut || Ok(()),
+        )
+        .unwrap();
+        let mut want = vec![5, 6, 9];
+        want.extend(0..10);
+        assert_eq!(seen, want);
+        assert_eq!(outcome.lost_events, Some(0));
+    }
+
     /// What was read is put into the queue by `done` (the last batch): if that fails, the
     /// directory is not marked salvaged, so a later `salvage` reads it again.
     #[test]

@@ -770,3 +770,4 @@ async fn a_generation_with_an_undecodable_chunk_is_deleted_once_delivered() {
 
 #[cfg(feature = "failpoints")]
 mod fail_points;
+mod watermark;
