@@ -8,7 +8,7 @@
 //! | key | value |
 //! | --- | --- |
 //! | `M` `format` | format version of this database (u32 big-endian) |
-//! | `L` lane id (u32 BE) | [`LaneRecord`]: the intake key and the lane's counters in this generation |
+//! | `L` lane id (u32 BE) | [`LaneRecord`]: the intake key, the lane's counters and [`Watermark`] in this generation |
 //! | `E` lane id (u32 BE) seq (u64 BE) | a chunk: [`ChunkHeader`] then [`Chunk`] (see below) |
 //!
 //! The meta database holds `M format` ([`super::LAYOUT_VERSION`]), `L` lane id -> the intake
@@ -44,8 +44,24 @@
 //! refused ([`DecodeError::CompressedSize`]) before anything is allocated, and bincode decodes
 //! with a limit (`DECODE_LIMIT`) so that a corrupt string length is an error, not an
 //! allocation of that size. A release before v2 cannot read v2 chunks (it reports
-//! [`DecodeError::UnknownVersion`]): going back to one needs an empty queue. Lane records and
-//! dead letters stay v1.
+//! [`DecodeError::UnknownVersion`]): going back to one needs an empty queue. Dead letters stay
+//! v1.
+//!
+//! A lane record is versioned the same way:
+//!
+//! | version | body |
+//! | --- | --- |
+//! | 1 ([`VALUE_V1`]) | bincode of the intake key, events, bytes |
+//! | 2 ([`LANE_V2`]) | the same, then the [`Watermark`]: `acked_below` (u64), `acked` (a sequence of u64) |
+//!
+//! Delivered chunks are not removed from the store but marked in the watermark (removing each
+//! one cost about half of all the bytes written, `queue/writer/ack.rs`); an absent chunk is
+//! delivered too, which is all a v1 record says (it decodes with an empty watermark). This
+//! release reads both and writes v2. A generation is marked format 3 ([`FORMAT_VERSION`]) when
+//! created, and one of an older format when this release opens it (before any v2 record can be
+//! written in it), so that a release before v2 lane records refuses it ("newer format");
+//! were one to read it anyway, it would take delivered chunks for undelivered ones and send
+//! them again: duplicates, never a loss. Going back needs an empty queue.
 
 use serde::{Deserialize, Serialize};
 
