@@ -413,9 +413,16 @@ impl Watermark {
         next_present: &mut dyn FnMut(u64) -> Result<Option<u64>, sled::Error>,
     ) -> Result<(), sled::Error> {
         while self.acked_below < end {
-            if self.acked.first() == Some(&self.acked_below) {
-                self.acked.remove(0);
-                self.acked_below += 1;
+            // The run of marked numbers from `acked_below` on, taken out at once.
+            let run = self
+                .acked
+                .iter()
+                .zip(self.acked_below..)
+                .take_while(|(seq, want)| **seq == *want && *want < end)
+                .count();
+            if run > 0 {
+                self.acked.drain(..run);
+                self.acked_below += run as u64;
                 continue;
             }
             let present = next_present(self.acked_below)?.unwrap_or(end).min(end);
@@ -905,6 +912,82 @@ mod tests {
         let mut v1 = vec![VALUE_V1, 1, 0, 0, 0, 2, 0, 0, 0, 1, b'K', 0, 5, 1, 0xFD];
         v1.extend_from_slice(&((1u64 << 40) - 1).to_le_bytes());
         assert!(matches!(Chunk::decode(&v1), Err(DecodeError::Body(_))));
+    }
+
+    /// `acked_below` moves over marked numbers and absent chunks, never past `end`.
+    #[test]
+    fn a_watermark_advances_over_marked_and_absent_chunks_only() {
+        let stored = [3u64, 4, 5, 8, 9];
+        let mut next_present = |from: u64| -> Result<Option<u64>, sled::Error> {
+            Ok(stored.iter().copied().find(|s| *s >= from))
+        };
+        let mut w = Watermark::starting_at(3);
+        w.add(5);
+        w.add(5);
+        w.add(2); // below: already delivered
+        w.advance(10, &mut next_present).unwrap();
+        assert_eq!((w.acked_below, w.acked.as_slice()), (3, &[5][..]));
+        assert!(w.is_acked(2) && w.is_acked(5) && !w.is_acked(3) && !w.is_acked(4));
+        w.add(4);
+        w.add(3);
+        // 3, 4, 5 marked, 6 and 7 absent: delivered; 8 stored.
+        w.advance(10, &mut next_present).unwrap();
+        assert_eq!((w.acked_below, w.acked.len()), (8, 0));
+        w.add(9);
+        w.add(8);
+        // Nothing stored past 9: stops at the committed end, not beyond.
+        w.advance(10, &mut next_present).unwrap();
+        assert_eq!(w.acked_below, 10);
+        let mut w = Watermark::starting_at(8);
+        w.add(8);
+        w.add(9);
+        w.advance(9, &mut next_present).unwrap();
+        assert_eq!((w.acked_below, w.acked.as_slice()), (9, &[9][..]));
+    }
+
+    #[test]
+    fn a_watermark_set_overflows_its_highest_numbers() {
+        let mut w = Watermark::starting_at(0);
+        for seq in (1..=MAX_ACKED as u64 + 3).rev() {
+            w.add(seq);
+        }
+        assert_eq!(
+            w.overflow(),
+            [
+                MAX_ACKED as u64 + 1,
+                MAX_ACKED as u64 + 2,
+                MAX_ACKED as u64 + 3
+            ]
+        );
+        assert_eq!(w.acked.len(), MAX_ACKED);
+        assert!(w.overflow().is_empty());
+    }
+
+    /// The v2 lane record's bytes: a contract with the queues this release writes.
+    #[test]
+    fn lane_v2_encoding_is_stable() {
+        let lane = LaneRecord {
+            intake_key: "K".into(),
+            events: 3,
+            bytes: 300,
+            watermark: Watermark {
+                acked_below: 7,
+                acked: vec![9],
+            },
+        };
+        let pinned = [LANE_V2, 1, b'K', 3, 251, 44, 1, 7, 1, 9];
+        assert_eq!(lane.encode(), pinned);
+        assert_eq!(LaneRecord::decode(&pinned).unwrap(), lane);
+        // v1: the same without the watermark, decoded with an empty one.
+        let v1 = [VALUE_V1, 1, b'K', 3, 251, 44, 1];
+        assert_eq!(lane.encode_v1(), v1);
+        assert_eq!(
+            LaneRecord::decode(&v1).unwrap(),
+            LaneRecord {
+                watermark: Watermark::default(),
+                ..lane
+            }
+        );
     }
 
     #[test]
