@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use sekoia_forwarder::queue::generation::{GenLane, GenSummary};
-use sekoia_forwarder::queue::record::{self, Chunk, Codec, DeadLetter, LaneRecord};
+use sekoia_forwarder::queue::record::{self, Chunk, Codec, DeadLetter, LaneRecord, Watermark};
 
 fn corpus(target: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -213,12 +213,13 @@ fn queue_seeds() {
         intake_key: "YOUR_INTAKE_KEY".into(),
         events: 3,
         bytes: 140,
+        watermark: Watermark {
+            acked_below: 70_000,
+            acked: vec![70_002, 70_003, 70_400],
+        },
     };
-    write(
-        "queue_record",
-        "lane",
-        &tagged(1, &record::encode_value(&lane)),
-    );
+    write("queue_record", "lane-v2", &tagged(1, &lane.encode()));
+    write("queue_record", "lane", &tagged(1, &lane.encode_v1()));
     let dead = DeadLetter {
         intake_key: "YOUR_INTAKE_KEY".into(),
         timestamp: None,

@@ -16,6 +16,7 @@
 //! space is given back whole. See [`record`] for the layout of one database.
 
 mod compression;
+mod delivered;
 pub mod generation;
 mod read;
 pub mod record;
@@ -289,7 +290,8 @@ pub struct Queue {
 pub struct Ack {
     /// The generation of the chunks named below ([`ReadSpan::gen`]).
     pub gen: u64,
-    /// Chunks whose every event is acknowledged (or dead-lettered).
+    /// Chunks whose every event is acknowledged (or dead-lettered): marked delivered in their
+    /// lane's watermark (they stay stored until their generation is deleted).
     pub remove: Vec<u64>,
     /// Chunks of which only some events are done: the rest, to keep.
     pub rewrite: Vec<(u64, Chunk)>,
@@ -489,7 +491,7 @@ impl Queue {
         Ok(())
     }
 
-    /// Records what the intake acknowledged in `lane`: removes, rewrites, dead-letters.
+    /// Records what the intake acknowledged in `lane`: marks delivered, rewrites, dead-letters.
     pub async fn ack(&self, lane: u32, ack: Ack) -> Result<(), QueueError> {
         let (done, wait) = oneshot::channel();
         self.shared.failed()?;

@@ -3,6 +3,7 @@
 //! bytes. Reads never change the store; what delivery makes of them comes back through
 //! [`Queue::ack`].
 
+use super::delivered;
 use super::generation;
 use super::record::{self, Chunk, ChunkView};
 use super::{Queue, QueueError};
@@ -149,7 +150,7 @@ pub struct ReadLimits {
     pub max_bytes: usize,
 }
 
-/// Reads chunks of `lane` from `start` on in one generation's database.
+/// Reads the undelivered chunks of `lane` from `start` on in one generation's database.
 fn read_generation(
     db: &sled::Db,
     gen: u64,
@@ -158,6 +159,10 @@ fn read_generation(
     limits: ReadLimits,
     reader: &mut dyn FnMut(u64, &ChunkView<'_>),
 ) -> Result<ReadSpan, QueueError> {
+    // Delivered chunks stay stored until the generation goes: start past the contiguous ones,
+    // skip the others (a reopened queue reads each lane from its start).
+    let watermark = delivered::lane_watermark(db, lane)?;
+    let start = start.max(watermark.acked_below);
     let range = record::chunk_key(lane, start)..=record::chunk_key(lane, u64::MAX);
     let mut span = ReadSpan {
         gen,
@@ -171,6 +176,10 @@ fn read_generation(
         let (key, value) = item?;
         let (_, seq) =
             record::parse_chunk_key(&key).map_err(|e| QueueError::Storage(e.to_string()))?;
+        if watermark.is_acked(seq) {
+            span.next.seq = seq + 1;
+            continue;
+        }
         let header = record::ChunkHeader::decode(&value);
         if let (Ok(h), Some(_)) = (&header, &date) {
             if span.events + h.events as usize > limits.max_events

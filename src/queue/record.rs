@@ -8,7 +8,7 @@
 //! | key | value |
 //! | --- | --- |
 //! | `M` `format` | format version of this database (u32 big-endian) |
-//! | `L` lane id (u32 BE) | [`LaneRecord`]: the intake key and the lane's counters in this generation |
+//! | `L` lane id (u32 BE) | [`LaneRecord`]: the intake key, the lane's counters and [`Watermark`] in this generation |
 //! | `E` lane id (u32 BE) seq (u64 BE) | a chunk: [`ChunkHeader`] then [`Chunk`] (see below) |
 //!
 //! The meta database holds `M format` ([`super::LAYOUT_VERSION`]), `L` lane id -> the intake
@@ -48,15 +48,32 @@
 //! ([`DecodeError::BodySize`], [`DecodeError::ZstdLength`]), and bincode decodes
 //! with a limit (`DECODE_LIMIT`) so that a corrupt string length is an error, not an
 //! allocation of that size. A release before v2 (v3) cannot read v2 (v3) chunks (it reports
-//! [`DecodeError::UnknownVersion`]): going back to one needs an empty queue. Lane records and
-//! dead letters stay v1.
+//! [`DecodeError::UnknownVersion`]): going back to one needs an empty queue. Dead letters stay
+//! v1.
+//!
+//! A lane record is versioned the same way:
+//!
+//! | version | body |
+//! | --- | --- |
+//! | 1 ([`VALUE_V1`]) | bincode of the intake key, events, bytes |
+//! | 2 ([`LANE_V2`]) | the same, then the [`Watermark`]: `acked_below` (u64), `acked` (a sequence of u64) |
+//!
+//! Delivered chunks are not removed from the store but marked in the watermark (removing each
+//! one cost about a quarter of all the bytes written, `queue/writer/ack.rs`); an absent chunk is
+//! delivered too, which is all a v1 record says (it decodes with an empty watermark). This
+//! release reads both and writes v2. A generation is marked format 3 ([`FORMAT_VERSION`]) when
+//! created, and one of an older format when this release opens it (before any v2 record can be
+//! written in it), so that a release before v2 lane records refuses it ("newer format");
+//! were one to read it anyway, it would take delivered chunks for undelivered ones and send
+//! them again: duplicates, never a loss. Going back needs an empty queue.
 
 use serde::{Deserialize, Serialize};
 
-/// Version of a generation's layout, stored under its `M format`: 2 since chunks may be v2
-/// (a generation marked 1 holds only v1 chunks; both are read).
-pub const FORMAT_VERSION: u32 = 2;
-/// Version byte of lane records, dead letters and of the chunks written before v2.
+/// Version of a generation's layout, stored under its `M format`: 2 since chunks may be v2,
+/// 3 since lane records may be v2 (a generation marked 1 holds only v1 chunks and lane
+/// records; all are read).
+pub const FORMAT_VERSION: u32 = 3;
+/// Version byte of lane records before v2, dead letters and of the chunks written before v2.
 pub const VALUE_V1: u8 = 1;
 /// Version byte of chunks whose v1 body is lz4-compressed (`chunk_compression = "lz4"`).
 pub const CHUNK_V2: u8 = 2;
@@ -66,6 +83,9 @@ pub const CHUNK_V3: u8 = 3;
 /// zstd's level for chunks: 1 compresses 200-byte log lines to ~0.31 of their size at ~330 MB/s
 /// here (3: the same size, 30 % slower; lz4: ~0.50 at ~670 MB/s).
 const ZSTD_LEVEL: i32 = 1;
+/// Version byte of the lane records written by this release: v1's fields, then a
+/// [`Watermark`].
+pub const LANE_V2: u8 = 2;
 
 pub const META_FORMAT_KEY: &[u8] = b"Mformat";
 pub const LANE_PREFIX: u8 = b'L';
@@ -463,14 +483,177 @@ impl ChunkHeader {
     }
 }
 
-/// A lane: the events of one intake key, in queue order, with their counters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A lane's share of one generation: its intake key, its counters there, and which of its
+/// chunks there are delivered ([`Watermark`]).
+///
+/// Stored as v2 ([`LANE_V2`]); a v1 record (the releases before, without a watermark) decodes
+/// with an empty watermark, which means what v1 meant: the chunks present are not delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LaneRecord {
     pub intake_key: String,
     /// Events queued in this lane.
     pub events: u64,
     /// Payload bytes queued in this lane.
     pub bytes: u64,
+    pub watermark: Watermark,
+}
+
+/// Which chunks of a lane in one generation are delivered, although still stored: removing
+/// each delivered chunk from sled cost about half of all the bytes written (sled rewrites
+/// whole leaves on consolidation, splits and merges), and a generation is deleted whole once
+/// empty anyway.
+///
+/// A chunk is delivered if its sequence number is below `acked_below`, or in `acked`, or if it
+/// is absent (delivered chunks were removed one by one before; and still are, past
+/// [`MAX_ACKED`]). Both rules hold together everywhere a chunk is read or counted.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Watermark {
+    /// Every chunk of the lane in this generation below it is delivered. Starts at the lane's
+    /// first sequence number in the generation, so that `acked` compacts.
+    pub acked_below: u64,
+    /// Delivered chunks at or above `acked_below`, sorted, without duplicates: delivery has
+    /// several batches in flight, which finish out of order.
+    pub acked: Vec<u64>,
+}
+
+/// Most sequence numbers a [`Watermark`] keeps in `acked`: the lane record is rewritten at
+/// every commit that touches the lane, so it must stay small. Past it, delivered chunks are
+/// removed from the store instead (absent means delivered). Reached only if one chunk stays
+/// undelivered while a thousand after it are (a batch retried while others succeed).
+pub const MAX_ACKED: usize = 1024;
+
+impl Watermark {
+    /// Starts at `first`: the lane's first sequence number in the generation.
+    pub fn starting_at(first: u64) -> Watermark {
+        Watermark {
+            acked_below: first,
+            acked: Vec::new(),
+        }
+    }
+
+    /// Whether chunk `seq` is marked delivered (an absent chunk is delivered too).
+    pub fn is_acked(&self, seq: u64) -> bool {
+        seq < self.acked_below || self.acked.binary_search(&seq).is_ok()
+    }
+
+    /// Marks `seq` delivered.
+    pub fn add(&mut self, seq: u64) {
+        if seq < self.acked_below {
+            return;
+        }
+        if let Err(at) = self.acked.binary_search(&seq) {
+            self.acked.insert(at, seq);
+        }
+    }
+
+    /// Moves `acked_below` over the delivered chunks that follow it: those in `acked`, and
+    /// those absent. `next_present(seq)` is the first chunk at or after `seq` that the store
+    /// holds, if any. It never goes past `end` (the lane's next sequence number in the
+    /// generation, as committed): an absent chunk at or past it is one not yet appended.
+    pub fn advance(
+        &mut self,
+        end: u64,
+        next_present: &mut dyn FnMut(u64) -> Result<Option<u64>, sled::Error>,
+    ) -> Result<(), sled::Error> {
+        while self.acked_below < end {
+            // The run of marked numbers from `acked_below` on, taken out at once.
+            let run = self
+                .acked
+                .iter()
+                .zip(self.acked_below..)
+                .take_while(|(seq, want)| **seq == *want && *want < end)
+                .count();
+            if run > 0 {
+                self.acked.drain(..run);
+                self.acked_below += run as u64;
+                continue;
+            }
+            let present = next_present(self.acked_below)?.unwrap_or(end).min(end);
+            if present <= self.acked_below {
+                break;
+            }
+            self.acked_below = present;
+            let below = self.acked_below;
+            self.acked.retain(|s| *s >= below);
+        }
+        Ok(())
+    }
+
+    /// Takes out of `acked` what exceeds [`MAX_ACKED`] (the highest): chunks for the caller to
+    /// remove from the store.
+    pub fn overflow(&mut self) -> Vec<u64> {
+        if self.acked.len() <= MAX_ACKED {
+            return Vec::new();
+        }
+        self.acked.split_off(MAX_ACKED)
+    }
+}
+
+/// The v1 lane record body.
+#[derive(Serialize, Deserialize)]
+struct LaneRecordV1 {
+    intake_key: String,
+    events: u64,
+    bytes: u64,
+}
+
+/// The v2 lane record body: v1's fields, then the watermark.
+#[derive(Serialize, Deserialize)]
+struct LaneRecordV2 {
+    intake_key: String,
+    events: u64,
+    bytes: u64,
+    watermark: Watermark,
+}
+
+impl LaneRecord {
+    /// The v2 value.
+    pub fn encode(&self) -> Vec<u8> {
+        let body = LaneRecordV2 {
+            intake_key: self.intake_key.clone(),
+            events: self.events,
+            bytes: self.bytes,
+            watermark: self.watermark.clone(),
+        };
+        let mut out = vec![LANE_V2];
+        out.extend_from_slice(&bincode::serde::encode_to_vec(&body, config()).unwrap_or_default());
+        out
+    }
+
+    /// The v1 value, as the releases before v2 wrote it (tests, and what a v1 record means).
+    pub fn encode_v1(&self) -> Vec<u8> {
+        encode_value(&LaneRecordV1 {
+            intake_key: self.intake_key.clone(),
+            events: self.events,
+            bytes: self.bytes,
+        })
+    }
+
+    /// Decodes a v1 or v2 lane record.
+    pub fn decode(bytes: &[u8]) -> Result<LaneRecord, DecodeError> {
+        match bytes.first() {
+            None => Err(DecodeError::Truncated(0)),
+            Some(&VALUE_V1) => {
+                let v1: LaneRecordV1 = decode_owned(&bytes[1..])?;
+                Ok(LaneRecord {
+                    intake_key: v1.intake_key,
+                    events: v1.events,
+                    bytes: v1.bytes,
+                    watermark: Watermark::default(),
+                })
+            }
+            Some(&LANE_V2) => {
+                let v2: LaneRecordV2 = decode_owned(&bytes[1..])?;
+                Ok(LaneRecord {
+                    intake_key: v2.intake_key,
+                    events: v2.events,
+                    bytes: v2.bytes,
+                    watermark: v2.watermark,
+                })
+            }
+            Some(&v) => Err(DecodeError::UnknownVersion(v)),
+        }
+    }
 }
 
 /// An event the intake refused for good (400), kept for a person to look at.
@@ -787,9 +970,9 @@ mod tests {
             ChunkHeader::decode(&bytes),
             Err(DecodeError::UnknownVersion(9))
         ));
-        // Chunk versions are not lane or dead-letter versions.
+        // Chunk versions are not dead-letter versions.
         assert!(matches!(
-            decode_value::<LaneRecord>(&big_chunk().encode_compressed(Codec::Lz4)),
+            decode_value::<DeadLetter>(&big_chunk().encode_compressed(Codec::Lz4)),
             Err(DecodeError::UnknownVersion(CHUNK_V2))
         ));
     }
@@ -877,17 +1060,94 @@ mod tests {
         assert!(matches!(Chunk::decode(&v1), Err(DecodeError::Body(_))));
     }
 
+    /// `acked_below` moves over marked numbers and absent chunks, never past `end`.
+    #[test]
+    fn a_watermark_advances_over_marked_and_absent_chunks_only() {
+        let stored = [3u64, 4, 5, 8, 9];
+        let mut next_present = |from: u64| -> Result<Option<u64>, sled::Error> {
+            Ok(stored.iter().copied().find(|s| *s >= from))
+        };
+        let mut w = Watermark::starting_at(3);
+        w.add(5);
+        w.add(5);
+        w.add(2); // below: already delivered
+        w.advance(10, &mut next_present).unwrap();
+        assert_eq!((w.acked_below, w.acked.as_slice()), (3, &[5][..]));
+        assert!(w.is_acked(2) && w.is_acked(5) && !w.is_acked(3) && !w.is_acked(4));
+        w.add(4);
+        w.add(3);
+        // 3, 4, 5 marked, 6 and 7 absent: delivered; 8 stored.
+        w.advance(10, &mut next_present).unwrap();
+        assert_eq!((w.acked_below, w.acked.len()), (8, 0));
+        w.add(9);
+        w.add(8);
+        // Nothing stored past 9: stops at the committed end, not beyond.
+        w.advance(10, &mut next_present).unwrap();
+        assert_eq!(w.acked_below, 10);
+        let mut w = Watermark::starting_at(8);
+        w.add(8);
+        w.add(9);
+        w.advance(9, &mut next_present).unwrap();
+        assert_eq!((w.acked_below, w.acked.as_slice()), (9, &[9][..]));
+    }
+
+    #[test]
+    fn a_watermark_set_overflows_its_highest_numbers() {
+        let mut w = Watermark::starting_at(0);
+        for seq in (1..=MAX_ACKED as u64 + 3).rev() {
+            w.add(seq);
+        }
+        assert_eq!(
+            w.overflow(),
+            [
+                MAX_ACKED as u64 + 1,
+                MAX_ACKED as u64 + 2,
+                MAX_ACKED as u64 + 3
+            ]
+        );
+        assert_eq!(w.acked.len(), MAX_ACKED);
+        assert!(w.overflow().is_empty());
+    }
+
+    /// The v2 lane record's bytes: a contract with the queues this release writes.
+    #[test]
+    fn lane_v2_encoding_is_stable() {
+        let lane = LaneRecord {
+            intake_key: "K".into(),
+            events: 3,
+            bytes: 300,
+            watermark: Watermark {
+                acked_below: 7,
+                acked: vec![9],
+            },
+        };
+        let pinned = [LANE_V2, 1, b'K', 3, 251, 44, 1, 7, 1, 9];
+        assert_eq!(lane.encode(), pinned);
+        assert_eq!(LaneRecord::decode(&pinned).unwrap(), lane);
+        // v1: the same without the watermark, decoded with an empty one.
+        let v1 = [VALUE_V1, 1, b'K', 3, 251, 44, 1];
+        assert_eq!(lane.encode_v1(), v1);
+        assert_eq!(
+            LaneRecord::decode(&v1).unwrap(),
+            LaneRecord {
+                watermark: Watermark::default(),
+                ..lane
+            }
+        );
+    }
+
     #[test]
     fn values_round_trip() {
         let lane = LaneRecord {
             intake_key: "K".into(),
             events: 3,
             bytes: 4,
+            watermark: Watermark {
+                acked_below: 300,
+                acked: vec![302, 70_000],
+            },
         };
-        assert_eq!(
-            decode_value::<LaneRecord>(&encode_value(&lane)).unwrap(),
-            lane
-        );
+        assert_eq!(LaneRecord::decode(&lane.encode()).unwrap(), lane);
     }
 
     #[test]
@@ -910,7 +1170,7 @@ mod tests {
         let mut bytes = vec![VALUE_V1, 252];
         bytes.extend_from_slice(&900_000_000u32.to_le_bytes());
         for result in [
-            decode_value::<LaneRecord>(&bytes).map(drop),
+            LaneRecord::decode(&bytes).map(drop),
             decode_value::<DeadLetter>(&bytes).map(drop),
             decode_value::<String>(&bytes).map(drop),
         ] {

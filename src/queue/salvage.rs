@@ -20,6 +20,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::delivered;
 use super::generation::{self, CorruptNote};
 use super::record::{self, Chunk, DeadLetter};
 use super::QueueError;
@@ -149,13 +150,21 @@ fn salvage_dir(note: &CorruptNote, walk: &mut Walk<'_>) -> Result<Outcome, Queue
     Ok(outcome)
 }
 
-/// Walks the chunk keys one at a time, skipping what fails.
+/// Walks the chunk keys one at a time, skipping what fails, and what the lane records that
+/// can still be read mark delivered.
 fn walk_chunks(
     db: &sled::Db,
     outcome: &mut Outcome,
     sink: &mut dyn FnMut(Chunk) -> Result<(), QueueError>,
     progress: &mut dyn FnMut(&Outcome),
 ) -> Result<(), QueueError> {
+    // Delivered chunks stay stored until their generation is deleted: a lane whose record is
+    // readable has its delivered chunks skipped; one whose record is not has them put back
+    // too, and delivered again (a duplicate, never a loss).
+    let marks = generation::guard("reading a moved-aside generation's lane records", || {
+        delivered::lane_watermarks(db)
+    })
+    .unwrap_or_default();
     let end = [record::CHUNK_PREFIX + 1];
     let mut cursor = record::chunk_key(0, 0).to_vec();
     let mut failed_in_a_row = 0u64;
@@ -169,6 +178,15 @@ fn walk_chunks(
                 empty_lanes = 0;
                 cursor = key.to_vec();
                 cursor.push(0); // the next key after this one
+                let (lane, seq) = position(&key);
+                match marks.get(&lane) {
+                    Some(m) if seq < m.acked_below => {
+                        cursor = record::chunk_key(lane, m.acked_below).to_vec();
+                        continue;
+                    }
+                    Some(m) if m.is_acked(seq) => continue,
+                    _ => {}
+                }
                 match Chunk::decode(&value) {
                     Ok(chunk) => {
                         outcome.chunks += 1;
@@ -364,6 +382,58 @@ mod tests {
         assert!(seen.iter().any(|&i| i > 1520), "read past the damage");
         assert!(outcome.dir.to_str().unwrap().ends_with(".salvaged"));
         assert!(!dir.exists());
+    }
+
+    /// Delivered chunks stay in a generation until it is deleted whole: salvage must not put
+    /// them back when the lane record that marks them can be read.
+    #[test]
+    fn delivered_chunks_are_not_salvaged() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("gen-00000000000000000003.corrupt");
+        {
+            let db = generation::open_sled(&dir, 1 << 22).unwrap();
+            for lane in 0..2 {
+                for i in 0..10u64 {
+                    db.insert(record::chunk_key(lane, i), chunk(i).encode_plain())
+                        .unwrap();
+                }
+            }
+            let rec = record::LaneRecord {
+                intake_key: "K".into(),
+                events: 4,
+                bytes: 0,
+                watermark: record::Watermark {
+                    acked_below: 5,
+                    acked: vec![7, 8],
+                },
+            };
+            db.insert(record::lane_key(0), rec.encode()).unwrap();
+            // Lane 1's record cannot be read: its chunks all go back (duplicates, not loss).
+            db.insert(record::lane_key(1), &[record::LANE_V2, 0xFF][..])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let note = CorruptNote {
+            generation: Some(3),
+            dir: dir.clone(),
+            events: Some(13),
+            ..CorruptNote::default()
+        };
+        let mut seen = Vec::new();
+        let outcome = salvage_generation(
+            &note,
+            &mut |c| {
+                seen.push(c.received_at_ms);
+                Ok(())
+            },
+            &mut |_| {},
+            &mut || Ok(()),
+        )
+        .unwrap();
+        let mut want = vec![5, 6, 9];
+        want.extend(0..10);
+        assert_eq!(seen, want);
+        assert_eq!(outcome.lost_events, Some(0));
     }
 
     /// What was read is put into the queue by `done` (the last batch): if that fails, the

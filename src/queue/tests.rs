@@ -394,11 +394,9 @@ async fn fill_and_close(cfg: &QueueConfig) {
 fn set_lane_zero(db: &sled::Db) {
     let rec = record::LaneRecord {
         intake_key: "K".into(),
-        events: 0,
-        bytes: 0,
+        ..Default::default()
     };
-    db.insert(record::lane_key(0), record::encode_value(&rec))
-        .unwrap();
+    db.insert(record::lane_key(0), rec.encode()).unwrap();
     db.flush().unwrap();
 }
 
@@ -605,9 +603,9 @@ async fn a_queue_of_the_first_layout_is_read() {
             intake_key: "OLD".into(),
             events: 3,
             bytes: 6,
+            ..Default::default()
         };
-        db.insert(record::lane_key(0), record::encode_value(&rec))
-            .unwrap();
+        db.insert(record::lane_key(0), rec.encode_v1()).unwrap();
         let chunk = Chunk {
             intake_key: "OLD".into(),
             timestamp: None,
@@ -786,3 +784,4 @@ async fn a_generation_with_an_undecodable_chunk_is_deleted_once_delivered() {
 
 #[cfg(feature = "failpoints")]
 mod fail_points;
+mod watermark;

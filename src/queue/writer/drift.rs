@@ -1,11 +1,11 @@
 //! Counters that drift: recounting a sealed generation once delivery has passed its end.
 //!
 //! A generation is deleted when its counters say it is empty. Counters follow the store, but
-//! some removals cannot say what they removed (a chunk whose header no longer decodes is
-//! quarantined with the events it held unknown), so a generation's counters can stay above
-//! zero after every chunk in it is gone, and it would never be deleted. Once delivery of every
-//! lane it counts has gone past its end, the writer recounts it from the chunks it still holds
-//! (only chunks in flight, normally none), whatever its counters say.
+//! some acknowledgements cannot say what they delivered (a chunk whose header no longer decodes
+//! is quarantined with the events it held unknown), so a generation's counters can stay above
+//! zero after every chunk in it is delivered, and it would never be deleted. Once delivery of
+//! every lane it counts has gone past its end, the writer recounts it from the undelivered
+//! chunks it still holds (only chunks in flight, normally none), whatever its counters say.
 
 use std::collections::HashSet;
 

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use super::load::{import_dead_letters, load_generation};
 use super::{storage, GenCount, GenState, Writer, IDLE_CLOSE, ROTATE_EMPTY_AFTER};
 use crate::crash_point;
+use crate::queue::delivered;
 use crate::queue::generation::{self, Generation};
-use crate::queue::record::{self, ChunkHeader};
+use crate::queue::record::{self, ChunkHeader, Watermark};
 use crate::queue::QueueError;
 
 impl Writer {
@@ -124,10 +125,11 @@ impl Writer {
                 continue;
             };
             let handle = g.handle.clone();
-            // Counters say empty; the store must agree before its files go. (A closed
-            // generation is not opened for this: its counters were read from it.)
+            // Counters say empty; the store must agree before its files go: every chunk it
+            // still holds is delivered (one seek per lane). (A closed generation is not opened
+            // for this: its counters were read from it.)
             if let Some(db) = handle.open_db() {
-                if db.db.scan_prefix([record::CHUNK_PREFIX]).next().is_some() {
+                if delivered::holds_undelivered(&db.db)? {
                     tracing::error!(
                         generation = id,
                         "queue counters say a generation is empty but it holds chunks; recounting it"
@@ -211,7 +213,7 @@ impl Writer {
                 Ok(())
             });
         }
-        self.replace_counts(id, HashMap::new());
+        self.replace_counts(id, HashMap::new(), None);
         self.state.gens.remove(&id);
         self.synced_blobs.remove(&id);
         self.publish_generations();
@@ -231,16 +233,15 @@ impl Writer {
         Ok(())
     }
 
-    /// Counts a generation from its chunks (the lane records disagreed with the store).
+    /// Counts a generation from its undelivered chunks (the lane records disagreed with the
+    /// store). Its watermarks stay as they are.
     pub(super) fn recount(&mut self, gen: u64) -> Result<(), QueueError> {
         let Some(db) = self.gen_db(gen)? else {
             return Ok(());
         };
         let mut lanes: HashMap<u32, GenCount> = HashMap::new();
-        for item in db.db.scan_prefix([record::CHUNK_PREFIX]) {
-            let (key, value) = item?;
-            let (lane, seq) = record::parse_chunk_key(&key).map_err(storage)?;
-            let h = ChunkHeader::decode(&value).unwrap_or(ChunkHeader {
+        delivered::for_each_undelivered(&db.db, &mut |lane, seq, value| {
+            let h = ChunkHeader::decode(value).unwrap_or(ChunkHeader {
                 events: 1,
                 payload_bytes: value.len() as u32,
             });
@@ -248,15 +249,28 @@ impl Writer {
             c.events += u64::from(h.events);
             c.bytes += u64::from(h.payload_bytes);
             c.end_seq = c.end_seq.max(seq + 1);
-        }
+        })?;
         drop(db);
-        self.replace_counts(gen, lanes);
+        // The next sequence number never goes back (a lane all delivered has no chunk left
+        // to count, but its watermark is past them).
+        if let Some(g) = self.state.gens.get(&gen) {
+            for (lane, old) in g.lanes.iter() {
+                let c = lanes.entry(*lane).or_default();
+                c.end_seq = c.end_seq.max(old.end_seq);
+            }
+        }
+        self.replace_counts(gen, lanes, None);
         Ok(())
     }
 
-    /// Sets a generation's counts to what was read from it, correcting the lanes' totals by
-    /// the difference (for every lane named by either side).
-    fn replace_counts(&mut self, gen: u64, counts: HashMap<u32, GenCount>) {
+    /// Sets a generation's counts (and its watermarks, if given) to what was read from it,
+    /// correcting the lanes' totals by the difference (for every lane named by either side).
+    fn replace_counts(
+        &mut self,
+        gen: u64,
+        counts: HashMap<u32, GenCount>,
+        marks: Option<HashMap<u32, Watermark>>,
+    ) {
         let Some(g) = self.state.gens.get_mut(&gen) else {
             return;
         };
@@ -274,6 +288,9 @@ impl Writer {
             }
         }
         g.lanes = counts.into();
+        if let Some(marks) = marks {
+            g.marks = marks;
+        }
         g.exact = true;
         g.publish();
     }
@@ -352,7 +369,7 @@ impl Writer {
             .stats
             .dead_letters
             .fetch_add(moved, Ordering::Relaxed);
-        self.replace_counts(gen, loaded.lanes);
+        self.replace_counts(gen, loaded.lanes, Some(loaded.marks));
         Ok(())
     }
 }

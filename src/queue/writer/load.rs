@@ -8,32 +8,40 @@ use std::time::Duration;
 
 use super::{storage, GenCount, GenState, LaneState, WriterState};
 use crate::queue::generation::{self, CorruptNote, GenDb, GenSummary, Generation, RootListing};
-use crate::queue::record::{self, LaneRecord};
+use crate::queue::record::{self, LaneRecord, Watermark};
 use crate::queue::QueueError;
 
 /// Counts of one generation read from the generation itself.
 pub(super) struct Loaded {
     pub lanes: HashMap<u32, GenCount>,
+    pub marks: HashMap<u32, Watermark>,
     pub names: Vec<(u32, String)>,
 }
 
-/// Reads a generation's lane records (counters and intake keys) and, for each lane, where its
-/// last chunk is. O(lanes), not O(events).
+/// Reads a generation's lane records (counters, watermarks and intake keys) and, for each
+/// lane, where its last chunk is. O(lanes), not O(events): the counters already leave
+/// delivered chunks out.
 pub(super) fn load_generation(db: &sled::Db, dir: &Path) -> Result<Loaded, QueueError> {
     check_gen_format(db, dir)?;
     let mut lanes = HashMap::new();
+    let mut marks = HashMap::new();
     let mut names = Vec::new();
     for item in db.scan_prefix([record::LANE_PREFIX]) {
         let (key, value) = item?;
         let id = record::parse_lane_key(&key).map_err(storage)?;
-        let rec: LaneRecord = record::decode_value(&value).map_err(storage)?;
-        let end_seq = match db
+        let rec = LaneRecord::decode(&value).map_err(storage)?;
+        let last_stored = match db
             .range(record::chunk_key(id, 0)..=record::chunk_key(id, u64::MAX))
             .next_back()
         {
             Some(item) => record::parse_chunk_key(&item?.0).map_err(storage)?.1 + 1,
             None => 0,
         };
+        // Delivered chunks are stored, but the last ones may have been removed (past
+        // `MAX_ACKED`): the next sequence number must not fall below the watermark, or a new
+        // chunk would be taken for a delivered one.
+        let end_seq = last_stored.max(rec.watermark.acked_below);
+        marks.insert(id, rec.watermark);
         lanes.insert(
             id,
             GenCount {
@@ -44,7 +52,11 @@ pub(super) fn load_generation(db: &sled::Db, dir: &Path) -> Result<Loaded, Queue
         );
         names.push((id, rec.intake_key));
     }
-    Ok(Loaded { lanes, names })
+    Ok(Loaded {
+        lanes,
+        marks,
+        names,
+    })
 }
 
 /// Checks a generation's format marker. Every generation is created with one (made durable
@@ -58,7 +70,21 @@ fn check_gen_format(db: &sled::Db, dir: &Path) -> Result<(), QueueError> {
             "the generation's format marker is gone: sled lost its contents".into(),
         ));
     }
-    crate::queue::check_format(db, dir, record::FORMAT_VERSION)
+    crate::queue::check_format(db, dir, record::FORMAT_VERSION)?;
+    mark_current_format(db)
+}
+
+/// Marks a generation of an older format with this release's: its lane records become v2 at
+/// the next acknowledgement, which a release before v2 lane records cannot read. It refuses
+/// the generation at once ("newer format") instead of failing on its first lane record.
+/// Durable with the first commit to the generation (sled flushes its log in order), which is
+/// the first that can write a v2 lane record in it.
+fn mark_current_format(db: &sled::Db) -> Result<(), QueueError> {
+    let current = record::FORMAT_VERSION.to_be_bytes();
+    if db.get(record::META_FORMAT_KEY)?.as_deref() != Some(&current[..]) {
+        db.insert(record::META_FORMAT_KEY, &current)?;
+    }
+    Ok(())
 }
 
 /// Moves dead letters found in a generation (a queue of the first layout kept them there) into
@@ -184,8 +210,8 @@ impl WriterState {
             let handle = Arc::new(Generation::new(root, id, cache_bytes));
             let summary = summaries.remove(&id);
             let is_active = Some(id) == newest;
-            let (lanes, exact) = match summary.as_ref().filter(|_| !is_active) {
-                Some(summary) => (summary_counts(summary), false),
+            let (lanes, marks, exact) = match summary.as_ref().filter(|_| !is_active) {
+                Some(summary) => (summary_counts(summary), HashMap::new(), false),
                 None => {
                     let read = generation::guard("loading a generation", || {
                         let db = handle.db()?.ok_or_else(|| storage("generation deleted"))?;
@@ -207,10 +233,11 @@ impl WriterState {
                     if !is_active {
                         drop(handle.close_if_idle(Duration::ZERO));
                     }
-                    (loaded.lanes, true)
+                    (loaded.lanes, loaded.marks, true)
                 }
             };
             let mut state = GenState::new(handle, lanes, exact);
+            state.marks = marks;
             if is_active {
                 // What it holds counts as appended, so that it is sealed on time, and rotated
                 // away once delivered (which gives its space back).

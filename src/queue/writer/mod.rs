@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
+mod ack;
 mod drift;
 mod durable;
 mod gather;
@@ -28,8 +29,8 @@ mod load;
 mod space;
 
 use super::compression::Compression;
-use super::generation::{self, GenDb, GenLane, GenSummary, Generation};
-use super::record::{self, Chunk, ChunkHeader, LaneRecord};
+use super::generation::{GenDb, GenLane, GenSummary, Generation};
+use super::record::{self, Chunk, ChunkHeader, LaneRecord, Watermark};
 use super::{Ack, Lane, QueueError, Shared};
 use crate::crash_point;
 pub use gather::Senders;
@@ -178,6 +179,8 @@ struct GenState {
     /// Lanes whose delivery went past this (sealed) generation's end since it was last
     /// counted ([`drift`]).
     passed: HashSet<u32>,
+    /// Each lane's watermark as its record in the generation holds it (known once `exact`).
+    marks: HashMap<u32, Watermark>,
 }
 
 impl GenState {
@@ -188,6 +191,7 @@ impl GenState {
             exact,
             appended: 0,
             passed: HashSet::new(),
+            marks: HashMap::new(),
         };
         state.publish();
         state
@@ -298,8 +302,10 @@ struct Staged {
     gens: BTreeMap<u64, sled::Batch>,
     /// Per generation and lane, counts after this commit.
     counts: HashMap<(u64, u32), GenCount>,
-    /// Chunks changed earlier in this commit: their header now (`None`: removed).
+    /// Chunks changed earlier in this commit: their header now (`None`: delivered).
     changed: HashMap<(u64, u32, u64), Option<ChunkHeader>>,
+    /// Per generation and lane, watermarks changed by this commit.
+    marks: HashMap<(u64, u32), Watermark>,
     touched: HashMap<u32, LaneState>,
     new_lanes: Vec<u32>,
     /// The intake keys of `new_lanes`: a request with many new keys must not look each one
@@ -488,10 +494,17 @@ impl Writer {
             let id = self.lane_for(staged, &group.intake_key);
             let (mut events, mut bytes) = (0u64, 0u64);
             let mut inserts = Vec::with_capacity(group.chunks.len());
-            let end_seq = {
+            let first_here = !staged.marks.contains_key(&(active, id))
+                && !self
+                    .state
+                    .gens
+                    .get(&active)
+                    .is_some_and(|g| g.marks.contains_key(&id));
+            let (first_seq, end_seq) = {
                 let lane = self
                     .lane_state(staged, id)
                     .ok_or_else(|| storage(format!("lane {id} vanished")))?;
+                let first_seq = lane.next_seq;
                 for chunk in &mut group.chunks {
                     let value = std::mem::take(&mut chunk.bytes);
                     inserts.push((record::chunk_key(id, lane.next_seq), value));
@@ -501,8 +514,14 @@ impl Writer {
                 }
                 lane.events += events;
                 lane.bytes += bytes;
-                lane.next_seq
+                (first_seq, lane.next_seq)
             };
+            if first_here {
+                // The lane's first chunk in this generation: its watermark starts there, so
+                // that it compacts (nothing below it is of this generation).
+                let mark = Watermark::starting_at(first_seq);
+                staged.marks.insert((active, id), mark);
+            }
             let count = self.gen_count(staged, active, id);
             count.events += events;
             count.bytes += bytes;
@@ -515,87 +534,6 @@ impl Writer {
             staged.appended_payload += bytes;
         }
         Ok(())
-    }
-
-    fn stage_ack(&mut self, staged: &mut Staged, id: u32, ack: &Ack) -> Result<(), QueueError> {
-        // Every read comes before anything is staged, so that an ack that cannot be read (a
-        // damaged generation) leaves the group's other operations as they were.
-        let changes = self.ack_changes(staged, id, ack)?;
-        for dead in &ack.dead {
-            staged.meta.insert(
-                &record::dead_key(staged.next_dead_seq),
-                record::encode_value(dead),
-            );
-            staged.meta_dirty = true;
-            staged.next_dead_seq += 1;
-            staged.dead += 1;
-        }
-        let gen = ack.gen;
-        staged.reached.push(drift::Reached {
-            lane: id,
-            gen,
-            last_removed: ack.remove.iter().max().copied(),
-        });
-        let Some(AckChanges {
-            chunks,
-            removed_events,
-            removed_bytes,
-        }) = changes
-        else {
-            return Ok(());
-        };
-        let batch = staged.gens.entry(gen).or_default();
-        for (seq, value, header) in chunks {
-            let key = record::chunk_key(id, seq);
-            match value {
-                Some(v) => batch.insert(&key, v),
-                None => batch.remove(&key),
-            }
-            staged.changed.insert((gen, id, seq), header);
-        }
-        let count = self.gen_count(staged, gen, id);
-        count.events = count.events.saturating_sub(removed_events);
-        count.bytes = count.bytes.saturating_sub(removed_bytes);
-        let lane = self
-            .lane_state(staged, id)
-            .ok_or_else(|| storage(format!("ack for unknown lane {id}")))?;
-        lane.events = lane.events.saturating_sub(removed_events);
-        lane.bytes = lane.bytes.saturating_sub(removed_bytes);
-        staged.acked_events += removed_events.saturating_sub(ack.dead.len() as u64);
-        Ok(())
-    }
-
-    /// What an ack changes in its generation, read from the store; `None` if the generation
-    /// is gone (deleted: everything it held was acknowledged already; or moved aside as
-    /// damaged: its events are counted there). A read that finds the generation damaged marks
-    /// it so, for the writer to move it aside.
-    fn ack_changes(
-        &mut self,
-        staged: &Staged,
-        id: u32,
-        ack: &Ack,
-    ) -> Result<Option<AckChanges>, QueueError> {
-        let gen = ack.gen;
-        if !self.state.gens.contains_key(&gen) {
-            return Ok(None);
-        }
-        let read = self.make_exact(gen).and_then(|()| match self.gen_db(gen)? {
-            // sled may panic on a damaged leaf instead of reporting it: the writer must not
-            // die of it.
-            Some(db) => generation::guard("reading chunks to acknowledge", || {
-                ack_changes_in(&db, staged, gen, id, ack)
-            })
-            .map(Some),
-            None => Ok(None),
-        });
-        if let Err(e) = &read {
-            if e.is_corrupt() {
-                if let Some(g) = self.state.gens.get(&gen) {
-                    g.handle.mark_damaged(e);
-                }
-            }
-        }
-        read
     }
 
     fn gen_db(&self, gen: u64) -> Result<Option<Arc<GenDb>>, QueueError> {
@@ -620,12 +558,13 @@ impl Writer {
                 intake_key: state.intake_key,
                 events: count.events,
                 bytes: count.bytes,
+                watermark: self.watermark(&staged, gen, lane),
             };
             staged
                 .gens
                 .entry(gen)
                 .or_default()
-                .insert(&record::lane_key(lane), record::encode_value(&rec));
+                .insert(&record::lane_key(lane), rec.encode());
         }
         // Batches are staged only for open generations (appends go to the active one, acks to
         // deleted ones stage nothing); a database gone now must fail the commit rather than
@@ -657,6 +596,11 @@ impl Writer {
         for ((gen, lane), count) in staged.counts.drain() {
             if let Some(g) = self.state.gens.get_mut(&gen) {
                 g.set_count(lane, count);
+            }
+        }
+        for ((gen, lane), mark) in staged.marks.drain() {
+            if let Some(g) = self.state.gens.get_mut(&gen) {
+                g.marks.insert(lane, mark);
             }
         }
         if let Some(active) = self.state.gens.get_mut(&self.state.active) {
@@ -699,63 +643,6 @@ impl Writer {
             self.shared.lanes_changed.notify_waiters();
         }
     }
-}
-
-/// What an ack changes in one generation: per chunk, its new value (`None`: removed) and
-/// header, and the events and bytes that leave the queue.
-struct AckChanges {
-    chunks: Vec<(u64, Option<Vec<u8>>, Option<ChunkHeader>)>,
-    removed_events: u64,
-    removed_bytes: u64,
-}
-
-fn ack_changes_in(
-    db: &GenDb,
-    staged: &Staged,
-    gen: u64,
-    id: u32,
-    ack: &Ack,
-) -> Result<AckChanges, QueueError> {
-    let mut changes = AckChanges {
-        chunks: Vec::new(),
-        removed_events: 0,
-        removed_bytes: 0,
-    };
-    let header_now = |seq: u64| -> Result<Option<ChunkHeader>, QueueError> {
-        if let Some(h) = staged.changed.get(&(gen, id, seq)) {
-            return Ok(*h);
-        }
-        Ok(db
-            .db
-            .get(record::chunk_key(id, seq))?
-            .map(|old| ChunkHeader::decode(&old).unwrap_or_default()))
-    };
-    // A chunk that is not there (already removed) changes nothing: counters follow the
-    // store, so they can never go below zero.
-    for seq in &ack.remove {
-        if let Some(h) = header_now(*seq)? {
-            changes.removed_events += u64::from(h.events);
-            changes.removed_bytes += u64::from(h.payload_bytes);
-            changes.chunks.push((*seq, None, None));
-        }
-    }
-    for (seq, chunk) in &ack.rewrite {
-        if let Some(h) = header_now(*seq)? {
-            let kept_events = chunk.events.len() as u64;
-            let kept_bytes = chunk.payload_bytes() as u64;
-            changes.removed_events += u64::from(h.events).saturating_sub(kept_events);
-            changes.removed_bytes += u64::from(h.payload_bytes).saturating_sub(kept_bytes);
-            let header = ChunkHeader {
-                events: kept_events as u32,
-                payload_bytes: kept_bytes as u32,
-            };
-            changes
-                .chunks
-                // The rest of a half-delivered chunk, about to be sent: plain.
-                .push((*seq, Some(chunk.encode_plain()), Some(header)));
-        }
-    }
-    Ok(changes)
 }
 
 fn answer(op: Op, result: Result<(), QueueError>) {
