@@ -1,0 +1,81 @@
+#!/bin/bash
+# Hand check, not run by CI (needs root, /dev/fuse and LazyFS: ../shared/powerloss/README.md).
+# Delivered chunks are marked in their lane record's watermark instead of removed
+# (docs/reliability.md, "What an acknowledgement writes"). A simulated power cut while chunks are
+# being delivered and marked must lose no event acknowledged to its sender; what it may do is
+# send again chunks delivered after the last fsync (duplicates). 40,000 events in 400 requests
+# of 100, small delivery batches (many acknowledgements), a cut once the intake has about half;
+# then a restart, and a count: acknowledged, delivered, missing (must be 0), duplicated.
+# Usage: LAZYFS_BIN=... POWERLOSS=/path/to/shared/powerloss tests/powerloss/watermark.sh
+# (from the repository root; fixed local ports 47621-47623)
+set -u
+BIN=${BIN:-target/release/sekoia-forwarder}
+. "${POWERLOSS:-../shared/powerloss}/lib.sh"
+W=$(mktemp -d)
+lfs_start "$W/root" "$W/mnt" "$W/state" || exit 1
+MOCK=127.0.0.1:47621; SRC=127.0.0.1:47622; ADM=127.0.0.1:47623
+cat > $W/conf.toml <<TOML
+[queue]
+path = "$W/mnt/q"
+generation_bytes = 4194304
+[intake]
+url = "http://$MOCK"
+batch_max_events = 300
+linger_ms = 20
+backoff_initial_ms = 50
+backoff_max_ms = 1000
+[[source]]
+type = "http"
+listen = "$SRC"
+[admin]
+listen = "$ADM"
+TOML
+$BIN mock-intake --listen $MOCK --quiet --keep-events 1000000 > $W/mock.log 2>&1 & MP=$!
+for i in $(seq 1 50); do curl -sf http://$MOCK/_mock/stats >/dev/null && break; sleep 0.2; done
+# A slow intake, so that the cut finds deliveries in flight and being marked.
+curl -s -X PUT http://$MOCK/_mock/faults -d '{"delay_ms": 20}' >/dev/null
+$BIN run --config $W/conf.toml > $W/fwd1.log 2>&1 & PID=$!
+for i in $(seq 1 50); do curl -sf http://$ADM/health >/dev/null && break; sleep 0.2; done
+# The sender records each event of a request answered 200 (acknowledged: durable).
+python3 - "$SRC" "$W/acked" <<'PY' &
+import sys, requests
+src, out = sys.argv[1], sys.argv[2]
+s = requests.Session()
+with open(out, "w") as f:
+    for r in range(400):
+        events = [f"wm-{r:04}-{i:03} " + "x" * 150 for i in range(100)]
+        try:
+            resp = s.post(f"http://{src}/jsons", json=events, timeout=10,
+                          headers={"X-SEKOIAIO-INTAKE-KEY": "0123456789abcdef0123456789abcdef"})
+        except requests.RequestException:
+            break
+        if resp.status_code == 200:
+            f.write("\n".join(e.split()[0] for e in events) + "\n")
+            f.flush()
+PY
+SENDER=$!
+for i in $(seq 1 600); do
+  n=$(curl -s http://$MOCK/_mock/stats | python3 -c "import json,sys; print(json.load(sys.stdin)['accepted_events'])" 2>/dev/null)
+  [ "${n:-0}" -ge 20000 ] && break; sleep 0.1
+done
+echo "delivered before the cut: $n"
+lfs_powerloss "$W/state" $PID
+wait $SENDER
+curl -s -X PUT http://$MOCK/_mock/faults -d '{}' >/dev/null
+$BIN run --config $W/conf.toml > $W/fwd2.log 2>&1 & PID=$!
+for i in $(seq 1 100); do curl -sf http://$ADM/health >/dev/null && break; sleep 0.2; done
+for i in $(seq 1 600); do
+  q=$(curl -s http://$ADM/status | python3 -c "import json,sys; print(json.load(sys.stdin)['queue']['events'])" 2>/dev/null)
+  [ "$q" = 0 ] && break; sleep 0.2
+done
+curl -s http://$MOCK/_mock/events > $W/events.json
+python3 - "$W/acked" "$W/events.json" <<'PY'
+import sys, json, collections
+acked = set(open(sys.argv[1]).read().split())
+got = collections.Counter(e["raw"].split()[0] for e in json.load(open(sys.argv[2])))
+missing = acked - set(got)
+dups = sum(c - 1 for c in got.values() if c > 1)
+print(f"acknowledged {len(acked)}, delivered {len(got)} distinct, missing {len(missing)}, duplicates {dups}")
+PY
+kill $PID; wait $PID; kill $MP
+lfs_stop "$W/state" nockpt
