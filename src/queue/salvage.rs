@@ -305,6 +305,22 @@ fn copy_for_reading(dir: &Path) -> Result<PathBuf, QueueError> {
 mod tests {
     use super::*;
 
+    /// Salvages the generation of `note`; the `received_at_ms` of each chunk handed over.
+    fn salvage_received_at(note: &CorruptNote) -> (Vec<u64>, Outcome) {
+        let mut seen = Vec::new();
+        let outcome = salvage_generation(
+            note,
+            &mut |c| {
+                seen.push(c.received_at_ms);
+                Ok(())
+            },
+            &mut |_| {},
+            &mut || Ok(()),
+        )
+        .unwrap();
+        (seen, outcome)
+    }
+
     fn chunk(i: u64) -> Chunk {
         Chunk {
             intake_key: "K".into(),
@@ -354,17 +370,7 @@ mod tests {
             events: Some(3000),
             ..CorruptNote::default()
         };
-        let mut seen = Vec::new();
-        let outcome = salvage_generation(
-            &note,
-            &mut |c| {
-                seen.push(c.received_at_ms);
-                Ok(())
-            },
-            &mut |_| {},
-            &mut || Ok(()),
-        )
-        .unwrap();
+        let (seen, outcome) = salvage_received_at(&note);
         assert!(outcome.opened);
         assert!(outcome.failed_reads > 0, "{outcome:?}");
         assert!(
@@ -419,17 +425,7 @@ mod tests {
             events: Some(13),
             ..CorruptNote::default()
         };
-        let mut seen = Vec::new();
-        let outcome = salvage_generation(
-            &note,
-            &mut |c| {
-                seen.push(c.received_at_ms);
-                Ok(())
-            },
-            &mut |_| {},
-            &mut || Ok(()),
-        )
-        .unwrap();
+        let (seen, outcome) = salvage_received_at(&note);
         let mut want = vec![5, 6, 9];
         want.extend(0..10);
         assert_eq!(seen, want);
