@@ -85,6 +85,36 @@ pub async fn wait_queue_empty(admin: SocketAddr, within: Duration) -> bool {
     false
 }
 
+/// What [`send_through`] measured.
+pub struct Delivered {
+    pub sent: SendReport,
+    /// Every event acknowledged to the client reached the mock within the deadline.
+    pub complete: bool,
+    /// From the first send to the last event acknowledged by the mock.
+    pub elapsed: Duration,
+}
+
+/// Sends `events` through the forwarder `fwd` and waits until the mock has them all, within
+/// the deadline of that many events.
+pub async fn send_through(
+    fwd: &Forwarder,
+    mock: &MockIntake,
+    events: u64,
+    connections: usize,
+    bodies: Arc<Bodies>,
+) -> Delivered {
+    let within = deadline_for(events);
+    let started = Instant::now();
+    let sent = send_all(&fwd.url(), events, connections, bodies, started + within).await;
+    let left = within.saturating_sub(started.elapsed());
+    let complete = !sent.timed_out && wait_accepted(mock, sent.acked_events, left).await;
+    Delivered {
+        sent,
+        complete,
+        elapsed: started.elapsed(),
+    }
+}
+
 pub async fn wait_accepted(mock: &MockIntake, events: u64, within: Duration) -> bool {
     mock.wait_for_stats(|s| s.accepted_events >= events, within)
         .await
@@ -134,21 +164,13 @@ pub async fn live(p: &Params, bodies: Arc<Bodies>, ticks: f64) -> Live {
     let mut fwd = start_forwarder(&config);
     let pid = fwd.pid();
     let sampler = Sampler::start(pid, fwd.admin, dir.path().join("queue"));
-    let within = deadline_for(p.live_events);
     let (cpu0, bench0) = (cpu_secs(&pid.to_string(), ticks), cpu_secs("self", ticks));
     let written0 = write_bytes(pid);
-    let started = Instant::now();
-    let sent = send_all(
-        &fwd.url(),
-        p.live_events,
-        p.connections,
-        bodies,
-        started + within,
-    )
-    .await;
-    let left = within.saturating_sub(started.elapsed());
-    let complete = !sent.timed_out && wait_accepted(&mock, sent.acked_events, left).await;
-    let elapsed = started.elapsed();
+    let Delivered {
+        sent,
+        complete,
+        elapsed,
+    } = send_through(&fwd, &mock, p.live_events, p.connections, bodies).await;
     let (cpu1, bench1) = (cpu_secs(&pid.to_string(), ticks), cpu_secs("self", ticks));
     let samples = sampler.finish().await;
     let stats = mock.stats();

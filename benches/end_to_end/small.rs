@@ -12,13 +12,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::client::http_client;
-use crate::client::{send_all, Bodies};
+use crate::client::{http_client, send_all, Bodies};
 use crate::common::MockIntake;
 use crate::deadline_for;
 use crate::phases::{
-    cpu_per_million, rate, start_forwarder, stop_forwarder, wait_accepted, wait_queue_empty,
-    write_config, SETTLE,
+    cpu_per_million, rate, send_through, start_forwarder, stop_forwarder, wait_queue_empty,
+    write_config, Delivered, SETTLE,
 };
 use crate::probe::{cpu_secs, metric, write_bytes};
 
@@ -182,21 +181,13 @@ async fn forwarded(cell: &Cell, bodies: Arc<Bodies>, direct_rate: f64, ticks: f6
     let config = write_config(dir.path(), &mock.url());
     let mut fwd = start_forwarder(&config);
     let pid = fwd.pid();
-    let within = deadline_for(cell.events);
     let cpu0 = cpu_secs(&pid.to_string(), ticks);
     let written0 = write_bytes(pid);
-    let started = Instant::now();
-    let sent = send_all(
-        &fwd.url(),
-        cell.events,
-        cell.connections,
-        bodies,
-        started + within,
-    )
-    .await;
-    let left = within.saturating_sub(started.elapsed());
-    let complete = !sent.timed_out && wait_accepted(&mock, sent.acked_events, left).await;
-    let elapsed = started.elapsed();
+    let Delivered {
+        sent,
+        complete,
+        elapsed,
+    } = send_through(&fwd, &mock, cell.events, cell.connections, bodies).await;
     let cpu = cpu_secs(&pid.to_string(), ticks) - cpu0;
     let drained = wait_queue_empty(fwd.admin, Duration::from_secs(60)).await;
     assert!(drained, "small: the queue did not drain");
