@@ -4,31 +4,13 @@
 # meta database; then a simulated power cut; prints how many dead letters survive (all 24 must).
 # Usage: LAZYFS_BIN=... POWERLOSS=/path/to/shared/powerloss tests/powerloss/dead_letters.sh
 # (from the repository root; fixed local ports 47611-47613)
-set -u
-BIN=${BIN:-target/debug/sekoia-forwarder}
-. "${POWERLOSS:-../shared/powerloss}/lib.sh"
-W=$(mktemp -d)
-lfs_start "$W/root" "$W/mnt" "$W/state" || exit 1
-MOCK=127.0.0.1:47611; SRC=127.0.0.1:47612; ADM=127.0.0.1:47613
-cat > $W/conf.toml <<TOML
-[queue]
-path = "$W/mnt/q"
-[intake]
-url = "http://$MOCK"
-linger_ms = 50
-backoff_initial_ms = 50
-backoff_max_ms = 1000
-[[source]]
-type = "http"
-listen = "$SRC"
-[admin]
-listen = "$ADM"
-TOML
+PORT_BASE=47610 BIN=${BIN:-target/debug/sekoia-forwarder}
+. "$(dirname "$0")/common.sh"
 $BIN mock-intake --listen $MOCK --quiet > $W/mock.log 2>&1 & MP=$!
 sleep 1
 curl -s -X PUT http://$MOCK/_mock/faults -d '{"reject_containing": "poison"}' >/dev/null
 $BIN run --config $W/conf.toml > $W/fwd1.log 2>&1 & PID=$!
-for i in $(seq 1 50); do curl -sf http://$ADM/health >/dev/null && break; sleep 0.2; done
+wait_ready
 KEY=0123456789abcdef0123456789abcdef
 for i in $(seq 1 24); do
   python3 -c "import random,sys; random.seed($i); sys.stdout.write('poison-$i-' + ''.join(random.choice('0123456789abcdef') for _ in range(200000)))" > $W/ev
@@ -43,7 +25,7 @@ curl -s http://$ADM/metrics | grep -E "meta_blob_fsyncs|meta_fsyncs_total"
 ls $W/mnt/q/meta/blobs 2>/dev/null | wc -l
 lfs_powerloss "$W/state" $PID
 $BIN run --config $W/conf.toml > $W/fwd2.log 2>&1 & PID=$!
-for i in $(seq 1 100); do curl -sf http://$ADM/health >/dev/null && break; sleep 0.2; done
+wait_ready
 n=$(curl -s http://$ADM/status | python3 -c "import json,sys; print(json.load(sys.stdin)['queue']['dead_letters'])")
 echo "dead letters after the cut: $n"
 curl -s http://$ADM/dead-letters | head -c 300; echo

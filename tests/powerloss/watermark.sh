@@ -8,34 +8,16 @@
 # then a restart, and a count: acknowledged, delivered, missing (must be 0), duplicated.
 # Usage: LAZYFS_BIN=... POWERLOSS=/path/to/shared/powerloss tests/powerloss/watermark.sh
 # (from the repository root; fixed local ports 47621-47623)
-set -u
-BIN=${BIN:-target/release/sekoia-forwarder}
-. "${POWERLOSS:-../shared/powerloss}/lib.sh"
-W=$(mktemp -d)
-lfs_start "$W/root" "$W/mnt" "$W/state" || exit 1
-MOCK=127.0.0.1:47621; SRC=127.0.0.1:47622; ADM=127.0.0.1:47623
-cat > $W/conf.toml <<TOML
-[queue]
-path = "$W/mnt/q"
-generation_bytes = 4194304
-[intake]
-url = "http://$MOCK"
-batch_max_events = 300
-linger_ms = 20
-backoff_initial_ms = 50
-backoff_max_ms = 1000
-[[source]]
-type = "http"
-listen = "$SRC"
-[admin]
-listen = "$ADM"
-TOML
+PORT_BASE=47620
+QUEUE_EXTRA="generation_bytes = 4194304"
+INTAKE_EXTRA="batch_max_events = 300"
+. "$(dirname "$0")/common.sh"
 $BIN mock-intake --listen $MOCK --quiet --keep-events 1000000 > $W/mock.log 2>&1 & MP=$!
 for i in $(seq 1 50); do curl -sf http://$MOCK/_mock/stats >/dev/null && break; sleep 0.2; done
 # A slow intake, so that the cut finds deliveries in flight and being marked.
 curl -s -X PUT http://$MOCK/_mock/faults -d '{"delay_ms": 20}' >/dev/null
 $BIN run --config $W/conf.toml > $W/fwd1.log 2>&1 & PID=$!
-for i in $(seq 1 50); do curl -sf http://$ADM/health >/dev/null && break; sleep 0.2; done
+wait_ready
 # The sender records each event of a request answered 200 (acknowledged: durable).
 python3 - "$SRC" "$W/acked" <<'PY' &
 import sys, requests
@@ -63,7 +45,7 @@ lfs_powerloss "$W/state" $PID
 wait $SENDER
 curl -s -X PUT http://$MOCK/_mock/faults -d '{}' >/dev/null
 $BIN run --config $W/conf.toml > $W/fwd2.log 2>&1 & PID=$!
-for i in $(seq 1 100); do curl -sf http://$ADM/health >/dev/null && break; sleep 0.2; done
+wait_ready
 for i in $(seq 1 600); do
   q=$(curl -s http://$ADM/status | python3 -c "import json,sys; print(json.load(sys.stdin)['queue']['events'])" 2>/dev/null)
   [ "$q" = 0 ] && break; sleep 0.2
