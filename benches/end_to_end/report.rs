@@ -358,8 +358,11 @@ pub fn small_rows(cells: &[CellReport], rows: &mut Vec<Row>) {
         rows.push(row(
             format!("small: {per_request} ev/request, {connections} conns: CPU, written, dups"),
             format!(
-                "{:.1} CPU-s/M, {:.2}x payload written, {:.1} events/commit, {} duplicates",
+                "{:.1} CPU-s/M (the mock alone: {}), {:.2}x payload written, {:.1} events/commit, \
+                 {} duplicates",
                 c.cpu_per_million,
+                c.direct_cpu_per_million
+                    .map_or("not measured".to_owned(), |m| format!("{m:.1}")),
                 c.written_per_payload,
                 c.events_per_commit.unwrap_or(f64::NAN),
                 c.duplicates

@@ -67,6 +67,9 @@ pub struct CellReport {
     pub cell: Cell,
     /// Events/s acknowledged by the mock when the client sends to it directly.
     pub direct_rate: f64,
+    /// CPU-seconds per million events of the mock alone (a server that only answers), when it
+    /// runs in its own process: the floor under the forwarder's own figure.
+    pub direct_cpu_per_million: Option<f64>,
     /// Events/s from the first send to the last event acknowledged by the mock, through the
     /// forwarder.
     pub forwarded_rate: f64,
@@ -98,8 +101,8 @@ pub async fn run(cells: &[Cell], ticks: f64) -> Vec<CellReport> {
             cell.events, cell.per_request, cell.connections
         );
         let bodies = Bodies::new(cell.per_request);
-        let direct_rate = direct(cell, bodies.clone()).await;
-        let report = forwarded(cell, bodies, direct_rate, ticks).await;
+        let direct = direct(cell, bodies.clone(), ticks).await;
+        let report = forwarded(cell, bodies, direct, ticks).await;
         println!(
             "small: direct {:.0} ev/s, forwarded {:.0} ev/s ({:.2})",
             report.direct_rate,
@@ -111,9 +114,16 @@ pub async fn run(cells: &[Cell], ticks: f64) -> Vec<CellReport> {
     reports
 }
 
-/// The client straight to a mock intake: in a process of its own unless
-/// `E2E_SMALL_BASELINE=in-process`.
-async fn direct(cell: &Cell, bodies: Arc<Bodies>) -> f64 {
+/// What the client reached straight to the mock.
+#[derive(Debug, Clone, Copy)]
+struct Direct {
+    rate: f64,
+    cpu_per_million: Option<f64>,
+}
+
+/// The client straight to a mock intake: in a process of its own (whose CPU is measured)
+/// unless `E2E_SMALL_BASELINE=in-process`.
+async fn direct(cell: &Cell, bodies: Arc<Bodies>, ticks: f64) -> Direct {
     let in_process = std::env::var("E2E_SMALL_BASELINE").is_ok_and(|v| v == "in-process");
     let deadline = Instant::now() + deadline_for(cell.events);
     if in_process {
@@ -123,13 +133,22 @@ async fn direct(cell: &Cell, bodies: Arc<Bodies>) -> f64 {
         let sent = send_all(&mock.url(), cell.events, cell.connections, bodies, deadline).await;
         assert!(!sent.timed_out, "small: the mock alone did not keep up");
         mock.shutdown().await;
-        return rate(sent.acked_events, sent.elapsed);
+        return Direct {
+            rate: rate(sent.acked_events, sent.elapsed),
+            cpu_per_million: None,
+        };
     }
     let mut mock = tokio::task::block_in_place(MockProcess::start);
+    let pid = mock.child.id().to_string();
+    let cpu0 = cpu_secs(&pid, ticks);
     let sent = send_all(&mock.url, cell.events, cell.connections, bodies, deadline).await;
     assert!(!sent.timed_out, "small: the mock alone did not keep up");
+    let cpu = cpu_secs(&pid, ticks) - cpu0;
     tokio::task::block_in_place(|| mock.stop());
-    rate(sent.acked_events, sent.elapsed)
+    Direct {
+        rate: rate(sent.acked_events, sent.elapsed),
+        cpu_per_million: Some(cpu_per_million(cpu, sent.acked_events)),
+    }
 }
 
 /// `sekoia-forwarder mock-intake --quiet --keep-events 0` in a process of its own.
@@ -173,7 +192,7 @@ impl MockProcess {
 }
 
 /// The client through a fresh forwarder to a mock intake.
-async fn forwarded(cell: &Cell, bodies: Arc<Bodies>, direct_rate: f64, ticks: f64) -> CellReport {
+async fn forwarded(cell: &Cell, bodies: Arc<Bodies>, direct: Direct, ticks: f64) -> CellReport {
     let dir = tempfile::tempdir().expect("tempdir");
     let mock = MockIntake::start_count_only(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
@@ -199,7 +218,8 @@ async fn forwarded(cell: &Cell, bodies: Arc<Bodies>, direct_rate: f64, ticks: f6
     mock.shutdown().await;
     CellReport {
         cell: *cell,
-        direct_rate,
+        direct_rate: direct.rate,
+        direct_cpu_per_million: direct.cpu_per_million,
         forwarded_rate: rate(sent.acked_events, elapsed),
         cpu_per_million: cpu_per_million(cpu, sent.acked_events),
         written_per_payload: written as f64 / Bodies::payload(sent.acked_events).max(1) as f64,
