@@ -217,8 +217,10 @@ fn queue_seeds() {
             acked_below: 70_000,
             acked: vec![70_002, 70_003, 70_400],
         },
+        end_seq: Some(70_500),
     };
-    write("queue_record", "lane-v2", &tagged(1, &lane.encode()));
+    write("queue_record", "lane-v3", &tagged(1, &lane.encode()));
+    write("queue_record", "lane-v2", &tagged(1, &lane.encode_v2()));
     write("queue_record", "lane", &tagged(1, &lane.encode_v1()));
     let dead = DeadLetter {
         intake_key: "YOUR_INTAKE_KEY".into(),

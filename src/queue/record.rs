@@ -57,22 +57,34 @@
 //! | --- | --- |
 //! | 1 ([`VALUE_V1`]) | bincode of the intake key, events, bytes |
 //! | 2 ([`LANE_V2`]) | the same, then the [`Watermark`]: `acked_below` (u64), `acked` (a sequence of u64) |
+//! | 3 ([`LANE_V3`]) | the same, then `end_seq` (u64): the lane's next sequence number in the generation as the record counts it |
 //!
 //! Delivered chunks are not removed from the store but marked in the watermark (removing each
 //! one cost about a quarter of all the bytes written, `queue/writer/ack.rs`); an absent chunk is
-//! delivered too, which is all a v1 record says (it decodes with an empty watermark). This
-//! release reads both and writes v2. A generation is marked format 3 ([`FORMAT_VERSION`]) when
-//! created, and one of an older format when this release opens it (before any v2 record can be
-//! written in it), so that a release before v2 lane records refuses it ("newer format");
-//! were one to read it anyway, it would take delivered chunks for undelivered ones and send
-//! them again: duplicates, never a loss. Going back needs an empty queue.
+//! delivered too, which is all a v1 record says (it decodes with an empty watermark).
+//!
+//! Why v3: a commit of appends alone is applied to sled key by key, chunks first and lane
+//! records last, not as one batch (a batch costs sled a second write and hand-off to its I/O
+//! threads per commit: `queue/writer/durable.rs`). A crash before its fsync can then leave some
+//! of its chunks without the lane record that counts them (sled recovers a prefix of its log).
+//! None of them was acknowledged, but they are in the store, and delivery would read them: the
+//! lane's counters must include them, and its next sequence number must pass them, or the
+//! generation could be deleted with events in it, or a new chunk could take the place of one
+//! already marked delivered. `end_seq` says where the record's count ends; at open, chunks at
+//! or past it are counted in (`queue/writer/load.rs`). v1 and v2 records were written in one
+//! batch with their chunks, so they count every chunk stored.
+//!
+//! This release reads all three and writes v3. A generation is marked format 4
+//! ([`FORMAT_VERSION`]) when created, and one of an older format when this release opens it
+//! (before any v3 record can be written in it), so that a release before v3 lane records
+//! refuses it ("newer format"). Going back needs an empty queue.
 
 use serde::{Deserialize, Serialize};
 
 /// Version of a generation's layout, stored under its `M format`: 2 since chunks may be v2,
-/// 3 since lane records may be v2 (a generation marked 1 holds only v1 chunks and lane
-/// records; all are read).
-pub const FORMAT_VERSION: u32 = 3;
+/// 3 since lane records may be v2, 4 since they may be v3 (a generation marked 1 holds only v1
+/// chunks and lane records; all are read).
+pub const FORMAT_VERSION: u32 = 4;
 /// Version byte of lane records before v2, dead letters and of the chunks written before v2.
 pub const VALUE_V1: u8 = 1;
 /// Version byte of chunks whose v1 body is lz4-compressed (`chunk_compression = "lz4"`).
@@ -83,9 +95,10 @@ pub const CHUNK_V3: u8 = 3;
 /// zstd's level for chunks: 1 compresses 200-byte log lines to ~0.31 of their size at ~330 MB/s
 /// here (3: the same size, 30 % slower; lz4: ~0.50 at ~670 MB/s).
 const ZSTD_LEVEL: i32 = 1;
-/// Version byte of the lane records written by this release: v1's fields, then a
-/// [`Watermark`].
+/// Version byte of the lane records of format 3: v1's fields, then a [`Watermark`].
 pub const LANE_V2: u8 = 2;
+/// Version byte of the lane records written by this release: v2's fields, then `end_seq`.
+pub const LANE_V3: u8 = 3;
 
 pub const META_FORMAT_KEY: &[u8] = b"Mformat";
 pub const LANE_PREFIX: u8 = b'L';
@@ -486,7 +499,7 @@ impl ChunkHeader {
 /// A lane's share of one generation: its intake key, its counters there, and which of its
 /// chunks there are delivered ([`Watermark`]).
 ///
-/// Stored as v2 ([`LANE_V2`]); a v1 record (the releases before, without a watermark) decodes
+/// Stored as v3 ([`LANE_V3`]); a v1 record (the releases before, without a watermark) decodes
 /// with an empty watermark, which means what v1 meant: the chunks present are not delivered.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LaneRecord {
@@ -496,6 +509,11 @@ pub struct LaneRecord {
     /// Payload bytes queued in this lane.
     pub bytes: u64,
     pub watermark: Watermark,
+    /// The lane's next sequence number in the generation when the record was written: its
+    /// counters cover the chunks below it. Chunks at or past it are of an append commit that a
+    /// crash cut short. `None` in v1 and v2 records, written in one batch with their chunks:
+    /// they cover every chunk stored.
+    pub end_seq: Option<u64>,
 }
 
 /// Which chunks of a lane in one generation are delivered, although still stored: removing
@@ -606,9 +624,37 @@ struct LaneRecordV2 {
     watermark: Watermark,
 }
 
+/// The v3 lane record body: v2's fields, then where its count ends.
+#[derive(Serialize, Deserialize)]
+struct LaneRecordV3 {
+    intake_key: String,
+    events: u64,
+    bytes: u64,
+    watermark: Watermark,
+    end_seq: u64,
+}
+
 impl LaneRecord {
-    /// The v2 value.
+    /// The v3 value; a record without `end_seq` (one read from an older release) is written as
+    /// v2, which means the same.
     pub fn encode(&self) -> Vec<u8> {
+        let Some(end_seq) = self.end_seq else {
+            return self.encode_v2();
+        };
+        let body = LaneRecordV3 {
+            intake_key: self.intake_key.clone(),
+            events: self.events,
+            bytes: self.bytes,
+            watermark: self.watermark.clone(),
+            end_seq,
+        };
+        let mut out = vec![LANE_V3];
+        out.extend_from_slice(&bincode::serde::encode_to_vec(&body, config()).unwrap_or_default());
+        out
+    }
+
+    /// The v2 value, as format 3 wrote it.
+    pub fn encode_v2(&self) -> Vec<u8> {
         let body = LaneRecordV2 {
             intake_key: self.intake_key.clone(),
             events: self.events,
@@ -629,7 +675,7 @@ impl LaneRecord {
         })
     }
 
-    /// Decodes a v1 or v2 lane record.
+    /// Decodes a v1, v2 or v3 lane record.
     pub fn decode(bytes: &[u8]) -> Result<LaneRecord, DecodeError> {
         match bytes.first() {
             None => Err(DecodeError::Truncated(0)),
@@ -640,6 +686,7 @@ impl LaneRecord {
                     events: v1.events,
                     bytes: v1.bytes,
                     watermark: Watermark::default(),
+                    end_seq: None,
                 })
             }
             Some(&LANE_V2) => {
@@ -649,6 +696,17 @@ impl LaneRecord {
                     events: v2.events,
                     bytes: v2.bytes,
                     watermark: v2.watermark,
+                    end_seq: None,
+                })
+            }
+            Some(&LANE_V3) => {
+                let v3: LaneRecordV3 = decode_owned(&bytes[1..])?;
+                Ok(LaneRecord {
+                    intake_key: v3.intake_key,
+                    events: v3.events,
+                    bytes: v3.bytes,
+                    watermark: v3.watermark,
+                    end_seq: Some(v3.end_seq),
                 })
             }
             Some(&v) => Err(DecodeError::UnknownVersion(v)),
@@ -1109,9 +1167,10 @@ mod tests {
         assert!(w.overflow().is_empty());
     }
 
-    /// The v2 lane record's bytes: a contract with the queues this release writes.
+    /// The lane records' bytes: a contract with the queues this release and the one before
+    /// wrote.
     #[test]
-    fn lane_v2_encoding_is_stable() {
+    fn lane_v3_and_v2_encodings_are_stable() {
         let lane = LaneRecord {
             intake_key: "K".into(),
             events: 3,
@@ -1120,8 +1179,19 @@ mod tests {
                 acked_below: 7,
                 acked: vec![9],
             },
+            end_seq: Some(12),
+        };
+        let pinned_v3 = [LANE_V3, 1, b'K', 3, 251, 44, 1, 7, 1, 9, 12];
+        assert_eq!(lane.encode(), pinned_v3);
+        assert_eq!(LaneRecord::decode(&pinned_v3).unwrap(), lane);
+        // v2: the same without `end_seq`, decoded without one; a record without one is
+        // written as v2.
+        let lane = LaneRecord {
+            end_seq: None,
+            ..lane
         };
         let pinned = [LANE_V2, 1, b'K', 3, 251, 44, 1, 7, 1, 9];
+        assert_eq!(lane.encode_v2(), pinned);
         assert_eq!(lane.encode(), pinned);
         assert_eq!(LaneRecord::decode(&pinned).unwrap(), lane);
         // v1: the same without the watermark, decoded with an empty one.
@@ -1146,6 +1216,7 @@ mod tests {
                 acked_below: 300,
                 acked: vec![302, 70_000],
             },
+            end_seq: Some(70_001),
         };
         assert_eq!(LaneRecord::decode(&lane.encode()).unwrap(), lane);
     }

@@ -412,6 +412,7 @@ mod tests {
                     acked_below: 5,
                     acked: vec![7, 8],
                 },
+                end_seq: Some(10),
             };
             db.insert(record::lane_key(0), rec.encode()).unwrap();
             // Lane 1's record cannot be read: its chunks all go back (duplicates, not loss).

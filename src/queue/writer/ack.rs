@@ -33,6 +33,7 @@ impl Writer {
         // Every read comes before anything is staged, so that an ack that cannot be read (a
         // damaged generation) leaves the group's other operations as they were.
         let changes = self.ack_changes(staged, id, ack)?;
+        staged.atomic = true;
         for dead in &ack.dead {
             staged.meta.insert(
                 &record::dead_key(staged.next_dead_seq),

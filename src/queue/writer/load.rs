@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{storage, GenCount, GenState, LaneState, WriterState};
 use crate::queue::generation::{self, CorruptNote, GenDb, GenSummary, Generation, RootListing};
-use crate::queue::record::{self, LaneRecord, Watermark};
+use crate::queue::record::{self, ChunkHeader, LaneRecord, Watermark};
 use crate::queue::QueueError;
 
 /// Counts of one generation read from the generation itself.
@@ -21,42 +21,124 @@ pub(super) struct Loaded {
 /// Reads a generation's lane records (counters, watermarks and intake keys) and, for each
 /// lane, where its last chunk is. O(lanes), not O(events): the counters already leave
 /// delivered chunks out.
+///
+/// Chunks that no lane record counts (at or past its `end_seq`, or of a lane without a record
+/// here) are of an append commit that a crash cut short (`durable.rs`): none was acknowledged,
+/// but they are stored and delivery reads them, so they are counted in.
 pub(super) fn load_generation(db: &sled::Db, dir: &Path) -> Result<Loaded, QueueError> {
     check_gen_format(db, dir)?;
-    let mut lanes = HashMap::new();
-    let mut marks = HashMap::new();
-    let mut names = Vec::new();
+    let mut records = BTreeMap::new();
     for item in db.scan_prefix([record::LANE_PREFIX]) {
         let (key, value) = item?;
         let id = record::parse_lane_key(&key).map_err(storage)?;
-        let rec = LaneRecord::decode(&value).map_err(storage)?;
-        let last_stored = match db
-            .range(record::chunk_key(id, 0)..=record::chunk_key(id, u64::MAX))
-            .next_back()
-        {
-            Some(item) => record::parse_chunk_key(&item?.0).map_err(storage)?.1 + 1,
-            None => 0,
+        records.insert(id, Some(LaneRecord::decode(&value).map_err(storage)?));
+    }
+    for id in lanes_with_chunks(db)? {
+        records.entry(id).or_insert(None);
+    }
+    let mut loaded = Loaded {
+        lanes: HashMap::new(),
+        marks: HashMap::new(),
+        names: Vec::new(),
+    };
+    let mut uncounted = Uncounted::default();
+    for (id, rec) in records {
+        let chunks = record::chunk_key(id, 0)..=record::chunk_key(id, u64::MAX);
+        let first_stored = first_seq(db.range(chunks.clone()).next())?;
+        let last_stored = first_seq(db.range(chunks).next_back())?;
+        let rec = match rec {
+            Some(rec) => {
+                loaded.names.push((id, rec.intake_key.clone()));
+                rec
+            }
+            // Its first commit here was cut short: everything stored of it is uncounted.
+            None => LaneRecord {
+                watermark: Watermark::starting_at(first_stored.unwrap_or(0)),
+                end_seq: Some(first_stored.unwrap_or(0)),
+                ..LaneRecord::default()
+            },
         };
+        let (mut events, mut bytes) = (rec.events, rec.bytes);
+        if let Some(end) = rec.end_seq {
+            let (e, b) = uncounted.count(db, id, end)?;
+            events += e;
+            bytes += b;
+        }
         // Delivered chunks are stored, but the last ones may have been removed (past
         // `MAX_ACKED`): the next sequence number must not fall below the watermark, or a new
         // chunk would be taken for a delivered one.
-        let end_seq = last_stored.max(rec.watermark.acked_below);
-        marks.insert(id, rec.watermark);
-        lanes.insert(
+        let end_seq = last_stored
+            .map_or(0, |s| s + 1)
+            .max(rec.watermark.acked_below);
+        loaded.marks.insert(id, rec.watermark);
+        loaded.lanes.insert(
             id,
             GenCount {
-                events: rec.events,
-                bytes: rec.bytes,
+                events,
+                bytes,
                 end_seq,
             },
         );
-        names.push((id, rec.intake_key));
     }
-    Ok(Loaded {
-        lanes,
-        marks,
-        names,
-    })
+    if uncounted.chunks > 0 {
+        tracing::info!(dir = %dir.display(), chunks = uncounted.chunks, events = uncounted.events,
+            "found chunks of an append that a crash cut short (never acknowledged to their \
+             senders); they stay queued and are delivered");
+    }
+    Ok(loaded)
+}
+
+/// Chunks found past their lane record's count, over one generation.
+#[derive(Default)]
+struct Uncounted {
+    chunks: u64,
+    events: u64,
+}
+
+impl Uncounted {
+    /// Events and payload bytes of lane `id`'s chunks at or after `from`. A chunk whose header
+    /// cannot be read counts nothing, as when delivery quarantines it.
+    fn count(&mut self, db: &sled::Db, id: u32, from: u64) -> Result<(u64, u64), QueueError> {
+        let (mut events, mut bytes) = (0, 0);
+        for item in db.range(record::chunk_key(id, from)..=record::chunk_key(id, u64::MAX)) {
+            let (_, value) = item?;
+            let header = ChunkHeader::decode(&value).unwrap_or_default();
+            events += u64::from(header.events);
+            bytes += u64::from(header.payload_bytes);
+            self.chunks += 1;
+        }
+        self.events += events;
+        Ok((events, bytes))
+    }
+}
+
+/// The sequence number of a chunk found by a range read, if any.
+fn first_seq(
+    item: Option<sled::Result<(sled::IVec, sled::IVec)>>,
+) -> Result<Option<u64>, QueueError> {
+    match item {
+        Some(item) => Ok(Some(record::parse_chunk_key(&item?.0).map_err(storage)?.1)),
+        None => Ok(None),
+    }
+}
+
+/// The lanes that have chunks in the generation: one seek per lane, whatever their chunks.
+fn lanes_with_chunks(db: &sled::Db) -> Result<Vec<u32>, QueueError> {
+    let mut lanes = Vec::new();
+    let mut from = record::chunk_key(0, 0);
+    while let Some(item) = db.range(from..).next() {
+        let (key, _) = item?;
+        if key.first() != Some(&record::CHUNK_PREFIX) {
+            break;
+        }
+        let (lane, _) = record::parse_chunk_key(&key).map_err(storage)?;
+        lanes.push(lane);
+        match lane.checked_add(1) {
+            Some(next) => from = record::chunk_key(next, 0),
+            None => break,
+        }
+    }
+    Ok(lanes)
 }
 
 /// Checks a generation's format marker. Every generation is created with one (made durable

@@ -33,6 +33,7 @@ use super::generation::{GenDb, GenLane, GenSummary, Generation};
 use super::record::{self, Chunk, ChunkHeader, LaneRecord, Watermark};
 use super::{Ack, Lane, QueueError, Shared};
 use crate::crash_point;
+use durable::GenWrites;
 pub use gather::Senders;
 
 /// Bytes of disk sled takes per byte of payload while it is queued: a generation's files reach
@@ -299,7 +300,10 @@ pub struct Writer {
 struct Staged {
     meta: sled::Batch,
     meta_dirty: bool,
-    gens: BTreeMap<u64, sled::Batch>,
+    gens: BTreeMap<u64, GenWrites>,
+    /// Whether each generation's writes must be applied as one batch: the commit holds an
+    /// acknowledgement ([`durable`]).
+    atomic: bool,
     /// Per generation and lane, counts after this commit.
     counts: HashMap<(u64, u32), GenCount>,
     /// Chunks changed earlier in this commit: their header now (`None`: delivered).
@@ -559,6 +563,7 @@ impl Writer {
                 events: count.events,
                 bytes: count.bytes,
                 watermark: self.watermark(&staged, gen, lane),
+                end_seq: Some(count.end_seq),
             };
             staged
                 .gens
