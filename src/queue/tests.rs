@@ -52,6 +52,23 @@ fn incompressible_events(key: &str, n: usize, size: usize) -> Vec<IncomingEvent>
         .collect()
 }
 
+/// Events of 600 bytes, one to a chunk (`config`'s 1 KiB chunks), numbered from `from`: the
+/// number is in the text ([`one_per_chunk_text`]).
+fn one_per_chunk(key: &str, from: usize, n: usize) -> Vec<IncomingEvent> {
+    (from..from + n)
+        .map(|i| IncomingEvent {
+            intake_key: key.into(),
+            timestamp: None,
+            raw: one_per_chunk_text(i),
+        })
+        .collect()
+}
+
+/// The text of event `i` of [`one_per_chunk`]: its number at bytes 6..11.
+fn one_per_chunk_text(i: usize) -> String {
+    format!("event-{i:05}-{}", "x".repeat(588))
+}
+
 fn read_all(q: &Queue, lane: u32) -> Vec<String> {
     q.read(lane, Position::default(), usize::MAX, usize::MAX)
         .unwrap()

@@ -4,25 +4,13 @@
 
 use super::*;
 
-/// Events of 600 bytes: one to a chunk (`config`'s 1 KiB chunks), the chunk's sequence number
-/// in the text.
-fn one_per_chunk(key: &str, from: usize, n: usize) -> Vec<IncomingEvent> {
-    (from..from + n)
-        .map(|i| IncomingEvent {
-            intake_key: key.into(),
-            timestamp: None,
-            raw: format!("event-{i:05}-{}", "x".repeat(588)),
-        })
-        .collect()
-}
-
 /// A stored chunk of one event, as an append of `one_per_chunk` writes it.
 fn chunk_value(key: &str, i: usize) -> Vec<u8> {
     Chunk {
         intake_key: key.into(),
         timestamp: None,
         received_at_ms: 1,
-        events: vec![format!("event-{i:05}-{}", "x".repeat(588))],
+        events: vec![one_per_chunk_text(i)],
     }
     .encode(record::Codec::Zstd)
 }

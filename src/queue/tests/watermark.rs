@@ -3,18 +3,6 @@
 
 use super::*;
 
-/// Events of 600 bytes: one to a chunk (`config`'s 1 KiB chunks), the chunk's sequence number
-/// in the text.
-fn one_per_chunk(n: usize) -> Vec<IncomingEvent> {
-    (0..n)
-        .map(|i| IncomingEvent {
-            intake_key: "K".into(),
-            timestamp: None,
-            raw: format!("event-{i:05}-{}", "x".repeat(588)),
-        })
-        .collect()
-}
-
 fn ack(gen: u64, remove: impl IntoIterator<Item = u64>) -> Ack {
     Ack {
         gen,
@@ -56,7 +44,7 @@ async fn delivered_chunks_stay_stored_but_reads_counts_status_and_reopens_skip_t
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let q = Queue::open(&cfg).unwrap();
-    q.append(one_per_chunk(10)).await.unwrap();
+    q.append(one_per_chunk("K", 0, 10)).await.unwrap();
     let gen = active_gen(&q);
     q.ack(0, ack(gen, 0..4)).await.unwrap();
     assert_eq!(stored_chunks(&q), 10, "delivered chunks are not removed");
@@ -81,7 +69,7 @@ async fn delivered_chunks_stay_stored_but_reads_counts_status_and_reopens_skip_t
     assert_eq!(q.status().events, 6);
     assert_eq!(readable(&q), (4..10).collect::<Vec<_>>());
     // Appends after the reopen continue the sequence, after the delivered chunks.
-    q.append(one_per_chunk(1)).await.unwrap();
+    q.append(one_per_chunk("K", 0, 1)).await.unwrap();
     assert_eq!(readable(&q).len(), 7);
     assert_eq!(stored_chunks(&q), 11);
 }
@@ -91,7 +79,7 @@ async fn out_of_order_acks_advance_the_watermark_once_the_gap_fills() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let q = Queue::open(&cfg).unwrap();
-    q.append(one_per_chunk(10)).await.unwrap();
+    q.append(one_per_chunk("K", 0, 10)).await.unwrap();
     let gen = active_gen(&q);
     q.ack(0, ack(gen, [0, 1, 2, 5])).await.unwrap();
     assert_eq!(stored_watermark(&q).acked_below, 3);
@@ -164,7 +152,7 @@ async fn a_v1_lane_record_still_loads_and_is_upgraded_by_the_next_ack() {
     let cfg = config(dir.path());
     let gen = {
         let q = Queue::open(&cfg).unwrap();
-        q.append(one_per_chunk(6)).await.unwrap();
+        q.append(one_per_chunk("K", 0, 6)).await.unwrap();
         let gen = active_gen(&q);
         q.close().await.unwrap();
         gen
@@ -210,7 +198,7 @@ async fn a_v1_lane_record_still_loads_and_is_upgraded_by_the_next_ack() {
         "past the delivered chunk and the removed ones"
     );
     assert_eq!(readable(&q), [4, 5]);
-    q.append(one_per_chunk(1)).await.unwrap();
+    q.append(one_per_chunk("K", 0, 1)).await.unwrap();
     assert_eq!(readable(&q).len(), 3);
 }
 
@@ -221,10 +209,10 @@ async fn a_watermark_starts_at_the_lanes_first_chunk_in_its_generation() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = small_generations(dir.path());
     let q = Queue::open(&cfg).unwrap();
-    q.append(one_per_chunk(200)).await.unwrap();
+    q.append(one_per_chunk("K", 0, 200)).await.unwrap();
     // Sealed after the commit that filled it, once its senders are answered.
     wait_for("a generation sealed", || active_gen(&q) > 1).await;
-    q.append(one_per_chunk(3)).await.unwrap();
+    q.append(one_per_chunk("K", 0, 3)).await.unwrap();
     let first = active_db(&q)
         .db
         .scan_prefix([record::CHUNK_PREFIX])
@@ -253,7 +241,7 @@ async fn the_set_of_out_of_order_acks_is_bounded() {
     };
     let n = record::MAX_ACKED as u64 + 100;
     let q = Queue::open(&cfg).unwrap();
-    q.append(one_per_chunk(n as usize)).await.unwrap();
+    q.append(one_per_chunk("K", 0, n as usize)).await.unwrap();
     let gen = active_gen(&q);
     q.ack(0, ack(gen, 1..n)).await.unwrap();
     let mark = stored_watermark(&q);
@@ -275,7 +263,7 @@ async fn the_set_of_out_of_order_acks_is_bounded() {
     let q = Queue::open(&cfg).unwrap();
     assert_eq!(q.totals(), (0, 0));
     assert!(readable(&q).is_empty());
-    q.append(one_per_chunk(1)).await.unwrap();
+    q.append(one_per_chunk("K", 0, 1)).await.unwrap();
     assert_eq!(readable(&q), [0], "the new chunk (its text says 0) is read");
     let mark = stored_watermark(&q);
     assert_eq!(mark.acked_below, n, "and was stored after the watermark");
