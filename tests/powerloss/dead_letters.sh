@@ -6,11 +6,9 @@
 # (from the repository root; fixed local ports 47611-47613)
 PORT_BASE=47610 BIN=${BIN:-target/debug/sekoia-forwarder}
 . "$(dirname "$0")/common.sh"
-$BIN mock-intake --listen $MOCK --quiet > $W/mock.log 2>&1 & MP=$!
-sleep 1
-curl -s -X PUT http://$MOCK/_mock/faults -d '{"reject_containing": "poison"}' >/dev/null
-$BIN run --config $W/conf.toml > $W/fwd1.log 2>&1 & PID=$!
-wait_ready
+start_mock
+mock_faults '{"reject_containing": "poison"}'
+start_forwarder fwd1.log
 KEY=0123456789abcdef0123456789abcdef
 for i in $(seq 1 24); do
   python3 -c "import random,sys; random.seed($i); sys.stdout.write('poison-$i-' + ''.join(random.choice('0123456789abcdef') for _ in range(200000)))" > $W/ev
@@ -24,8 +22,7 @@ echo "dead letters before the cut: $n"
 curl -s http://$ADM/metrics | grep -E "meta_blob_fsyncs|meta_fsyncs_total" 
 ls $W/mnt/q/meta/blobs 2>/dev/null | wc -l
 lfs_powerloss "$W/state" $PID
-$BIN run --config $W/conf.toml > $W/fwd2.log 2>&1 & PID=$!
-wait_ready
+start_forwarder fwd2.log
 n=$(curl -s http://$ADM/status | python3 -c "import json,sys; print(json.load(sys.stdin)['queue']['dead_letters'])")
 echo "dead letters after the cut: $n"
 curl -s http://$ADM/dead-letters | head -c 300; echo

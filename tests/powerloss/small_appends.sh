@@ -17,22 +17,18 @@ PORT_BASE=47630
 QUEUE_EXTRA=""
 INTAKE_EXTRA=""
 . "$(dirname "$0")/common.sh"
-$BIN mock-intake --listen $MOCK --quiet --keep-events 1000000 > $W/mock.log 2>&1 & MP=$!
-for i in $(seq 1 50); do curl -sf http://$MOCK/_mock/stats >/dev/null && break; sleep 0.2; done
-curl -s -X PUT http://$MOCK/_mock/faults -d '{"delay_ms": 200}' >/dev/null
-$BIN run --config $W/conf.toml > $W/fwd1.log 2>&1 & PID=$!
-wait_ready
-# Each sender records the event of each request answered 200 (acknowledged: durable), and
-# every event it sent.
+start_mock --keep-events 1000000
+mock_faults '{"delay_ms": 200}'
+start_forwarder fwd1.log
+# Each sender records the event of each request answered 200 (acknowledged: durable).
 python3 - "$SRC" "$W" <<'PY' &
 import sys, threading, requests
 src, w = sys.argv[1], sys.argv[2]
 def send(t):
     s = requests.Session()
-    with open(f"{w}/acked-{t}", "w") as acked, open(f"{w}/sent-{t}", "w") as sent:
+    with open(f"{w}/acked-{t}", "w") as acked:
         for i in range(100000):
             event = f"sa-{t}-{i:06} " + "x" * 150
-            sent.write(event.split()[0] + "\n"); sent.flush()
             try:
                 resp = s.post(f"http://{src}/jsons", json=[event], timeout=10,
                               headers={"X-SEKOIAIO-INTAKE-KEY": "0123456789abcdef0123456789abcdef"})
@@ -52,27 +48,10 @@ done
 echo "acknowledged before the cut: $n"
 lfs_powerloss "$W/state" $PID
 wait $SENDER
-curl -s -X PUT http://$MOCK/_mock/faults -d '{}' >/dev/null
-$BIN run --config $W/conf.toml > $W/fwd2.log 2>&1 & PID=$!
-wait_ready
+mock_faults '{}'
+start_forwarder fwd2.log
 grep -h "cut short" $W/fwd2.log
-for i in $(seq 1 600); do
-  q=$(curl -s http://$ADM/status | python3 -c "import json,sys; print(json.load(sys.stdin)['queue']['events'])" 2>/dev/null)
-  [ "$q" = 0 ] && break; sleep 0.2
-done
-curl -s http://$MOCK/_mock/events > $W/events.json
-cat $W/acked-* > $W/acked; cat $W/sent-* > $W/sent
-python3 - "$W/acked" "$W/sent" "$W/events.json" <<'PY'
-import sys, json, collections
-acked = set(open(sys.argv[1]).read().split())
-sent = set(open(sys.argv[2]).read().split())
-got = collections.Counter(e["raw"].split()[0] for e in json.load(open(sys.argv[3])))
-missing = acked - set(got)
-unacked = set(got) - acked
-phantom = set(got) - sent
-dups = sum(c - 1 for c in got.values() if c > 1)
-print(f"acknowledged {len(acked)}, delivered {len(got)} distinct, missing {len(missing)}, "
-      f"delivered but not acknowledged {len(unacked)}, never sent {len(phantom)}, duplicates {dups}")
-PY
+wait_drained
+count_delivered $W/acked-*
 kill $PID; wait $PID; kill $MP
 lfs_stop "$W/state" nockpt

@@ -12,12 +12,10 @@ PORT_BASE=47620
 QUEUE_EXTRA="generation_bytes = 4194304"
 INTAKE_EXTRA="batch_max_events = 300"
 . "$(dirname "$0")/common.sh"
-$BIN mock-intake --listen $MOCK --quiet --keep-events 1000000 > $W/mock.log 2>&1 & MP=$!
-for i in $(seq 1 50); do curl -sf http://$MOCK/_mock/stats >/dev/null && break; sleep 0.2; done
+start_mock --keep-events 1000000
 # A slow intake, so that the cut finds deliveries in flight and being marked.
-curl -s -X PUT http://$MOCK/_mock/faults -d '{"delay_ms": 20}' >/dev/null
-$BIN run --config $W/conf.toml > $W/fwd1.log 2>&1 & PID=$!
-wait_ready
+mock_faults '{"delay_ms": 20}'
+start_forwarder fwd1.log
 # The sender records each event of a request answered 200 (acknowledged: durable).
 python3 - "$SRC" "$W/acked" <<'PY' &
 import sys, requests
@@ -43,21 +41,9 @@ done
 echo "delivered before the cut: $n"
 lfs_powerloss "$W/state" $PID
 wait $SENDER
-curl -s -X PUT http://$MOCK/_mock/faults -d '{}' >/dev/null
-$BIN run --config $W/conf.toml > $W/fwd2.log 2>&1 & PID=$!
-wait_ready
-for i in $(seq 1 600); do
-  q=$(curl -s http://$ADM/status | python3 -c "import json,sys; print(json.load(sys.stdin)['queue']['events'])" 2>/dev/null)
-  [ "$q" = 0 ] && break; sleep 0.2
-done
-curl -s http://$MOCK/_mock/events > $W/events.json
-python3 - "$W/acked" "$W/events.json" <<'PY'
-import sys, json, collections
-acked = set(open(sys.argv[1]).read().split())
-got = collections.Counter(e["raw"].split()[0] for e in json.load(open(sys.argv[2])))
-missing = acked - set(got)
-dups = sum(c - 1 for c in got.values() if c > 1)
-print(f"acknowledged {len(acked)}, delivered {len(got)} distinct, missing {len(missing)}, duplicates {dups}")
-PY
+mock_faults '{}'
+start_forwarder fwd2.log
+wait_drained
+count_delivered "$W/acked"
 kill $PID; wait $PID; kill $MP
 lfs_stop "$W/state" nockpt
