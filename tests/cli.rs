@@ -102,22 +102,6 @@ async fn status_reads_a_stopped_queue() {
     assert_eq!(entries(&queue_dir), before);
 }
 
-/// An intake that answers 503 to every request.
-async fn refusing_intake() -> MockIntake {
-    let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    mock.set_faults(FaultConfig {
-        script: vec![ScriptedFault::Status {
-            status: 503,
-            retry_after_secs: None,
-            times: u32::MAX,
-        }],
-        ..FaultConfig::default()
-    });
-    mock
-}
-
 /// GETs `path` from the forwarder's admin listener: the status and the JSON body.
 async fn admin_get(fwd: &Forwarder, path: &str) -> (u16, serde_json::Value) {
     let answer = reqwest::Client::builder()
@@ -183,9 +167,7 @@ async fn a_full_queue_is_alive_but_not_ready() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopping_forwarder_is_alive_but_not_ready() {
     let dir = tempfile::tempdir().unwrap();
-    let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let mock = start_mock().await;
     // Slow enough that the stop waits for the request on the wire.
     mock.set_faults(FaultConfig {
         delay_ms: 3000,
@@ -225,12 +207,8 @@ fn entries(dir: &std::path::Path) -> Vec<String> {
 /// The Python `requests` examples of intake-api.md, unchanged but for the URL.
 #[tokio::test(flavor = "multi_thread")]
 async fn intake_documentation_examples_work_unchanged() {
-    let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &mock.url(), "", "");
-    let fwd = Forwarder::start(&config);
+    let mock = start_mock().await;
+    let (fwd, _dir) = forwarder_for(&mock, "", "");
     let url = fwd.url();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("python3")

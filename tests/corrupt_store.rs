@@ -63,9 +63,7 @@ fn generations(queue: &Path) -> Vec<PathBuf> {
 /// everything until told otherwise (so that the events stay queued).
 async fn setup(generation_bytes: u64) -> (tempfile::TempDir, PathBuf, MockIntake) {
     let dir = tempfile::tempdir().unwrap();
-    let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("mock intake");
+    let mock = start_mock().await;
     hold(&mock);
     let config = write_config(dir.path(), &mock.url(), "", "");
     let text = std::fs::read_to_string(&config).unwrap().replace(

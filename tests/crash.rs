@@ -108,9 +108,7 @@ async fn wait_for_acks(load: &Load, n: usize) {
 /// and [`IN_FLIGHT`] of them at once, the clients outpace delivery and the queue holds a
 /// backlog.
 async fn slow_intake(delay_ms: u64) -> MockIntake {
-    let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("mock intake");
+    let mock = start_mock().await;
     mock.set_faults(FaultConfig {
         delay_ms,
         ..FaultConfig::default()

@@ -8,12 +8,6 @@ use std::time::Duration;
 
 const KEY: &str = "test-intake-key-0000000001";
 
-async fn mock() -> MockIntake {
-    MockIntake::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("mock intake")
-}
-
 fn faults(script: Vec<ScriptedFault>) -> FaultConfig {
     FaultConfig {
         script,
@@ -24,11 +18,9 @@ fn faults(script: Vec<ScriptedFault>) -> FaultConfig {
 /// Runs `n` events through a forwarder whose intake misbehaves as `faults` says; returns the
 /// number of duplicates the mock received.
 async fn deliver_through(faults: FaultConfig, intake_extra: &str, n: usize) -> usize {
-    let mock = mock().await;
+    let mock = start_mock().await;
     mock.set_faults(faults);
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &mock.url(), intake_extra, "");
-    let fwd = Forwarder::start(&config);
+    let (fwd, _dir) = forwarder_for(&mock, intake_extra, "");
     let client = reqwest::Client::new();
     let acked = send_events(&client, &fwd.url(), KEY, 0, n, 50).await;
     assert_eq!(
@@ -53,10 +45,8 @@ async fn events_reach_the_intake_and_leave_the_queue() {
 #[tokio::test(flavor = "multi_thread")]
 async fn large_requests_are_delivered() {
     // 5,000 events of ~200 bytes in one 1 MB request.
-    let mock = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &mock.url(), "", "");
-    let fwd = Forwarder::start(&config);
+    let mock = start_mock().await;
+    let (fwd, _dir) = forwarder_for(&mock, "", "");
     let acked = send_events(&reqwest::Client::new(), &fwd.url(), KEY, 0, 5000, 5000).await;
     assert_eq!(acked.len(), 5000);
     wait_delivered(&mock, &acked).await;
@@ -66,10 +56,8 @@ async fn large_requests_are_delivered() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gzip_compressed_delivery() {
-    let mock = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &mock.url(), "compression = \"gzip\"", "");
-    let fwd = Forwarder::start(&config);
+    let mock = start_mock().await;
+    let (fwd, _dir) = forwarder_for(&mock, "compression = \"gzip\"", "");
     let client = reqwest::Client::new();
     let acked = send_events(&client, &fwd.url(), KEY, 0, 300, 100).await;
     wait_delivered(&mock, &acked).await;
@@ -82,10 +70,8 @@ async fn gzip_compressed_delivery() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_what_went_through() {
-    let mock = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &mock.url(), "", "");
-    let fwd = Forwarder::start(&config);
+    let mock = start_mock().await;
+    let (fwd, _dir) = forwarder_for(&mock, "", "");
     let client = reqwest::Client::new();
     let acked = send_events(&client, &fwd.url(), KEY, 0, 300, 100).await;
     let refused = client
@@ -133,15 +119,13 @@ async fn server_errors_are_retried() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn too_many_requests_honours_retry_after() {
-    let mock = mock().await;
+    let mock = start_mock().await;
     mock.set_faults(faults(vec![ScriptedFault::Status {
         status: 429,
         retry_after_secs: Some(2),
         times: 1,
     }]));
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &mock.url(), "", "");
-    let fwd = Forwarder::start(&config);
+    let (fwd, _dir) = forwarder_for(&mock, "", "");
     let client = reqwest::Client::new();
     let start = std::time::Instant::now();
     let acked = send_events(&client, &fwd.url(), KEY, 0, 10, 10).await;
@@ -156,15 +140,13 @@ async fn too_many_requests_honours_retry_after() {
 /// `Retry-After` as an HTTP date in the future is obeyed like delay-seconds.
 #[tokio::test(flavor = "multi_thread")]
 async fn retry_after_as_a_date_is_honoured() {
-    let mock = mock().await;
+    let mock = start_mock().await;
     mock.set_faults(faults(vec![ScriptedFault::RetryAtDate {
         status: 503,
         after_secs: 3,
         times: 1,
     }]));
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &mock.url(), "", "");
-    let fwd = Forwarder::start(&config);
+    let (fwd, _dir) = forwarder_for(&mock, "", "");
     let client = reqwest::Client::new();
     let acked = send_events(&client, &fwd.url(), KEY, 0, 10, 10).await;
     let refused = mock
@@ -237,14 +219,12 @@ async fn a_wrong_number_of_ids_is_not_an_acknowledgement() {
 #[tokio::test(flavor = "multi_thread")]
 async fn too_large_batches_are_split() {
     // 100 events of ~200 bytes: ~20 KB per batch; the intake takes at most 5 KB.
-    let mock = mock().await;
+    let mock = start_mock().await;
     mock.set_faults(FaultConfig {
         max_body_bytes: Some(5000),
         ..FaultConfig::default()
     });
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &mock.url(), "", "");
-    let fwd = Forwarder::start(&config);
+    let (fwd, _dir) = forwarder_for(&mock, "", "");
     let acked = send_events(&reqwest::Client::new(), &fwd.url(), KEY, 0, 100, 100).await;
     assert_eq!(acked.len(), 100);
     wait_delivered_from(&fwd, &mock, &acked).await;
@@ -263,14 +243,12 @@ async fn too_large_batches_are_split() {
 /// dead-lettered with the 413, and the events around it are delivered.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_single_event_too_large_is_dead_lettered_with_413() {
-    let mock = mock().await;
+    let mock = start_mock().await;
     mock.set_faults(FaultConfig {
         max_body_bytes: Some(5000),
         ..FaultConfig::default()
     });
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &mock.url(), "", "");
-    let fwd = Forwarder::start(&config);
+    let (fwd, _dir) = forwarder_for(&mock, "", "");
     let client = reqwest::Client::new();
     let mut batch: Vec<String> = (0..20).map(event).collect();
     let huge = format!("HUGE {}", "y".repeat(6000));
@@ -295,14 +273,12 @@ async fn a_single_event_too_large_is_dead_lettered_with_413() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_events_are_dead_lettered_and_the_rest_delivered() {
-    let mock = mock().await;
+    let mock = start_mock().await;
     mock.set_faults(FaultConfig {
         reject_containing: Some("POISON".into()),
         ..FaultConfig::default()
     });
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &mock.url(), "", "");
-    let fwd = Forwarder::start(&config);
+    let (fwd, _dir) = forwarder_for(&mock, "", "");
     let client = reqwest::Client::new();
     let mut batch: Vec<String> = (0..64).map(event).collect();
     batch[17] = "POISON 17".into();
@@ -339,7 +315,7 @@ async fn refused_events_are_dead_lettered_and_the_rest_delivered() {
     let mut fwd = fwd;
     let log = fwd.stop_and_log();
     assert!(!log.contains(KEY), "the intake key appeared in the logs");
-    let (_, listed) = run_json_command("dead-letters", &config);
+    let (_, listed) = run_json_command("dead-letters", &fwd.config);
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
 }
 
@@ -348,7 +324,7 @@ async fn refused_events_are_dead_lettered_and_the_rest_delivered() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_key_waits_while_other_keys_flow() {
     const AUTH_RETRY_SECS: u64 = 20;
-    let mock = mock().await;
+    let mock = start_mock().await;
     let bad = "revoked-intake-key-0000000002";
     let mut config = FaultConfig::default();
     config.key_status.insert(bad.into(), 403);
@@ -428,10 +404,8 @@ async fn intake_down_then_up_delivers_the_backlog() {
 /// key's lane created while delivery was reading the lane list once had none).
 #[tokio::test(flavor = "multi_thread")]
 async fn many_new_keys_at_once_all_drain() {
-    let mock = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &mock.url(), "", "");
-    let fwd = Forwarder::start(&config);
+    let mock = start_mock().await;
+    let (fwd, _dir) = forwarder_for(&mock, "", "");
     let client = reqwest::Client::new();
     let mut senders = tokio::task::JoinSet::new();
     for k in 0..300 {
@@ -466,8 +440,8 @@ async fn many_new_keys_at_once_all_drain() {
 /// is a failed try: retried with backoff, nothing removed, the other listener gets nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn redirects_are_not_followed() {
-    let mock = mock().await;
-    let elsewhere = self::mock().await;
+    let mock = start_mock().await;
+    let elsewhere = self::start_mock().await;
     let location = format!("{}/jsons", elsewhere.url());
     mock.set_faults(faults(vec![
         ScriptedFault::Redirect {
@@ -481,9 +455,7 @@ async fn redirects_are_not_followed() {
             times: 1_000_000,
         },
     ]));
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &mock.url(), "", "");
-    let fwd = Forwarder::start(&config);
+    let (fwd, _dir) = forwarder_for(&mock, "", "");
     let client = reqwest::Client::new();
     let acked = send_events(&client, &fwd.url(), KEY, 0, 100, 50).await;
     assert_eq!(acked.len(), 100);
@@ -535,7 +507,7 @@ async fn redirects_are_not_followed() {
 /// is still queued, and the queue's counters say so.
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_deliveries_never_advance_the_queue() {
-    let mock = mock().await;
+    let mock = start_mock().await;
     mock.set_faults(faults(vec![
         ScriptedFault::Status {
             status: 500,
@@ -546,9 +518,7 @@ async fn failed_deliveries_never_advance_the_queue() {
         ScriptedFault::WrongIds { delta: 1, times: 3 },
         ScriptedFault::Drop { times: 1_000_000 },
     ]));
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &mock.url(), "", "");
-    let fwd = Forwarder::start(&config);
+    let (fwd, _dir) = forwarder_for(&mock, "", "");
     let client = reqwest::Client::new();
     let acked = send_events(&client, &fwd.url(), KEY, 0, 100, 100).await;
     assert_eq!(acked.len(), 100);

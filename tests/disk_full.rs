@@ -66,22 +66,6 @@ fn incompressible_event(i: usize) -> String {
     format!("event-{i:08} {tail}")
 }
 
-/// An intake that answers 503 to everything until `set_faults(FaultConfig::default())`.
-async fn refusing_intake() -> MockIntake {
-    let mock = MockIntake::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    mock.set_faults(FaultConfig {
-        script: vec![ScriptedFault::Status {
-            status: 503,
-            retry_after_secs: None,
-            times: u32::MAX,
-        }],
-        ..FaultConfig::default()
-    });
-    mock
-}
-
 /// A configuration on `small` with the queue's own limit far above the disk, so that the disk
 /// fills first, the given reserve and generation size.
 fn config_on(

@@ -11,12 +11,6 @@ use serde_json::json;
 const KEY: &str = "test-intake-key-0000000001";
 const TS_HEADER: &str = "X-SEKOIAIO-EVENT-TIMESTAMP";
 
-async fn mock() -> MockIntake {
-    MockIntake::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("mock intake")
-}
-
 /// The status and JSON body of an answer.
 async fn answer(request: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
     let response = request.send().await.expect("the source answers");
@@ -57,10 +51,8 @@ async fn assert_only_marker_delivered(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_event_dates_and_header_values_are_refused_at_ingest() {
-    let mock = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &mock.url(), "", "");
-    let fwd = Forwarder::start(&config);
+    let mock = start_mock().await;
+    let (fwd, _dir) = forwarder_for(&mock, "", "");
     let client = reqwest::Client::new();
     let url = fwd.url();
     let huge = "2".repeat(1_000_000);
@@ -168,10 +160,8 @@ async fn bad_event_dates_and_header_values_are_refused_at_ingest() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_documented_date_form_reaches_the_intake_normalised() {
-    let mock = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &mock.url(), "", "");
-    let fwd = Forwarder::start(&config);
+    let mock = start_mock().await;
+    let (fwd, _dir) = forwarder_for(&mock, "", "");
     let client = reqwest::Client::new();
     let url = fwd.url();
     // (event, date as sent, date the intake must receive)
@@ -270,7 +260,7 @@ fn key(i: usize) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn intake_keys_beyond_max_intake_keys_are_refused_before_anything_is_stored() {
     const MAX: usize = 5000;
-    let mock = mock().await;
+    let mock = start_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &mock.url(), "", "");
     let text = std::fs::read_to_string(&config).unwrap();

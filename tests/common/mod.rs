@@ -35,6 +35,40 @@ pub struct Forwarder {
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
+/// A mock intake on an ephemeral port of 127.0.0.1.
+pub async fn start_mock() -> MockIntake {
+    MockIntake::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("mock intake")
+}
+
+/// A mock intake that answers 503 to every request until its faults are cleared
+/// (`set_faults(FaultConfig::default())`): a backlog that stays.
+pub async fn refusing_intake() -> MockIntake {
+    let mock = start_mock().await;
+    mock.set_faults(FaultConfig {
+        script: vec![ScriptedFault::Status {
+            status: 503,
+            retry_after_secs: None,
+            times: u32::MAX,
+        }],
+        ..FaultConfig::default()
+    });
+    mock
+}
+
+/// A forwarder started on a fresh configuration ([`write_config`]) that points at `mock`; its
+/// directory lives as long as the returned `TempDir`.
+pub fn forwarder_for(
+    mock: &MockIntake,
+    intake_extra: &str,
+    source_extra: &str,
+) -> (Forwarder, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock.url(), intake_extra, source_extra);
+    (Forwarder::start(&config), dir)
+}
+
 /// Writes a configuration with ephemeral ports, the queue under `dir`, and `extra` appended
 /// to the `[intake]` table.
 pub fn write_config(
