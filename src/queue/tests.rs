@@ -407,6 +407,21 @@ async fn fill_and_close(cfg: &QueueConfig) {
     q.close().await.unwrap();
 }
 
+/// Removes every chunk of the (stopped) generation at `dir` and sets lane 0's counters to
+/// zero, behind the queue's back, as acknowledgements before a crash would leave it; returns
+/// the events removed.
+fn empty_generation(dir: &Path) -> u64 {
+    let db = generation::open_sled(dir, 1 << 20).unwrap();
+    let mut removed = 0u64;
+    for item in db.scan_prefix([record::CHUNK_PREFIX]) {
+        let (k, v) = item.unwrap();
+        removed += u64::from(record::ChunkHeader::decode(&v).unwrap().events);
+        db.remove(k).unwrap();
+    }
+    set_lane_zero(&db);
+    removed
+}
+
 /// Sets lane 0's counters in a generation's database to zero, behind the queue's back.
 fn set_lane_zero(db: &sled::Db) {
     let rec = record::LaneRecord {
@@ -586,17 +601,7 @@ async fn a_generation_emptied_before_a_crash_is_found_and_deleted() {
     fill_and_close(&cfg).await;
     // Empty the oldest generation behind the queue's back, as the acks before a crash would.
     let oldest = generation::gen_dir(&cfg.path, 1);
-    let removed = {
-        let db = generation::open_sled(&oldest, 1 << 20).unwrap();
-        let mut removed = 0u64;
-        for item in db.scan_prefix([record::CHUNK_PREFIX]) {
-            let (k, v) = item.unwrap();
-            removed += u64::from(record::ChunkHeader::decode(&v).unwrap().events);
-            db.remove(k).unwrap();
-        }
-        set_lane_zero(&db);
-        removed
-    };
+    let removed = empty_generation(&oldest);
     assert!(removed > 0);
     let q = Queue::open(&cfg).unwrap();
     assert_eq!(q.totals().0, 1000, "the summary still counts them");

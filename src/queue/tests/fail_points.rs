@@ -62,6 +62,27 @@ fn inject(path: &Path) -> Injected {
     }
 }
 
+/// Holds the writer at fail point `queue-fsync` (aim it with [`inject`] first): each time the
+/// writer gets there it says so on the receiver, then waits for a message on the sender (60 s
+/// at most, so that a failed test cannot hang the suite).
+fn hold_at_fsync() -> (
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (reached_tx, reached) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = std::sync::Mutex::new(released);
+    fail::cfg_callback("queue-fsync", move || {
+        let _ = reached_tx.send(());
+        let _ = released
+            .lock()
+            .unwrap()
+            .recv_timeout(std::time::Duration::from_secs(60));
+    })
+    .unwrap();
+    (reached, release)
+}
+
 /// A commit that fails at `point` after its batch reached sled: its chunks may be visible
 /// to readers, and a later group must never be stored under their keys, so that a
 /// delivery of the failed group (which the intake acknowledges) removes nothing else.
@@ -185,17 +206,7 @@ async fn an_append_is_pending_until_its_fsync() {
     let cfg = config(dir.path());
     let q = Queue::open(&cfg).unwrap();
     let _injected = inject(&cfg.path);
-    let (reached_tx, mut reached) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let released = std::sync::Mutex::new(released);
-    fail::cfg_callback("queue-fsync", move || {
-        let _ = reached_tx.send(());
-        let _ = released
-            .lock()
-            .unwrap()
-            .recv_timeout(std::time::Duration::from_secs(60));
-    })
-    .unwrap();
+    let (mut reached, release) = hold_at_fsync();
     let mut append = tokio::spawn({
         let q = q.clone();
         async move { q.append(tagged("K", "a", 3)).await }
@@ -235,32 +246,12 @@ async fn an_append_and_an_ack_in_one_group_keep_the_recount() {
     let cfg = small_generations(dir.path());
     fill_and_close(&cfg).await;
     // Empty generation 1 behind the queue's back: its summary still counts its events.
-    let removed = {
-        let db = generation::open_sled(&generation::gen_dir(&cfg.path, 1), 1 << 20).unwrap();
-        let mut removed = 0u64;
-        for item in db.scan_prefix([record::CHUNK_PREFIX]) {
-            let (k, v) = item.unwrap();
-            removed += u64::from(record::ChunkHeader::decode(&v).unwrap().events);
-            db.remove(k).unwrap();
-        }
-        set_lane_zero(&db);
-        removed
-    };
+    let removed = empty_generation(&generation::gen_dir(&cfg.path, 1));
     let q = Queue::open(&cfg).unwrap();
     assert_eq!(q.totals().0, 1000);
     // Hold the writer in a commit, so that the next two operations make one group.
     let _injected = inject(&cfg.path);
-    let (reached_tx, mut reached) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let released = std::sync::Mutex::new(released);
-    fail::cfg_callback("queue-fsync", move || {
-        let _ = reached_tx.send(());
-        let _ = released
-            .lock()
-            .unwrap()
-            .recv_timeout(std::time::Duration::from_secs(60));
-    })
-    .unwrap();
+    let (mut reached, release) = hold_at_fsync();
     let spawn_append = |n| {
         let q = q.clone();
         tokio::spawn(async move { q.append(events("K", n, 10)).await })
@@ -414,17 +405,7 @@ async fn an_ack_in_a_damaged_generation_fails_alone_in_its_group() {
     let q = Queue::open(&cfg).unwrap();
     // Hold the writer in a commit, so that the next two operations make one group.
     let injected = inject(&cfg.path);
-    let (reached_tx, mut reached) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let released = std::sync::Mutex::new(released);
-    fail::cfg_callback("queue-fsync", move || {
-        let _ = reached_tx.send(());
-        let _ = released
-            .lock()
-            .unwrap()
-            .recv_timeout(std::time::Duration::from_secs(60));
-    })
-    .unwrap();
+    let (mut reached, release) = hold_at_fsync();
     let first = tokio::spawn({
         let q = q.clone();
         async move { q.append(tagged("K", "first", 1)).await }
