@@ -127,6 +127,24 @@ async fn new_events_flow(fwd: &Forwarder, mock: &MockIntake, first: usize) -> Ve
     acked
 }
 
+/// Runs `sekoia-forwarder salvage --config CONFIG ARGS...`, checks that it succeeded, and
+/// returns what it printed.
+fn salvage(config: &Path, args: &[&str]) -> String {
+    let out = Command::new(binary())
+        .args(["salvage", "--config"])
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("salvage");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_active_generation_is_moved_aside_and_new_events_flow() {
     let (dir, config, mock) = setup(64 * 1024 * 1024).await;
@@ -199,17 +217,7 @@ async fn a_damaged_sealed_generation_is_moved_aside_and_the_rest_is_delivered_th
     assert!(fwd.terminate().success());
 
     // salvage: reads what it still can back into the queue, and says how much.
-    let out = Command::new(binary())
-        .args(["salvage", "--config"])
-        .arg(&config)
-        .output()
-        .expect("salvage");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = salvage(&config, &[]);
     let recovered = number_before(&text, " events").expect("recovered count");
     let lost = number_before(&text, " events could not").expect("lost count");
     assert_eq!(recovered + lost, known, "{text}");
@@ -279,18 +287,7 @@ async fn salvage_puts_what_it_reads_back_into_the_queue_and_it_is_delivered() {
     assert_eq!(corrupt_list(&status).len(), 1, "{status}");
     let in_the_rest = status["queue"]["events"].as_u64().unwrap();
 
-    let out = Command::new(binary())
-        .args(["salvage", "--config"])
-        .arg(&config)
-        .arg("1")
-        .output()
-        .expect("salvage");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = salvage(&config, &["1"]);
     let recovered = number_before(&text, " events").expect("recovered count");
     assert_eq!(recovered + in_the_rest, 3_000, "{text}");
     assert!(text.contains("0 reads failed"), "{text}");
@@ -332,17 +329,7 @@ async fn salvage_restores_the_dead_letters_of_a_moved_aside_meta_database() {
 
     std::fs::rename(queue.join("meta"), queue.join("meta.corrupt")).unwrap();
 
-    let out = Command::new(binary())
-        .args(["salvage", "--config"])
-        .arg(&config)
-        .output()
-        .expect("salvage");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = salvage(&config, &[]);
     assert!(text.contains("recovered 5 dead letters"), "{text}");
     assert!(queue.join("meta.salvaged").exists());
     let (_, letters) = run_json_command("dead-letters", &config);
