@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::client::Bodies;
 use crate::phases::{cpu_per_million, rate, Ingest, Live, Restart};
 use crate::small::CellReport;
 use crate::MIB;
@@ -192,6 +193,19 @@ pub fn ingest_rows(ingest_report: &Ingest, rows: &mut Vec<Row>) {
         mib(ingest_report.peak_rss),
         "<= 100 MiB",
         Some(ingest_report.peak_rss as f64 <= 100.0 * MIB),
+    ));
+    // The same figure as the backlog's fill (no target here: the fill carries it), over the
+    // payload acknowledged.
+    let payload = Bodies::payload(ingest_report.sent.acked_events).max(1);
+    rows.push(row(
+        "ingest: bytes written to disk / payload",
+        format!(
+            "{:.2}x ({})",
+            ingest_report.written as f64 / payload as f64,
+            mib(ingest_report.written)
+        ),
+        "",
+        None,
     ));
 }
 
