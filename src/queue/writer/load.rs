@@ -44,19 +44,21 @@ pub(super) fn load_generation(db: &sled::Db, dir: &Path) -> Result<Loaded, Queue
     let mut uncounted = Uncounted::default();
     for (id, rec) in records {
         let chunks = record::chunk_key(id, 0)..=record::chunk_key(id, u64::MAX);
-        let first_stored = first_seq(db.range(chunks.clone()).next())?;
-        let last_stored = first_seq(db.range(chunks).next_back())?;
+        let last_stored = first_seq(db.range(chunks.clone()).next_back())?;
         let rec = match rec {
             Some(rec) => {
                 loaded.names.push((id, rec.intake_key.clone()));
                 rec
             }
             // Its first commit here was cut short: everything stored of it is uncounted.
-            None => LaneRecord {
-                watermark: Watermark::starting_at(first_stored.unwrap_or(0)),
-                end_seq: Some(first_stored.unwrap_or(0)),
-                ..LaneRecord::default()
-            },
+            None => {
+                let first_stored = first_seq(db.range(chunks).next())?.unwrap_or(0);
+                LaneRecord {
+                    watermark: Watermark::starting_at(first_stored),
+                    end_seq: Some(first_stored),
+                    ..LaneRecord::default()
+                }
+            }
         };
         let (mut events, mut bytes) = (rec.events, rec.bytes);
         if let Some(end) = rec.end_seq {
@@ -112,7 +114,7 @@ impl Uncounted {
     }
 }
 
-/// The sequence number of a chunk found by a range read, if any.
+/// The sequence number of the chunk a range read found, if any.
 fn first_seq(
     item: Option<sled::Result<(sled::IVec, sled::IVec)>>,
 ) -> Result<Option<u64>, QueueError> {
