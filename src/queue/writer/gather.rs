@@ -15,7 +15,7 @@
 //! takes). Waits that gain nothing (idle keep-alive connections, one busy sender among many) turn
 //! waiting off for a while, so a lone sender does not pay for it.
 
-use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -39,9 +39,15 @@ const PAUSE_COMMITS: u32 = 64;
 #[derive(Debug, Default)]
 pub struct Senders {
     count: AtomicUsize,
-    /// The writer is waiting for more appends: wake it after sending one.
-    writer_waiting: AtomicBool,
+    /// While the writer waits for more appends: how many it waits for (0: it does not wait).
+    /// It is woken once that many have been sent, not by each: every wake-up is a context
+    /// switch, for the writer and for the sender that makes it.
+    waiting_for: AtomicUsize,
+    /// Appends sent since the writer began waiting for `waiting_for`.
+    arrived: AtomicUsize,
     writer: OnceLock<Thread>,
+    /// Times a sender woke the writer (tests).
+    wakeups: AtomicUsize,
 }
 
 impl Senders {
@@ -62,15 +68,20 @@ impl Senders {
         let _ = self.writer.set(std::thread::current());
     }
 
-    /// Wakes the writer if it is waiting for more appends; called after each append is sent.
+    /// Called after each append is sent: wakes the writer if it waits for appends and this one
+    /// is the last it waits for.
     pub fn wake_writer(&self) {
         // Pairs with the fence in `Gatherer::wait`: either the writer's `try_recv` sees the
-        // operation just sent, or this load sees `writer_waiting` and unparks it.
+        // operation just sent, or this load sees what the writer waits for and counts it in.
+        // (Both may happen: the writer then wakes early and finds less than it waited for.)
         fence(Ordering::SeqCst);
-        if self.writer_waiting.load(Ordering::SeqCst) {
-            if let Some(writer) = self.writer.get() {
-                writer.unpark();
-            }
+        let waiting_for = self.waiting_for.load(Ordering::SeqCst);
+        if waiting_for == 0 || self.arrived.fetch_add(1, Ordering::SeqCst) + 1 != waiting_for {
+            return;
+        }
+        if let Some(writer) = self.writer.get() {
+            self.wakeups.fetch_add(1, Ordering::Relaxed);
+            writer.unpark();
         }
     }
 }
@@ -160,12 +171,14 @@ impl Gatherer {
     fn wait(&self, senders: &Senders, rx: &mut mpsc::Receiver<Op>, group: &mut Gathering) {
         let wait = (self.last_commit * 2).clamp(self.min_wait, self.max_wait);
         let deadline = Instant::now() + wait;
-        let waiting = &senders.writer_waiting;
-        waiting.store(true, Ordering::SeqCst);
-        // Pairs with the fence in `Senders::wake_writer`: either this `try_recv` sees the
-        // sender's operation, or the sender sees `waiting` and unparks this thread.
-        fence(Ordering::SeqCst);
         while group.open() && group.appends < senders.count() {
+            // Say how many appends are still to come, then look again: pairs with the fence in
+            // `Senders::wake_writer`, so that an append sent meanwhile is either taken by this
+            // `try_recv` or counted towards the wake-up.
+            senders.arrived.store(0, Ordering::SeqCst);
+            let missing = senders.count().saturating_sub(group.appends).max(1);
+            senders.waiting_for.store(missing, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
             match rx.try_recv() {
                 Ok(op) => group.push(op),
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
@@ -175,10 +188,17 @@ impl Gatherer {
                         break;
                     }
                     std::thread::park_timeout(deadline - now);
+                    // Take everything sent meanwhile before counting again.
+                    while group.open() {
+                        match rx.try_recv() {
+                            Ok(op) => group.push(op),
+                            Err(_) => break,
+                        }
+                    }
                 }
             }
         }
-        waiting.store(false, Ordering::SeqCst);
+        senders.waiting_for.store(0, Ordering::SeqCst);
     }
 
     /// Counts the wait; turns waiting off for a while after waits that gained nothing.
@@ -267,7 +287,7 @@ mod tests {
     /// Waits (up to a generous deadline) until the writer side waits for more appends.
     fn until_waiting(senders: &Senders) {
         let end = Instant::now() + Duration::from_secs(30);
-        while !senders.writer_waiting.load(Ordering::SeqCst) {
+        while senders.waiting_for.load(Ordering::SeqCst) == 0 {
             assert!(Instant::now() < end, "the gatherer never waited");
             std::thread::yield_now();
         }
@@ -288,15 +308,10 @@ mod tests {
         let late = {
             let senders = senders.clone();
             std::thread::spawn(move || {
+                until_waiting(&senders);
                 for _ in 0..2 {
-                    until_waiting(&senders);
                     tx.try_send(append()).unwrap();
                     senders.wake_writer();
-                    // The writer takes it before it waits again.
-                    let end = Instant::now() + Duration::from_secs(30);
-                    while tx.capacity() < tx.max_capacity() && Instant::now() < end {
-                        std::thread::yield_now();
-                    }
                 }
             })
         };
@@ -305,6 +320,10 @@ mod tests {
         assert_eq!(group.ops.len(), 3, "one commit for the three senders");
         assert_eq!(stats.group_waits.load(Ordering::Relaxed), 1);
         assert_eq!(stats.group_wait_gained.load(Ordering::Relaxed), 2);
+        // Woken at most once, by the last append it waited for (not at all if it took both
+        // before it parked), not once per append: each wake-up is a context switch.
+        let wakeups = senders.wakeups.load(Ordering::Relaxed);
+        assert!(wakeups <= 1, "woken {wakeups} times for two appends");
     }
 
     #[test]
