@@ -616,7 +616,7 @@ struct LaneRecordV1 {
 }
 
 /// The v2 lane record body: v1's fields, then the watermark.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct LaneRecordV2 {
     intake_key: String,
     events: u64,
@@ -625,7 +625,7 @@ struct LaneRecordV2 {
 }
 
 /// The v3 lane record body: v2's fields, then where its count ends.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct LaneRecordV3 {
     intake_key: String,
     events: u64,
@@ -636,34 +636,31 @@ struct LaneRecordV3 {
 
 impl LaneRecord {
     /// The v3 value; a record without `end_seq` (one read from an older release) is written as
-    /// v2, which means the same.
+    /// v2, which means the same. The fields are borrowed, in the order of the v2 and v3 bodies
+    /// (bincode writes a struct as the tuple of its fields): the writer encodes a lane record
+    /// per lane at every commit.
     pub fn encode(&self) -> Vec<u8> {
-        let Some(end_seq) = self.end_seq else {
-            return self.encode_v2();
-        };
-        let body = LaneRecordV3 {
-            intake_key: self.intake_key.clone(),
-            events: self.events,
-            bytes: self.bytes,
-            watermark: self.watermark.clone(),
-            end_seq,
-        };
-        let mut out = vec![LANE_V3];
-        out.extend_from_slice(&bincode::serde::encode_to_vec(&body, config()).unwrap_or_default());
-        out
+        match self.end_seq {
+            Some(end_seq) => versioned(
+                LANE_V3,
+                &(
+                    &self.intake_key,
+                    self.events,
+                    self.bytes,
+                    &self.watermark,
+                    end_seq,
+                ),
+            ),
+            None => self.encode_v2(),
+        }
     }
 
     /// The v2 value, as format 3 wrote it.
     pub fn encode_v2(&self) -> Vec<u8> {
-        let body = LaneRecordV2 {
-            intake_key: self.intake_key.clone(),
-            events: self.events,
-            bytes: self.bytes,
-            watermark: self.watermark.clone(),
-        };
-        let mut out = vec![LANE_V2];
-        out.extend_from_slice(&bincode::serde::encode_to_vec(&body, config()).unwrap_or_default());
-        out
+        versioned(
+            LANE_V2,
+            &(&self.intake_key, self.events, self.bytes, &self.watermark),
+        )
     }
 
     /// The v1 value, as the releases before v2 wrote it (tests, and what a v1 record means).
@@ -730,7 +727,12 @@ pub struct DeadLetter {
 
 /// Encodes a versioned serde value (lane records, dead letters).
 pub fn encode_value<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![VALUE_V1];
+    versioned(VALUE_V1, value)
+}
+
+/// `version`, then the bincode of `value`.
+fn versioned<T: Serialize + ?Sized>(version: u8, value: &T) -> Vec<u8> {
+    let mut out = vec![version];
     out.extend_from_slice(&bincode::serde::encode_to_vec(value, config()).unwrap_or_default());
     out
 }

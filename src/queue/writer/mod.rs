@@ -1,9 +1,10 @@
 //! The one thread that changes the store: group commit, rotation and deletion of generations.
 //!
 //! It takes every operation waiting in its channel (up to `COMMIT_MAX_BYTES` of appends, and
-//! waiting a moment for more when that pays: [`gather`]),
-//! stages them as one atomic sled batch per database they touch, then for each database in
-//! turn applies its batch, `flush()`es sled and fsyncs its data file, and only then answers.
+//! waiting a moment for more when that pays: [`gather`]), stages what they write per database
+//! they touch, then for each database in turn applies it (one atomic sled batch, or key by key
+//! for a few appends alone: [`durable`]), `flush()`es sled and fsyncs its data file, and only
+//! then answers.
 //! So one fsync covers every sender of the group, and no sender hears "done" before its events
 //! would survive a power cut.
 //!
