@@ -291,6 +291,16 @@ impl Collector for Observed {
                 load(&q.fsyncs),
             ),
             (
+                "queue_chunks_read_from_memory",
+                "Compressed chunks read for delivery from the bodies kept since their commit",
+                self.queue.fresh_reads().0,
+            ),
+            (
+                "queue_chunks_decompressed",
+                "Compressed chunks read for delivery and decompressed from the store",
+                self.queue.fresh_reads().1,
+            ),
+            (
                 "queue_meta_fsyncs",
                 "fsyncs of the queue's meta database (new intake keys, dead letters)",
                 load(&q.meta_fsyncs),

@@ -69,6 +69,9 @@ pub struct QueueConfig {
     /// Compression of stored chunks: `zstd` or `lz4` (each chunk stored compressed when that
     /// makes it at least an eighth smaller) or `none` (less CPU, more bytes written).
     pub chunk_compression: ChunkCompression,
+    /// Memory for the uncompressed bodies of chunks just committed, so that delivery reads
+    /// them without decompressing what the process compressed a moment ago; 0 turns it off.
+    pub delivery_cache_bytes: usize,
 }
 
 /// `[queue] chunk_compression`.
@@ -92,6 +95,7 @@ impl Default for QueueConfig {
             min_free_bytes: 256 * 1024 * 1024,
             max_intake_keys: 1000,
             chunk_compression: ChunkCompression::Zstd,
+            delivery_cache_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -352,6 +356,11 @@ impl Config {
             (1024..=64 * 1024).contains(&q.chunk_bytes),
             "queue.chunk_bytes",
             "expected 1024 to 65536",
+        )?;
+        check(
+            q.delivery_cache_bytes <= 256 * 1024 * 1024,
+            "queue.delivery_cache_bytes",
+            "expected 0 (off) to 268435456 (256 MiB)",
         )?;
         check(
             (1..=1_000_000).contains(&q.max_intake_keys),

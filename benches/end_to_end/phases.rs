@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use crate::client::{http_client, send_all, Bodies, SendReport};
 use crate::common::{Forwarder, MockIntake};
 use crate::probe::{
-    cpu_secs, dir_size, proc_status_bytes, queue_view, write_bytes, QueueView, QueuedDisk, Sampler,
+    cpu_secs, dir_size, metric, proc_status_bytes, queue_view, write_bytes, QueueView, QueuedDisk,
+    Sampler,
 };
 use crate::{deadline_for, Params};
 
@@ -149,6 +150,8 @@ pub struct Live {
     pub mock_requests: u64,
     /// Bytes the forwarder wrote to the disk, first send to the drained queue settled.
     pub written: u64,
+    /// Compressed chunks delivery read from memory, and decompressed from the store.
+    pub compressed_reads: Option<(f64, f64)>,
 }
 
 pub async fn live(p: &Params, bodies: Arc<Bodies>, ticks: f64) -> Live {
@@ -180,11 +183,15 @@ pub async fn live(p: &Params, bodies: Arc<Bodies>, ticks: f64) -> Live {
     let dir_after_drain = dir_size(&dir.path().join("queue"));
     let peak_rss = proc_status_bytes(pid, "VmHWM:");
     let written = write_bytes(pid) - written0;
+    let client = http_client();
+    let from_memory = metric(&client, fwd.admin, "queue_chunks_read_from_memory").await;
+    let decompressed = metric(&client, fwd.admin, "queue_chunks_decompressed").await;
     stop_forwarder(&mut fwd);
     let dir_after_stop = dir_size(&dir.path().join("queue"));
     mock.shutdown().await;
     Live {
         written,
+        compressed_reads: from_memory.zip(decompressed),
         delivered: stats.accepted_events,
         duplicates: stats.accepted_events.saturating_sub(sent.acked_events),
         sent,

@@ -149,6 +149,14 @@ pub fn live_rows(live: &Live, rows: &mut Vec<Row>) {
         "<= 2x",
         Some(live.written as f64 <= 2.0 * live_payload(live) as f64),
     ));
+    if let Some((memory, decompressed)) = live.compressed_reads {
+        rows.push(row(
+            "live: compressed chunks read from memory / decompressed",
+            format!("{memory:.0} / {decompressed:.0}"),
+            "",
+            None,
+        ));
+    }
 }
 
 fn live_payload(live: &Live) -> u64 {

@@ -106,6 +106,11 @@ impl BatchBuilder {
         self.chunks.is_empty()
     }
 
+    /// The event date of the batch (of its first chunk; every chunk of a batch shares it).
+    pub fn timestamp(&self) -> Option<&str> {
+        self.timestamp.as_deref()
+    }
+
     pub fn finish(mut self, lane: u32, gen: u64) -> Batch {
         if self.body.is_empty() {
             self.body.push(b'[');

@@ -17,6 +17,7 @@
 
 mod compression;
 mod delivered;
+mod fresh;
 pub mod generation;
 mod read;
 pub mod record;
@@ -224,6 +225,8 @@ struct Shared {
     senders: writer::Senders,
     /// Whether compressing chunks pays.
     compression: Compression,
+    /// Bodies of chunks just committed, for delivery to read without decompressing.
+    fresh: fresh::FreshBodies,
 }
 
 impl Shared {
@@ -394,6 +397,7 @@ impl Queue {
             failure: std::sync::OnceLock::new(),
             senders: writer::Senders::default(),
             compression: Compression::new(config.chunk_compression),
+            fresh: fresh::FreshBodies::new(config.delivery_cache_bytes),
         });
         generation::sync_dir(&path)?;
         let (tx, rx) = mpsc::channel(4096);
@@ -549,6 +553,16 @@ impl Queue {
 
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// Compressed chunks read for delivery: from the bodies kept since their commit, and
+    /// decompressed from the store (`fresh.rs`).
+    pub fn fresh_reads(&self) -> (u64, u64) {
+        let fresh = &self.shared.fresh;
+        (
+            fresh.hits.load(Ordering::Relaxed),
+            fresh.misses.load(Ordering::Relaxed),
+        )
     }
 
     pub fn path(&self) -> &Path {

@@ -4,6 +4,7 @@
 //! [`Queue::ack`].
 
 use super::delivered;
+use super::fresh::FreshBodies;
 use super::generation;
 use super::record::{self, Chunk, ChunkView};
 use super::{Queue, QueueError};
@@ -92,7 +93,12 @@ impl Queue {
                         handed += 1;
                         reader(seq, view)
                     };
-                    read_generation(&db.db, gen.id, lane, start, limits, counting)
+                    let from = Start {
+                        gen: gen.id,
+                        lane,
+                        seq: start,
+                    };
+                    read_generation(&db.db, &self.shared.fresh, from, limits, None, counting)
                 }),
                 Ok(None) => continue,
                 Err(e) => Err(e),
@@ -118,6 +124,62 @@ impl Queue {
             next,
             ..ReadSpan::default()
         })
+    }
+
+    /// Reads on for a batch already begun with [`Queue::read_with`]: from `from`, in its
+    /// generation only, chunks of event date `date` only, within `limits` (what the batch has
+    /// left) from the first chunk on. So a batch that waits for more events (linger) reads
+    /// each chunk once instead of reading them all again; an empty span if the generation is
+    /// gone or damaged (the batch then goes as it is: `sealed`).
+    pub fn read_on(
+        &self,
+        lane: u32,
+        from: Position,
+        limits: ReadLimits,
+        date: Option<&str>,
+        reader: &mut dyn FnMut(u64, &ChunkView<'_>),
+    ) -> Result<ReadSpan, QueueError> {
+        let (gens, active) = self.shared.gens_snapshot();
+        let nothing = ReadSpan {
+            gen: from.gen,
+            next: from,
+            sealed: true,
+            ..ReadSpan::default()
+        };
+        let Some(gen) = gens.iter().find(|g| g.id == from.gen) else {
+            return Ok(nothing);
+        };
+        if gen.is_damaged() {
+            return Ok(nothing);
+        }
+        let db = match gen.db()? {
+            Some(db) => db,
+            None => return Ok(nothing),
+        };
+        let start = Start {
+            gen: gen.id,
+            lane,
+            seq: from.seq,
+        };
+        let read = generation::guard("reading a generation", || {
+            read_generation(
+                &db.db,
+                &self.shared.fresh,
+                start,
+                limits,
+                Some(date),
+                reader,
+            )
+        });
+        // The batch holds chunks of this generation already: a damaged one fails the read
+        // (as in `read_with`), the batch is dropped and read again from its start.
+        let mut span = read.inspect_err(|e| {
+            if e.is_corrupt() {
+                gen.mark_damaged(e)
+            }
+        })?;
+        span.sealed = gen.id != active;
+        Ok(span)
     }
 
     /// [`Queue::read_with`], collecting owned copies of the chunks (for tests and tools).
@@ -150,15 +212,29 @@ pub struct ReadLimits {
     pub max_bytes: usize,
 }
 
-/// Reads the undelivered chunks of `lane` from `start` on in one generation's database.
-fn read_generation(
-    db: &sled::Db,
+/// Where one generation's read starts.
+struct Start {
     gen: u64,
     lane: u32,
-    start: u64,
+    seq: u64,
+}
+
+/// Reads the undelivered chunks of a lane from `from` on in one generation's database;
+/// chunks whose bodies `fresh` still keeps are not decompressed. `date`: the event date of
+/// the batch this read continues (`None`: a new batch, whose first chunk sets it).
+fn read_generation(
+    db: &sled::Db,
+    fresh: &FreshBodies,
+    from: Start,
     limits: ReadLimits,
+    date: Option<Option<&str>>,
     reader: &mut dyn FnMut(u64, &ChunkView<'_>),
 ) -> Result<ReadSpan, QueueError> {
+    let Start {
+        gen,
+        lane,
+        seq: start,
+    } = from;
     // Delivered chunks stay stored until the generation goes: start past the contiguous ones,
     // skip the others (a reopened queue reads each lane from its start).
     let watermark = delivered::lane_watermark(db, lane)?;
@@ -169,8 +245,8 @@ fn read_generation(
         next: Position { gen, seq: start },
         ..Default::default()
     };
-    // The event date of the first chunk: one request carries one date.
-    let mut date: Option<Option<String>> = None;
+    // The event date of the batch's first chunk: one request carries one date.
+    let mut date: Option<Option<String>> = date.map(|d| d.map(str::to_owned));
     let mut scratch = Vec::new();
     for item in db.range(range) {
         let (key, value) = item?;
@@ -188,7 +264,21 @@ fn read_generation(
                 break;
             }
         }
-        let view = match header.and_then(|_| ChunkView::decode(&value, &mut scratch)) {
+        let kept = match (&header, fresh.take((gen, lane, seq))) {
+            (Ok(h), Some(body)) => {
+                scratch = body;
+                ChunkView::from_body(*h, &scratch)
+            }
+            _ => None,
+        };
+        if record::is_compressed(&value) {
+            fresh.count_read(kept.is_some());
+        }
+        let view = match kept {
+            Some(view) => Ok(view),
+            None => header.and_then(|_| ChunkView::decode(&value, &mut scratch)),
+        };
+        let view = match view {
             Ok(view) => view,
             Err(_) => {
                 span.corrupt.push((seq, value.to_vec()));

@@ -206,10 +206,16 @@ impl Chunk {
     /// least an eighth smaller than v1, else as v1, so that delivery does not pay to
     /// decompress what did not compress.
     pub fn encode(&self, codec: Codec) -> Vec<u8> {
+        self.encode_keeping_body(codec).0
+    }
+
+    /// [`Chunk::encode`], also giving back the v1 body when the value is compressed (what a
+    /// reader would decompress it to; `fresh.rs` keeps it for delivery).
+    pub fn encode_keeping_body(&self, codec: Codec) -> (Vec<u8>, Option<Vec<u8>>) {
         let body = self.body();
         match self.encode_compressed_body(&body, codec) {
-            Some(v) if v.len() - CHUNK_HEADER_LEN <= body.len() - body.len() / 8 => v,
-            _ => self.encode_v1(&body),
+            Some(v) if v.len() - CHUNK_HEADER_LEN <= body.len() - body.len() / 8 => (v, Some(body)),
+            _ => (self.encode_v1(&body), None),
         }
     }
 
@@ -332,6 +338,18 @@ impl<'a> ChunkView<'a> {
         Ok(bincode::serde::borrow_decode_from_slice(body, decode_config())?.0)
     }
 
+    /// Decodes a chunk from its v1 `body` given apart from its stored value (kept by
+    /// `fresh.rs` when the value was compressed); `None` unless the body holds what the stored
+    /// `header` says, so that a reader falls back to the stored value.
+    pub fn from_body(header: ChunkHeader, body: &'a [u8]) -> Option<ChunkView<'a>> {
+        let view: ChunkView<'a> = bincode::serde::borrow_decode_from_slice(body, decode_config())
+            .ok()?
+            .0;
+        let matches = view.events.len() == header.events as usize
+            && view.payload_bytes() == header.payload_bytes as usize;
+        matches.then_some(view)
+    }
+
     /// Payload bytes: the events' lengths.
     pub fn payload_bytes(&self) -> usize {
         self.events.iter().map(|e| e.len()).sum()
@@ -346,6 +364,11 @@ impl<'a> ChunkView<'a> {
             events: self.events.iter().map(|e| (*e).to_owned()).collect(),
         }
     }
+}
+
+/// Whether a stored chunk is compressed (v2, v3): reading it costs a decompression.
+pub fn is_compressed(bytes: &[u8]) -> bool {
+    matches!(bytes.first(), Some(&CHUNK_V2 | &CHUNK_V3))
 }
 
 /// The most readable form of a stored chunk that cannot be decoded, for the dead letter that

@@ -806,5 +806,6 @@ async fn a_generation_with_an_undecodable_chunk_is_deleted_once_delivered() {
 
 #[cfg(feature = "failpoints")]
 mod cut_short;
+mod delivery_reads;
 mod fail_points;
 mod watermark;

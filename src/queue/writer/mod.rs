@@ -30,6 +30,7 @@ mod load;
 mod space;
 
 use super::compression::Compression;
+use super::fresh::ChunkAt;
 use super::generation::{GenDb, GenLane, GenSummary, Generation};
 use super::record::{self, Chunk, ChunkHeader, LaneRecord, Watermark};
 use super::{Ack, Lane, QueueError, Shared};
@@ -55,21 +56,25 @@ const ROTATE_EMPTY_AFTER: u64 = 1024 * 1024;
 pub struct EncodedChunk {
     bytes: Vec<u8>,
     header: ChunkHeader,
+    /// The v1 body of a compressed chunk, for delivery to read without decompressing
+    /// ([`super::fresh`]).
+    body: Option<Vec<u8>>,
 }
 
 impl EncodedChunk {
     /// Encodes `chunk`, compressed when that pays ([`Compression`]).
     pub fn new(chunk: &Chunk, compression: &Compression) -> EncodedChunk {
-        let bytes = match compression.should_try() {
+        let (bytes, body) = match compression.should_try() {
             Some(codec) => {
-                let bytes = chunk.encode(codec);
-                compression.record(bytes.first() != Some(&record::VALUE_V1));
-                bytes
+                let (bytes, body) = chunk.encode_keeping_body(codec);
+                compression.record(body.is_some());
+                (bytes, body)
             }
-            None => chunk.encode_plain(),
+            None => (chunk.encode_plain(), None),
         };
         EncodedChunk {
             bytes,
+            body,
             header: ChunkHeader {
                 events: chunk.events.len() as u32,
                 payload_bytes: chunk.payload_bytes() as u32,
@@ -323,6 +328,8 @@ struct Staged {
     next_dead_seq: u64,
     /// How far each acknowledgement's lane got.
     reached: Vec<drift::Reached>,
+    /// The v1 bodies of the compressed chunks appended, where they are stored.
+    fresh: Vec<(ChunkAt, Vec<u8>)>,
 }
 
 impl Writer {
@@ -499,6 +506,7 @@ impl Writer {
             let id = self.lane_for(staged, &group.intake_key);
             let (mut events, mut bytes) = (0u64, 0u64);
             let mut inserts = Vec::with_capacity(group.chunks.len());
+            let mut bodies = Vec::new();
             let first_here = !staged.marks.contains_key(&(active, id))
                 && !self
                     .state
@@ -512,6 +520,9 @@ impl Writer {
                 let first_seq = lane.next_seq;
                 for chunk in &mut group.chunks {
                     let value = std::mem::take(&mut chunk.bytes);
+                    if let Some(body) = chunk.body.take() {
+                        bodies.push(((active, id, lane.next_seq), body));
+                    }
                     inserts.push((record::chunk_key(id, lane.next_seq), value));
                     lane.next_seq += 1;
                     events += u64::from(chunk.header.events);
@@ -537,6 +548,7 @@ impl Writer {
             }
             *staged.appended.entry(id).or_default() += events;
             staged.appended_payload += bytes;
+            staged.fresh.append(&mut bodies);
         }
         Ok(())
     }
@@ -583,6 +595,11 @@ impl Writer {
                 .ok_or_else(|| storage(format!("queue generation {gen} is gone")))?;
             batches.push((gen, db, batch));
         }
+        // Kept before the chunks reach sled, where delivery may read them before their
+        // fsync. Nothing can fail now without stopping the writer for good (`break_down`),
+        // so these sequence numbers are never handed out again: a body kept here is always
+        // that of the chunk stored, or about to be stored, under its key.
+        self.shared.fresh.insert(std::mem::take(&mut staged.fresh));
         crash_point!("queue-before-apply");
         if let Err(e) = self.apply_and_sync(&mut staged, batches) {
             return Err(self.break_down(&staged, e));

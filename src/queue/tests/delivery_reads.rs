@@ -1,0 +1,138 @@
+//! Queue tests of what delivery reads: chunks kept uncompressed since their commit
+//! (`fresh.rs`) read exactly as the stored ones, and a batch that waits for more events reads
+//! on after its chunks (`Queue::read_on`) within its generation, its event date and its limits.
+
+use super::*;
+
+fn with_delivery_cache(dir: &Path, bytes: usize) -> QueueConfig {
+    QueueConfig {
+        delivery_cache_bytes: bytes,
+        ..config(dir)
+    }
+}
+
+/// Five appends of compressible events; what they are, in order.
+async fn append_five(q: &Queue) -> Vec<String> {
+    let mut want = Vec::new();
+    for _ in 0..5 {
+        let batch = events("K", 20, 100);
+        want.extend(batch.iter().map(|e| e.raw.clone()));
+        q.append(batch).await.unwrap();
+    }
+    want
+}
+
+/// Every chunk is read right whether its body was kept (read from memory), pushed out by
+/// newer ones, or never kept (the cache off): and a second read of the same chunks, whose
+/// bodies were taken by the first, decompresses them from the store.
+#[tokio::test]
+async fn kept_bodies_read_as_the_stored_chunks() {
+    for (limit, kept) in [(8 << 20, "all"), (0, "none"), (3000, "some")] {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(&with_delivery_cache(dir.path(), limit)).unwrap();
+        let want = append_five(&q).await;
+        assert_eq!(read_all(&q, 0), want, "cache of {limit} bytes");
+        let (hits, misses) = q.fresh_reads();
+        let chunks = hits + misses;
+        assert!(chunks >= 5, "compressed chunks read: {chunks}");
+        match kept {
+            "all" => assert_eq!(misses, 0, "all from memory with room for all"),
+            "none" => assert_eq!(hits, 0, "nothing from memory with the cache off"),
+            _ => assert!(hits > 0 && misses > 0, "{hits} from memory, {misses} not"),
+        }
+        assert_eq!(read_all(&q, 0), want, "read again, cache of {limit} bytes");
+        assert_eq!(
+            q.fresh_reads(),
+            (hits, misses + chunks),
+            "the second read decompressed all"
+        );
+    }
+}
+
+/// A body that does not hold what the stored header says (it cannot happen: keys are never
+/// handed out twice) is not trusted: the read falls back to the stored value.
+#[tokio::test]
+async fn a_kept_body_that_disagrees_with_the_store_is_not_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(&config(dir.path())).unwrap();
+    q.append(events("K", 5, 100)).await.unwrap();
+    let gen = q.shared.gens_snapshot().1;
+    let stored = q
+        .read(0, Position::default(), usize::MAX, usize::MAX)
+        .unwrap();
+    let seq = stored.chunks[0].seq;
+    let mut other = stored.chunks[0].chunk.clone();
+    other.events.pop();
+    let (_, body) = other.encode_keeping_body(record::Codec::Zstd);
+    q.shared
+        .fresh
+        .insert([((gen, 0, seq), body.expect("compressible"))]);
+    let again = q
+        .read(0, Position::default(), usize::MAX, usize::MAX)
+        .unwrap();
+    assert_eq!(again.chunks[0].chunk, stored.chunks[0].chunk);
+}
+
+/// `read_on` takes only what came after the batch's chunks, of the batch's event date, within
+/// what the batch has left of its limits (the first chunk included); past its generation it
+/// takes nothing and says the generation is sealed, so that the batch goes as it is.
+#[tokio::test]
+async fn read_on_continues_a_batch_within_its_generation_date_and_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(&small_generations(dir.path())).unwrap();
+    let all = ReadLimits {
+        max_events: usize::MAX,
+        max_bytes: usize::MAX,
+    };
+    let read_on = |from: Position, limits: ReadLimits, date: Option<&str>| {
+        let mut got = Vec::new();
+        let span = q
+            .read_on(0, from, limits, date, &mut |_, c| {
+                got.extend(c.events.iter().map(|e| e.to_string()))
+            })
+            .unwrap();
+        (span, got)
+    };
+    q.append(events("K", 10, 100)).await.unwrap();
+    let first = q
+        .read(0, Position::default(), usize::MAX, usize::MAX)
+        .unwrap();
+    assert_eq!(first.events(), 10);
+
+    let (span, got) = read_on(first.span.next, all, None);
+    assert!(got.is_empty() && !span.sealed, "nothing new yet: {got:?}");
+
+    let more = events("K", 4, 100);
+    q.append(more.clone()).await.unwrap();
+    let one_event = ReadLimits {
+        max_events: 1,
+        max_bytes: usize::MAX,
+    };
+    let (_, got) = read_on(first.span.next, one_event, None);
+    assert!(got.is_empty(), "the first chunk must fit too: {got:?}");
+    let (span, got) = read_on(first.span.next, all, None);
+    assert_eq!(got, more.iter().map(|e| e.raw.clone()).collect::<Vec<_>>());
+
+    let mut dated = events("K", 1, 100);
+    dated[0].timestamp = Some("2024-01-01T00:00:00Z".into());
+    q.append(dated).await.unwrap();
+    let (_, got) = read_on(span.next, all, None);
+    assert!(got.is_empty(), "another event date ends the batch: {got:?}");
+    let (span, got) = read_on(span.next, all, Some("2024-01-01T00:00:00Z"));
+    assert_eq!(got.len(), 1, "the same date goes on");
+
+    // Fill past the 64 KiB generation: what follows is in the next one.
+    let before = q.shared.gens_snapshot().1;
+    while q.shared.gens_snapshot().1 == before {
+        q.append(events("K", 50, 100)).await.unwrap();
+    }
+    let end = q.read(0, span.next, usize::MAX, usize::MAX).unwrap();
+    assert_eq!(end.span.gen, before, "the rest of the first generation");
+    assert!(end.span.sealed);
+    let (span, got) = read_on(end.span.next, all, None);
+    assert!(
+        got.is_empty(),
+        "read_on never crosses into the next generation"
+    );
+    assert!(span.sealed, "so the batch goes as it is");
+}
