@@ -95,7 +95,7 @@ impl Default for QueueConfig {
             min_free_bytes: 256 * 1024 * 1024,
             max_intake_keys: 1000,
             chunk_compression: ChunkCompression::Zstd,
-            delivery_cache_bytes: 8 * 1024 * 1024,
+            delivery_cache_bytes: 4 * 1024 * 1024,
         }
     }
 }
