@@ -8,8 +8,11 @@
 //! here instead of decompressing the stored value. What is kept is bounded in bytes, the
 //! oldest dropped first; a chunk not found here is decoded from the store as before.
 //!
-//! With the intake down the bodies stay until newer ones push them out: a backlog holds
-//! `[queue] delivery_cache_bytes` of memory more, no more.
+//! A body pushed out before delivery took it means that delivery is further behind than the
+//! limit (the intake is down, say): whatever is kept then will be read long after newer
+//! bodies push it out, so keeping it only holds memory and costs the writer. So the first body
+//! pushed out empties the whole cache, and from then on the bodies of only one commit in
+//! [`SAMPLE_EVERY`] are kept, until delivery takes one again (it has caught up).
 //!
 //! A body is put here as its chunk is applied to sled (delivery may read a chunk from sled
 //! before its fsync: a body kept only after the fsync was missed by a third of the reads),
@@ -21,6 +24,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use lru::LruCache;
+
+/// While delivery is behind, the bodies of one commit in this many are kept, to see whether
+/// it has caught up.
+const SAMPLE_EVERY: u32 = 16;
 
 /// Where a chunk is stored: generation, lane, sequence number.
 pub type ChunkAt = (u64, u32, u64);
@@ -36,6 +43,9 @@ pub struct FreshBodies {
 struct Inner {
     bodies: LruCache<ChunkAt, Vec<u8>>,
     bytes: usize,
+    /// Delivery is behind: only one commit's bodies in [`SAMPLE_EVERY`] are kept.
+    behind: bool,
+    skipped: u32,
 }
 
 impl FreshBodies {
@@ -46,6 +56,8 @@ impl FreshBodies {
             inner: Mutex::new(Inner {
                 bodies: LruCache::unbounded(),
                 bytes: 0,
+                behind: false,
+                skipped: 0,
             }),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -59,6 +71,12 @@ impl FreshBodies {
     /// Keeps the bodies of chunks just made durable, dropping the oldest over the limit.
     pub fn insert(&self, bodies: impl IntoIterator<Item = (ChunkAt, Vec<u8>)>) {
         let mut inner = self.lock();
+        if inner.behind {
+            inner.skipped = inner.skipped.wrapping_add(1);
+            if inner.skipped % SAMPLE_EVERY != 0 {
+                return;
+            }
+        }
         for (at, body) in bodies {
             if body.capacity() > self.limit {
                 continue;
@@ -68,11 +86,11 @@ impl FreshBodies {
                 inner.bytes -= old.capacity();
             }
         }
-        while inner.bytes > self.limit {
-            match inner.bodies.pop_lru() {
-                Some((_, old)) => inner.bytes -= old.capacity(),
-                None => break,
-            }
+        if inner.bytes > self.limit {
+            // A body delivery never took must go: it is behind by more than the limit.
+            inner.bodies.clear();
+            inner.bytes = 0;
+            inner.behind = true;
         }
     }
 
@@ -81,6 +99,7 @@ impl FreshBodies {
         let mut inner = self.lock();
         let body = inner.bodies.pop(&at)?;
         inner.bytes -= body.capacity();
+        inner.behind = false;
         Some(body)
     }
 
@@ -124,14 +143,28 @@ mod tests {
         assert_eq!(f.bytes(), 0);
     }
 
+    /// Over the limit, delivery is behind: everything kept goes, and only one commit in
+    /// `SAMPLE_EVERY` is kept until delivery takes a body again.
     #[test]
-    fn the_oldest_go_first_over_the_limit() {
+    fn a_body_pushed_out_untaken_stops_the_keeping_until_one_is_taken() {
         let f = FreshBodies::new(100);
-        f.insert((0..5).map(|s| ((1, 0, s), body(30))));
-        assert!(f.bytes() <= 100);
-        assert_eq!(f.take((1, 0, 0)), None);
-        assert_eq!(f.take((1, 0, 1)), None);
-        assert!(f.take((1, 0, 4)).is_some());
+        f.insert((0..3).map(|s| ((1, 0, s), body(30))));
+        assert_eq!(f.bytes(), 90);
+        f.insert([((1, 0, 3), body(30))]);
+        assert_eq!(f.bytes(), 0, "over the limit: all of it goes");
+        let commits = SAMPLE_EVERY as u64 * 2;
+        for s in 4..4 + commits {
+            f.insert([((1, 0, s), body(1))]);
+        }
+        let kept: Vec<u64> = (4..4 + commits)
+            .filter(|s| f.take((1, 0, *s)).is_some())
+            .collect();
+        assert_eq!(kept.len(), 2, "one commit in {SAMPLE_EVERY}: {kept:?}");
+        // Delivery took one: every commit is kept again.
+        for s in 100..110 {
+            f.insert([((1, 0, s), body(1))]);
+        }
+        assert!((100..110).all(|s| f.take((1, 0, s)).is_some()));
     }
 
     #[test]

@@ -22,12 +22,13 @@ async fn append_five(q: &Queue) -> Vec<String> {
     want
 }
 
-/// Every chunk is read right whether its body was kept (read from memory), pushed out by
-/// newer ones, or never kept (the cache off): and a second read of the same chunks, whose
-/// bodies were taken by the first, decompresses them from the store.
+/// Every chunk is read right whether its body was kept (read from memory), dropped because
+/// delivery fell further behind than the cache holds, or never kept (the cache off): and a
+/// second read of the same chunks, whose bodies were taken by the first, decompresses them
+/// from the store.
 #[tokio::test]
 async fn kept_bodies_read_as_the_stored_chunks() {
-    for (limit, kept) in [(8 << 20, "all"), (0, "none"), (3000, "some")] {
+    for (limit, kept) in [(8 << 20, "all"), (0, "none"), (3000, "dropped")] {
         let dir = tempfile::tempdir().unwrap();
         let q = Queue::open(&with_delivery_cache(dir.path(), limit)).unwrap();
         let want = append_five(&q).await;
@@ -38,7 +39,7 @@ async fn kept_bodies_read_as_the_stored_chunks() {
         match kept {
             "all" => assert_eq!(misses, 0, "all from memory with room for all"),
             "none" => assert_eq!(hits, 0, "nothing from memory with the cache off"),
-            _ => assert!(hits > 0 && misses > 0, "{hits} from memory, {misses} not"),
+            _ => assert!(misses > 0, "{hits} from memory, {misses} not"),
         }
         assert_eq!(read_all(&q, 0), want, "read again, cache of {limit} bytes");
         assert_eq!(
