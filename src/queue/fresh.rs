@@ -11,8 +11,9 @@
 //! A body pushed out before delivery took it means that delivery is further behind than the
 //! limit (the intake is down, say): whatever is kept then will be read long after newer
 //! bodies push it out, so keeping it only holds memory and costs the writer. So the first body
-//! pushed out empties the whole cache, and from then on the bodies of only one commit in
-//! [`SAMPLE_EVERY`] are kept, until delivery takes one again (it has caught up).
+//! pushed out empties the whole cache, and from then on senders keep the body of only one
+//! chunk in [`SAMPLE_EVERY`] ([`FreshBodies::wants_body`]: the others are freed where they
+//! were made, at once), until delivery takes one again (it has caught up).
 //!
 //! A body is put here as its chunk is applied to sled (delivery may read a chunk from sled
 //! before its fsync: a body kept only after the fsync was missed by a third of the reads),
@@ -20,12 +21,12 @@
 //! a commit has reached sled, so it is the stored chunk's own body; a read checks it against
 //! the stored header all the same, and falls back to the store if they disagree.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use lru::LruCache;
 
-/// While delivery is behind, the bodies of one commit in this many are kept, to see whether
+/// While delivery is behind, the bodies of one chunk in this many are kept, to see whether
 /// it has caught up.
 const SAMPLE_EVERY: u32 = 16;
 
@@ -35,6 +36,9 @@ pub type ChunkAt = (u64, u32, u64);
 pub struct FreshBodies {
     limit: usize,
     inner: Mutex<Inner>,
+    /// Delivery is behind: only one body in [`SAMPLE_EVERY`] is kept.
+    behind: AtomicBool,
+    sampled: AtomicU32,
     /// Compressed chunks read from here, and decompressed from the store instead.
     pub hits: AtomicU64,
     pub misses: AtomicU64,
@@ -43,9 +47,6 @@ pub struct FreshBodies {
 struct Inner {
     bodies: LruCache<ChunkAt, Vec<u8>>,
     bytes: usize,
-    /// Delivery is behind: only one commit's bodies in [`SAMPLE_EVERY`] are kept.
-    behind: bool,
-    skipped: u32,
 }
 
 impl FreshBodies {
@@ -56,9 +57,9 @@ impl FreshBodies {
             inner: Mutex::new(Inner {
                 bodies: LruCache::unbounded(),
                 bytes: 0,
-                behind: false,
-                skipped: 0,
             }),
+            behind: AtomicBool::new(false),
+            sampled: AtomicU32::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -71,12 +72,6 @@ impl FreshBodies {
     /// Keeps the bodies of chunks just made durable, dropping the oldest over the limit.
     pub fn insert(&self, bodies: impl IntoIterator<Item = (ChunkAt, Vec<u8>)>) {
         let mut inner = self.lock();
-        if inner.behind {
-            inner.skipped = inner.skipped.wrapping_add(1);
-            if inner.skipped % SAMPLE_EVERY != 0 {
-                return;
-            }
-        }
         for (at, body) in bodies {
             if body.capacity() > self.limit {
                 continue;
@@ -90,8 +85,17 @@ impl FreshBodies {
             // A body delivery never took must go: it is behind by more than the limit.
             inner.bodies.clear();
             inner.bytes = 0;
-            inner.behind = true;
+            self.behind.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// Whether the sender encoding a chunk should hand its body over to be kept.
+    pub fn wants_body(&self) -> bool {
+        if self.limit == 0 {
+            return false;
+        }
+        !self.behind.load(Ordering::Relaxed)
+            || self.sampled.fetch_add(1, Ordering::Relaxed) % SAMPLE_EVERY == 0
     }
 
     /// Takes the body of the chunk at `at`, if it is still kept.
@@ -99,7 +103,7 @@ impl FreshBodies {
         let mut inner = self.lock();
         let body = inner.bodies.pop(&at)?;
         inner.bytes -= body.capacity();
-        inner.behind = false;
+        self.behind.store(false, Ordering::Relaxed);
         Some(body)
     }
 
@@ -143,33 +147,33 @@ mod tests {
         assert_eq!(f.bytes(), 0);
     }
 
-    /// Over the limit, delivery is behind: everything kept goes, and only one commit in
-    /// `SAMPLE_EVERY` is kept until delivery takes a body again.
+    /// Over the limit, delivery is behind: everything kept goes, and senders keep one body
+    /// in `SAMPLE_EVERY` until delivery takes one again.
     #[test]
     fn a_body_pushed_out_untaken_stops_the_keeping_until_one_is_taken() {
         let f = FreshBodies::new(100);
+        assert!(
+            (0..100).all(|_| f.wants_body()),
+            "every body while it keeps up"
+        );
         f.insert((0..3).map(|s| ((1, 0, s), body(30))));
         assert_eq!(f.bytes(), 90);
         f.insert([((1, 0, 3), body(30))]);
         assert_eq!(f.bytes(), 0, "over the limit: all of it goes");
-        let commits = SAMPLE_EVERY as u64 * 2;
-        for s in 4..4 + commits {
-            f.insert([((1, 0, s), body(1))]);
-        }
-        let kept: Vec<u64> = (4..4 + commits)
-            .filter(|s| f.take((1, 0, *s)).is_some())
-            .collect();
-        assert_eq!(kept.len(), 2, "one commit in {SAMPLE_EVERY}: {kept:?}");
-        // Delivery took one: every commit is kept again.
-        for s in 100..110 {
-            f.insert([((1, 0, s), body(1))]);
-        }
-        assert!((100..110).all(|s| f.take((1, 0, s)).is_some()));
+        let wanted = (0..SAMPLE_EVERY * 2).filter(|_| f.wants_body()).count();
+        assert_eq!(wanted, 2, "one body in {SAMPLE_EVERY}");
+        f.insert([((1, 0, 4), body(1))]);
+        assert!(f.take((1, 0, 4)).is_some());
+        assert!(
+            (0..100).all(|_| f.wants_body()),
+            "delivery took one: every body again"
+        );
     }
 
     #[test]
     fn nothing_is_kept_with_no_room() {
         let f = FreshBodies::new(0);
+        assert!(!f.wants_body());
         f.insert([((1, 0, 0), body(1))]);
         assert_eq!(f.take((1, 0, 0)), None);
     }

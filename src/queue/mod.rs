@@ -429,8 +429,7 @@ impl Queue {
             return Err(QueueError::Full);
         }
         self.admit_keys(&events)?;
-        let compression = &self.shared.compression;
-        let groups = chunk_events(events, self.chunk_bytes, now_ms(), compression);
+        let groups = chunk_events(events, self.chunk_bytes, now_ms(), &self.shared);
         let (done, wait) = oneshot::channel();
         self.ops
             .send(writer::Op::Append { groups, done })
@@ -683,13 +682,13 @@ fn chunk_events(
     events: Vec<IncomingEvent>,
     chunk_bytes: usize,
     now: u64,
-    compression: &Compression,
+    shared: &Shared,
 ) -> Vec<writer::Group> {
     let mut groups: Vec<writer::Group> = Vec::new();
     let mut current: Option<Chunk> = None;
     let mut current_bytes = 0;
     let flush = |chunk: Chunk, groups: &mut Vec<writer::Group>| {
-        let encoded = writer::EncodedChunk::new(&chunk, compression);
+        let encoded = writer::EncodedChunk::new(&chunk, &shared.compression, &shared.fresh);
         match groups.last_mut() {
             Some(g) if g.intake_key == chunk.intake_key => g.chunks.push(encoded),
             _ => groups.push(writer::Group {

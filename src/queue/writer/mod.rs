@@ -30,7 +30,7 @@ mod load;
 mod space;
 
 use super::compression::Compression;
-use super::fresh::ChunkAt;
+use super::fresh::{ChunkAt, FreshBodies};
 use super::generation::{GenDb, GenLane, GenSummary, Generation};
 use super::record::{self, Chunk, ChunkHeader, LaneRecord, Watermark};
 use super::{Ack, Lane, QueueError, Shared};
@@ -62,8 +62,9 @@ pub struct EncodedChunk {
 }
 
 impl EncodedChunk {
-    /// Encodes `chunk`, compressed when that pays ([`Compression`]).
-    pub fn new(chunk: &Chunk, compression: &Compression) -> EncodedChunk {
+    /// Encodes `chunk`, compressed when that pays ([`Compression`]), with its body if it was
+    /// compressed and `fresh` keeps bodies now.
+    pub fn new(chunk: &Chunk, compression: &Compression, fresh: &FreshBodies) -> EncodedChunk {
         let (bytes, body) = match compression.should_try() {
             Some(codec) => {
                 let (bytes, body) = chunk.encode_keeping_body(codec);
@@ -74,7 +75,7 @@ impl EncodedChunk {
         };
         EncodedChunk {
             bytes,
-            body,
+            body: body.filter(|_| fresh.wants_body()),
             header: ChunkHeader {
                 events: chunk.events.len() as u32,
                 payload_bytes: chunk.payload_bytes() as u32,
