@@ -267,6 +267,7 @@ impl Collector for Observed {
         let (aside_gens, aside_events) =
             aside.fold((0, 0), |(g, e), n| (g + 1, e + n.events.unwrap_or(0)));
         let d = &self.delivery;
+        let (from_memory, decompressed) = self.queue.fresh_reads();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let counters = [
             (
@@ -293,12 +294,12 @@ impl Collector for Observed {
             (
                 "queue_chunks_read_from_memory",
                 "Compressed chunks read for delivery from the bodies kept since their commit",
-                self.queue.fresh_reads().0,
+                from_memory,
             ),
             (
                 "queue_chunks_decompressed",
                 "Compressed chunks read for delivery and decompressed from the store",
-                self.queue.fresh_reads().1,
+                decompressed,
             ),
             (
                 "queue_meta_fsyncs",

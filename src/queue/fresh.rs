@@ -69,7 +69,8 @@ impl FreshBodies {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps the bodies of chunks just made durable, dropping the oldest over the limit.
+    /// Keeps the bodies of chunks about to be applied to sled; over the limit, drops them all
+    /// and marks delivery as behind.
     pub fn insert(&self, bodies: impl IntoIterator<Item = (ChunkAt, Vec<u8>)>) {
         let mut inner = self.lock();
         for (at, body) in bodies {

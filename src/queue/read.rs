@@ -264,14 +264,17 @@ fn read_generation(
                 break;
             }
         }
-        let kept = match (&header, fresh.take((gen, lane, seq))) {
-            (Ok(h), Some(body)) => {
+        // Only a compressed chunk can have a body kept: a plain one is read as stored, without
+        // a look (and a lock) in `fresh`.
+        let compressed = record::is_compressed(&value);
+        let kept = match (&header, compressed) {
+            (Ok(h), true) => fresh.take((gen, lane, seq)).and_then(|body| {
                 scratch = body;
                 ChunkView::from_body(*h, &scratch)
-            }
+            }),
             _ => None,
         };
-        if record::is_compressed(&value) {
+        if compressed {
             fresh.count_read(kept.is_some());
         }
         let view = match kept {
