@@ -23,21 +23,29 @@ use crate::admin::{self, AdminState, Observed};
 use crate::config::{Config, SourceConfig};
 use crate::delivery::Delivery;
 use crate::queue::Queue;
+use crate::ready::{Readiness, ReadyInfo, ReadySource};
 use crate::sources::http::HttpSource;
 
 const SOURCE_GRACE: Duration = Duration::from_secs(10);
 const DELIVERY_GRACE: Duration = Duration::from_secs(5);
 
-/// Runs the forwarder until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the forwarder until SIGTERM or SIGINT; `readiness` is told once it is up and when it
+/// begins to stop.
+pub async fn run(config: Config, readiness: Readiness) -> anyhow::Result<()> {
     // Installed first: a signal that comes while the queue opens must stop us cleanly, not kill
     // us with the default action.
     let signals = Signals::install()?;
     // The admin listener first: probes get an answer ("starting") while a large queue opens.
     let admin_state = AdminState::default();
     let admin_stop = CancellationToken::new();
+    let mut ready = ReadyInfo {
+        pid: std::process::id(),
+        admin: None,
+        sources: Vec::new(),
+    };
     let admin = if config.admin.enabled {
         let listener = admin::bind(config.admin.listen).await?;
+        ready.admin = Some(listener.local_addr()?);
         Some(tokio::spawn(admin::serve(
             listener,
             admin_state.clone(),
@@ -72,6 +80,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("cannot listen on {}", http.listen))?;
                 http_sources.push((src.local_addr().to_string(), src.stats()));
+                ready.sources.push(ReadySource {
+                    kind: "http".into(),
+                    listen: src.local_addr(),
+                });
                 sources.spawn(src.run(sources_stop.clone()));
             }
         }
@@ -85,12 +97,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         http_sources,
     });
     let delivery = tokio::spawn(delivery.run(DELIVERY_GRACE));
+    readiness.ready(&ready);
 
     let writer_gone = tokio::select! {
         () = signals.wait() => None,
         why = queue.writer_stopped() => Some(why),
     };
     admin_state.stopping();
+    readiness.stopping();
     if let Some(why) = writer_gone {
         tracing::error!(
             reason = %why,

@@ -11,6 +11,8 @@
 //! - [`sources`]: where events come from (the local intake-compatible HTTP API).
 //! - [`mock_intake`]: an intake look-alike with fault injection, for tests and offline trials.
 //! - [`admin`]: liveness (`/health`), readiness (`/ready`), status and Prometheus metrics.
+//! - [`ready`]: tells a supervisor or a script that the forwarder is up (systemd notify, a
+//!   ready file).
 //! - [`app`]: wires it all together and stops it cleanly.
 //!
 //! Start reading at `docs/architecture.md`.
@@ -24,4 +26,5 @@ pub mod delivery;
 pub mod intake_api;
 pub mod mock_intake;
 pub mod queue;
+pub mod ready;
 pub mod sources;

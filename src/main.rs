@@ -23,6 +23,10 @@ enum Command {
         /// TOML configuration file.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Once the forwarder is up, write this JSON file (pid, the admin and source addresses);
+        /// it is removed when the forwarder begins to stop.
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<PathBuf>,
     },
     /// Validate a configuration file.
     Check {
@@ -83,10 +87,11 @@ fn load(config: Option<&PathBuf>) -> anyhow::Result<Config> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config } => {
+        Command::Run { config, ready_file } => {
             let config = load(config.as_ref())?;
             init_logging(&config.log);
-            runtime()?.block_on(sekoia_forwarder::app::run(config))
+            let readiness = sekoia_forwarder::ready::Readiness::new(ready_file);
+            runtime()?.block_on(sekoia_forwarder::app::run(config, readiness))
         }
         Command::Check { config } => {
             let c = Config::load(&config)?;

@@ -47,37 +47,65 @@ fn check_accepts_the_shipped_configurations() {
 #[test]
 fn runs_out_of_the_box_on_the_built_in_default() {
     let dir = tempfile::tempdir().unwrap();
+    let ready_file = dir.path().join("ready.json");
     // The built-in default listens on fixed ports (10080, 10081): in a network namespace of
     // its own, so that nothing else on the machine can hold them or be disturbed.
     let mut child = Command::new("unshare")
         .args(["--net", "--map-root-user", "sh", "-c"])
-        .arg("ip link set lo up && exec \"$0\" run")
+        .arg("ip link set lo up && exec \"$0\" run --ready-file \"$1\"")
         .arg(binary())
+        .arg(&ready_file)
         .current_dir(dir.path())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let mut seen = String::new();
-    for line in lines.map_while(Result::ok) {
-        seen.push_str(&line);
-        seen.push('\n');
-        if seen.contains("http source listening") && seen.contains("delivering to the intake") {
-            break;
-        }
-    }
-    assert!(seen.contains("addr=127.0.0.1:10080"), "{seen}");
-    assert!(seen.contains("queue opened"), "{seen}");
-    assert!(seen.contains("https://intake.sekoia.io/jsons"), "{seen}");
+    let log = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let ready = wait_ready_file(&ready_file, &mut child);
     signal(child.id(), "TERM");
     let status = child.wait().unwrap();
-    assert!(status.success(), "{status:?}");
+    let log = log.join().unwrap();
+    let ready = ready.unwrap_or_else(|| panic!("not ready:\n{log}"));
+    assert_eq!(
+        ready.admin,
+        Some("127.0.0.1:10081".parse().unwrap()),
+        "{ready:?}"
+    );
+    assert_eq!(ready.sources.len(), 1, "{ready:?}");
+    assert_eq!(ready.sources[0].kind, "http");
+    assert_eq!(ready.sources[0].listen, "127.0.0.1:10080".parse().unwrap());
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(!ready_file.exists(), "the ready file outlived the stop");
+    assert!(log.contains("queue opened"), "{log}");
+    assert!(log.contains("https://intake.sekoia.io/jsons"), "{log}");
     let queue = dir.path().join("sekoia-forwarder-data");
     assert!(queue.join("meta").join("db").exists());
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&queue).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "the queue directory must be private");
+}
+
+/// Under systemd (`Type=notify`): `READY=1` once up, `STOPPING=1` when the stop begins, on the
+/// socket systemd names in `NOTIFY_SOCKET` (here one of the test's own).
+#[tokio::test(flavor = "multi_thread")]
+async fn systemd_is_told_ready_then_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mock = start_mock().await;
+    let config = write_config(dir.path(), &mock.url(), "", "");
+    let notify = socket_path.to_str().unwrap();
+    let mut fwd = Forwarder::start_with_env(&config, &[("NOTIFY_SOCKET", notify)]);
+    let mut message = [0u8; 256];
+    let read = |message: &mut [u8]| {
+        let n = socket.recv(message).expect("no notification");
+        String::from_utf8_lossy(&message[..n]).into_owned()
+    };
+    // The ready file was written before systemd was told: the message is there already.
+    assert_eq!(read(&mut message), "READY=1\n");
+    assert!(fwd.terminate().success(), "{}", fwd.log());
+    assert_eq!(read(&mut message), "STOPPING=1\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]

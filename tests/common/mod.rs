@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use sekoia_forwarder::mock_intake::{FaultConfig, MockIntake, ReceivedEvent, ScriptedFault};
+pub use sekoia_forwarder::ready::ReadyInfo;
 
 /// Generous: CI is a busy 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(60);
@@ -113,9 +114,20 @@ impl Forwarder {
     }
 
     pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Forwarder {
+        // What the forwarder writes once it is up (`run --ready-file`): a file of an earlier
+        // run of this configuration (killed, so it could not remove it) must not be taken for
+        // this one's.
+        let ready_file = config.with_extension("ready.json");
+        match std::fs::remove_file(&ready_file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("cannot remove {}: {e}", ready_file.display()),
+        }
         let mut cmd = Command::new(binary());
         cmd.args(["run", "--config"])
             .arg(config)
+            .arg("--ready-file")
+            .arg(&ready_file)
             .env("RUST_LOG", "info,sekoia_forwarder=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -136,45 +148,45 @@ impl Forwarder {
         let mut child = cmd.spawn().expect("spawn sekoia-forwarder");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
         let reader = {
             let log = log.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("listening") {
-                        let _ = tx.send(line.clone());
-                    }
                     let mut log = log.lock().unwrap();
                     log.push_str(&line);
                     log.push('\n');
                 }
             })
         };
-        let (mut source, mut admin) = (None, None);
-        let deadline = Instant::now() + DEADLINE;
-        while source.is_none() || admin.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match rx.recv_timeout(left) {
-                Ok(l) => l,
-                Err(_) => panic!(
-                    "forwarder did not start listening:\n{}",
-                    log.lock().unwrap()
-                ),
-            };
-            let addr = parse_addr(&line);
-            if line.contains("http source listening") {
-                source = addr;
-            } else if line.contains("admin listening") {
-                admin = addr;
-            }
-        }
-        Forwarder {
+        let mut fwd = Forwarder {
             child: Some(child),
-            source: source.unwrap(),
-            admin: admin.unwrap(),
+            source: SocketAddr::from(([0, 0, 0, 0], 0)),
+            admin: SocketAddr::from(([0, 0, 0, 0], 0)),
             config: config.to_owned(),
             log,
             reader: Some(reader),
+        };
+        let ready = fwd.wait_ready(&ready_file);
+        fwd.source = ready
+            .sources
+            .first()
+            .expect("no source in the ready file")
+            .listen;
+        fwd.admin = ready.admin.expect("the admin listener is off");
+        fwd
+    }
+
+    /// Waits for this process's ready file; panics with its log if it exits first or the
+    /// deadline passes.
+    fn wait_ready(&mut self, path: &Path) -> ReadyInfo {
+        let child = self.child.as_mut().expect("started");
+        match wait_ready_file(path, child) {
+            Some(ready) => ready,
+            None => {
+                // Exited or stuck: kill it so that its whole log can be read.
+                self.kill9();
+                panic!("forwarder not ready within {DEADLINE:?}:\n{}", self.log());
+            }
         }
     }
 
@@ -288,11 +300,23 @@ pub fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill -{sig} {pid} failed");
 }
 
-fn parse_addr(line: &str) -> Option<SocketAddr> {
-    let start = line.find("addr=")? + 5;
-    let rest = &line[start..];
-    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-    rest[..end].parse().ok()
+/// Waits until `child` has written its ready file (`run --ready-file path`) and returns what it
+/// says; `None` if the process exits first or [`DEADLINE`] passes.
+pub fn wait_ready_file(path: &Path, child: &mut Child) -> Option<ReadyInfo> {
+    let deadline = Instant::now() + DEADLINE;
+    while Instant::now() < deadline {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let ready: ReadyInfo = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("bad ready file {}: {e}: {text}", path.display()));
+            assert_eq!(ready.pid, child.id(), "the ready file of another process");
+            return Some(ready);
+        }
+        if !matches!(child.try_wait(), Ok(None)) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
 }
 
 /// Polls `f` until it is true or `deadline` passes.
