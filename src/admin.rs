@@ -23,14 +23,14 @@ use axum::{Json, Router};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::delivery::DeliveryStats;
-use crate::queue::{redact_key, Queue, QueueError, QueueStatus};
+use crate::delivery::{DeliverySnapshot, DeliveryStats};
+use crate::queue::{redact_key, Queue, QueueError, QueueStatus, StatsSnapshot};
 use crate::sources::http::HttpSourceStats;
+use crate::stats;
 
 /// What the admin endpoints read.
 #[derive(Debug, Clone)]
@@ -71,42 +71,24 @@ fn starting() -> Response {
     probe(false, "starting")
 }
 
-/// `/status` body.
+/// `/status` body: the queue as [`Queue::status`] shows it, and every counter of
+/// `/metrics`, drawn from the same stats tables (`stats.rs`).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct StatusReport {
     pub queue: QueueStatus,
-    pub delivery: DeliveryView,
-}
-
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct DeliveryView {
-    pub requests: u64,
-    pub acked_events: u64,
-    pub retries: u64,
-    pub auth_failures: u64,
-    pub dead_letters: u64,
-    pub in_flight: u64,
+    /// Absent from a `status` that read a stopped queue (nothing was counted).
     #[serde(default)]
-    pub redirects: u64,
+    pub queue_counters: StatsSnapshot,
     #[serde(default)]
-    pub undated_events: u64,
+    pub delivery: DeliverySnapshot,
 }
 
 impl Observed {
     fn report(&self) -> StatusReport {
-        let d = &self.delivery;
         StatusReport {
             queue: self.queue.status(),
-            delivery: DeliveryView {
-                requests: d.requests.load(Ordering::Relaxed),
-                acked_events: d.acked_events.load(Ordering::Relaxed),
-                retries: d.retries.load(Ordering::Relaxed),
-                auth_failures: d.auth_failures.load(Ordering::Relaxed),
-                dead_letters: d.dead_letters.load(Ordering::Relaxed),
-                in_flight: d.in_flight.load(Ordering::Relaxed),
-                redirects: d.redirects.load(Ordering::Relaxed),
-                undated_events: d.undated_events.load(Ordering::Relaxed),
-            },
+            queue_counters: self.queue.stats().snapshot(),
+            delivery: self.delivery.snapshot(),
         }
     }
 }
@@ -260,171 +242,13 @@ async fn metrics(State(a): State<AdminState>) -> Response {
 
 impl Collector for Observed {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let q = self.queue.stats();
-        let (events, bytes) = self.queue.totals();
-        let corrupt = self.queue.corrupt_generations();
-        let aside = corrupt.iter().filter(|n| n.generation.is_some());
-        let (aside_gens, aside_events) =
-            aside.fold((0, 0), |(g, e), n| (g + 1, e + n.events.unwrap_or(0)));
-        let d = &self.delivery;
-        let (from_memory, decompressed) = self.queue.fresh_reads();
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        let counters = [
-            (
-                "queue_appended_events",
-                "Events made durable in the queue",
-                load(&q.appended_events),
-            ),
-            ("queue_commits", "Group commits", load(&q.commits)),
-            (
-                "queue_group_waits",
-                "Times a commit waited a moment for more appends",
-                load(&q.group_waits),
-            ),
-            (
-                "queue_group_wait_gained_ops",
-                "Operations those waits gained",
-                load(&q.group_wait_gained),
-            ),
-            (
-                "queue_fsyncs",
-                "fsyncs of the queue's data file",
-                load(&q.fsyncs),
-            ),
-            (
-                "queue_chunks_read_from_memory",
-                "Compressed chunks read for delivery from the bodies kept since their commit",
-                from_memory,
-            ),
-            (
-                "queue_chunks_decompressed",
-                "Compressed chunks read for delivery and decompressed from the store",
-                decompressed,
-            ),
-            (
-                "queue_meta_fsyncs",
-                "fsyncs of the queue's meta database (new intake keys, dead letters)",
-                load(&q.meta_fsyncs),
-            ),
-            (
-                "queue_meta_blob_fsyncs",
-                "Blob files of the queue's meta database fsynced (dead letters of large events)",
-                load(&q.meta_blob_fsyncs),
-            ),
-            (
-                "queue_storage_errors",
-                "Failed queue commits",
-                load(&q.storage_errors),
-            ),
-            (
-                "queue_rotations",
-                "Queue generations sealed",
-                load(&q.rotations),
-            ),
-            (
-                "queue_deleted_generations",
-                "Delivered queue generations deleted (their disk space given back)",
-                load(&q.deleted_generations),
-            ),
-            (
-                "delivery_requests",
-                "Requests sent to the intake",
-                load(&d.requests),
-            ),
-            (
-                "delivery_acked_events",
-                "Events acknowledged by the intake",
-                load(&d.acked_events),
-            ),
-            (
-                "delivery_retries",
-                "Failed requests that will be retried",
-                load(&d.retries),
-            ),
-            (
-                "delivery_auth_failures",
-                "Requests refused for their intake key (401/403)",
-                load(&d.auth_failures),
-            ),
-            (
-                "delivery_dead_letters",
-                "Events refused for good and kept aside",
-                load(&d.dead_letters),
-            ),
-            (
-                "delivery_redirects",
-                "Redirects (3xx) answered by the intake: never followed, retried",
-                load(&d.redirects),
-            ),
-            (
-                "delivery_undated_events",
-                "Events sent without their event date, which could not be sent as a header",
-                load(&d.undated_events),
-            ),
-        ];
-        for (name, help, value) in counters {
-            let c = ConstCounter::new(value);
-            c.encode(encoder.encode_descriptor(
-                &format!("sekoia_forwarder_{name}"),
-                help,
-                None,
-                c.metric_type(),
-            )?)?;
-        }
-        let gauges = [
-            ("queue_events", "Events waiting in the queue", events as i64),
-            (
-                "queue_bytes",
-                "Payload bytes waiting in the queue",
-                bytes as i64,
-            ),
-            (
-                "queue_disk_bytes",
-                "Bytes the queue holds on disk",
-                load(&q.disk_bytes) as i64,
-            ),
-            (
-                "queue_generations",
-                "sled databases (generations) the queue is split into",
-                load(&q.generations) as i64,
-            ),
-            (
-                "queue_open_generations",
-                "Queue generations open (in memory) now",
-                load(&q.open_generations) as i64,
-            ),
-            (
-                "queue_corrupt_generations",
-                "Damaged queue generations moved aside (gen-N.corrupt), waiting for `salvage`",
-                aside_gens,
-            ),
-            (
-                "queue_corrupt_events",
-                "Events the moved-aside generations were known to hold",
-                aside_events as i64,
-            ),
-            (
-                "queue_full",
-                "1 while sources get back-pressure",
-                i64::from(self.queue.is_full()),
-            ),
-            (
-                "delivery_in_flight",
-                "Requests on the wire",
-                load(&d.in_flight) as i64,
-            ),
-        ];
-        self.encode_http_sources(&mut encoder)?;
-        for (name, help, value) in gauges {
-            let g = ConstGauge::new(value);
-            g.encode(encoder.encode_descriptor(
-                &format!("sekoia_forwarder_{name}"),
-                help,
-                None,
-                g.metric_type(),
-            )?)?;
-        }
-        Ok(())
+        stats::encode(
+            &mut encoder,
+            &[(Vec::new(), &self.queue.stats().snapshot())],
+        )?;
+        stats::encode(&mut encoder, &[(Vec::new(), &self.queue.levels())])?;
+        stats::encode(&mut encoder, &[(Vec::new(), &self.delivery.snapshot())])?;
+        self.encode_http_sources(&mut encoder)
     }
 }
 
@@ -495,7 +319,8 @@ pub fn print_status(config: &Config, json: bool) -> anyhow::Result<()> {
         Some(queue) => {
             let report = StatusReport {
                 queue: queue.status(),
-                delivery: DeliveryView::default(),
+                queue_counters: StatsSnapshot::default(),
+                delivery: DeliverySnapshot::default(),
             };
             close_offline(queue)?;
             report

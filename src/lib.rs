@@ -10,6 +10,7 @@
 //!   intake acknowledged with one id per event.
 //! - [`sources`]: where events come from (the local intake-compatible HTTP API).
 //! - [`mock_intake`]: an intake look-alike with fault injection, for tests and offline trials.
+//! - [`stats`]: counters declared once, as the JSON of `/status` and the families of `/metrics`.
 //! - [`admin`]: liveness (`/health`), readiness (`/ready`), status and Prometheus metrics.
 //! - [`ready`]: tells a supervisor or a script that the forwarder is up (systemd notify, a
 //!   ready file).
@@ -28,3 +29,4 @@ pub mod mock_intake;
 pub mod queue;
 pub mod ready;
 pub mod sources;
+pub mod stats;

@@ -102,6 +102,60 @@ async fn metrics_count_what_went_through() {
     assert!(!text.contains(KEY));
 }
 
+/// The metrics table of docs/operations.md is the list of what `/metrics` serves, no more and
+/// no less; and `/status` shows the same counters (both are drawn from one stats table).
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_the_documented_ones_and_status_shows_them_too() {
+    let mock = start_mock().await;
+    let (fwd, _dir) = forwarder_for(&mock, "", "");
+    let client = reqwest::Client::new();
+    let acked = send_events(&client, &fwd.url(), KEY, 0, 40, 10).await;
+    wait_delivered(&mock, &acked).await;
+    fwd.wait_drained().await;
+    let text = reqwest::get(format!("http://{}/metrics", fwd.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let served: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    // Rows of the table: "| `sekoia_forwarder_name_total{labels}` | type | ...".
+    let documented: std::collections::BTreeSet<String> = docs
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `sekoia_forwarder_"))
+        .map(|l| {
+            let name = l.split(['`', '{']).next().unwrap();
+            let name = name.strip_suffix("_total").unwrap_or(name);
+            format!("sekoia_forwarder_{name}")
+        })
+        .collect();
+    let undocumented: Vec<_> = served.difference(&documented).collect();
+    let missing: Vec<_> = documented.difference(&served).collect();
+    assert!(
+        undocumented.is_empty(),
+        "served, not in docs/operations.md: {undocumented:?}"
+    );
+    assert!(
+        missing.is_empty(),
+        "in docs/operations.md, not served: {missing:?}"
+    );
+    let status = fwd.status().await;
+    assert_eq!(status["delivery"]["acked_events"], 40, "{status}");
+    assert_eq!(status["queue_counters"]["appended_events"], 40, "{status}");
+    assert!(
+        text.lines()
+            .any(|l| l == "sekoia_forwarder_queue_appended_events_total 40"),
+        "{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn server_errors_are_retried() {
     let dups = deliver_through(

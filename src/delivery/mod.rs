@@ -17,7 +17,7 @@ pub mod client;
 pub mod retry;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,19 +32,19 @@ use crate::queue::{
 use batch::BatchBuilder;
 use client::{Headers, IntakeClient, Outcome};
 
-/// Counters shown by metrics.
-#[derive(Debug, Default)]
-pub struct DeliveryStats {
-    pub requests: AtomicU64,
-    pub acked_events: AtomicU64,
-    pub retries: AtomicU64,
-    pub auth_failures: AtomicU64,
-    pub dead_letters: AtomicU64,
-    pub in_flight: AtomicU64,
-    /// Answers that were redirects (3xx): never followed, retried.
-    pub redirects: AtomicU64,
-    /// Events sent without their event date, which could not be sent as a header.
-    pub undated_events: AtomicU64,
+crate::stats::stats_table! {
+    /// Delivery's counters, shown by `/status` and `/metrics`.
+    pub struct DeliveryStats => DeliverySnapshot, metrics "delivery" {
+        requests: counter, "Requests sent to the intake";
+        acked_events: counter, "Events acknowledged by the intake";
+        retries: counter, "Failed requests that will be retried";
+        auth_failures: counter, "Requests refused for their intake key (401/403)";
+        dead_letters: counter, "Events refused for good and kept aside";
+        redirects: counter, "Redirects (3xx) answered by the intake: never followed, retried";
+        undated_events: counter,
+            "Events sent without their event date, which could not be sent as a header";
+        in_flight: gauge, "Requests on the wire";
+    }
 }
 
 /// What every delivery task shares.

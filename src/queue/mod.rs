@@ -143,35 +143,47 @@ impl Lane {
     }
 }
 
-/// Counters shown by metrics and `status`.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub commits: AtomicU64,
-    pub fsyncs: AtomicU64,
-    pub appended_events: AtomicU64,
-    pub acked_events: AtomicU64,
-    /// Dead letters kept in the store.
-    pub dead_letters: AtomicU64,
-    pub disk_bytes: AtomicU64,
-    pub free_bytes: AtomicU64,
-    /// Blob files of sled fsynced by the writer.
-    pub blob_fsyncs: AtomicU64,
-    /// fsyncs of the meta database (new lanes, dead letters).
-    pub meta_fsyncs: AtomicU64,
-    /// Blob files of the meta database fsynced (dead letters of large events); also counted
-    /// in `blob_fsyncs`.
-    pub meta_blob_fsyncs: AtomicU64,
-    pub storage_errors: AtomicU64,
-    /// Generations on disk, and how many are open.
-    pub generations: AtomicU64,
-    pub open_generations: AtomicU64,
-    /// Generations sealed, and delivered generations deleted, since start.
-    pub rotations: AtomicU64,
-    pub deleted_generations: AtomicU64,
-    /// Times the writer waited a moment for more appends before a commit, and the operations
-    /// those waits gained (`writer/gather.rs`).
-    pub group_waits: AtomicU64,
-    pub group_wait_gained: AtomicU64,
+crate::stats::stats_table! {
+    /// The queue's counters, shown by `/status` and `/metrics`.
+    pub struct Stats => StatsSnapshot, metrics "queue" {
+        appended_events: counter, "Events made durable in the queue";
+        acked_events: counter, "Events removed from the queue once the intake acknowledged them";
+        commits: counter, "Group commits";
+        group_waits: counter, "Times a commit waited a moment for more appends";
+        group_wait_gained_ops: counter, "Operations those waits gained";
+        fsyncs: counter, "fsyncs of the queue's data file";
+        blob_fsyncs: counter, "Blob files (large events) of the queue fsynced";
+        meta_fsyncs: counter,
+            "fsyncs of the queue's meta database (new intake keys, dead letters)";
+        meta_blob_fsyncs: counter,
+            "Blob files of the queue's meta database fsynced (dead letters of large events)";
+        storage_errors: counter, "Failed queue commits";
+        rotations: counter, "Queue generations sealed";
+        deleted_generations: counter,
+            "Delivered queue generations deleted (their disk space given back)";
+        disk_bytes: gauge, "Bytes the queue holds on disk";
+        free_bytes: gauge, "Free bytes on the queue's file system";
+        dead_letters: gauge, "Dead letters kept in the queue";
+        generations: gauge, "sled databases (generations) the queue is split into";
+        open_generations: gauge, "Queue generations open (in memory) now";
+    }
+}
+
+crate::stats::stats_snapshot! {
+    /// What the queue holds now and how delivery read it, computed when asked
+    /// ([`Queue::levels`]).
+    pub struct QueueLevels, metrics "queue" {
+        events: gauge, "Events waiting in the queue";
+        bytes: gauge, "Payload bytes waiting in the queue";
+        full: gauge, "1 while sources get back-pressure";
+        corrupt_generations: gauge,
+            "Damaged queue generations moved aside (gen-N.corrupt), waiting for `salvage`";
+        corrupt_events: gauge, "Events the moved-aside generations were known to hold";
+        chunks_read_from_memory: counter,
+            "Compressed chunks read for delivery from the bodies kept since their commit";
+        chunks_decompressed: counter,
+            "Compressed chunks read for delivery and decompressed from the store";
+    }
 }
 
 /// One sender that may append again soon ([`Queue::sender`]).
@@ -552,6 +564,26 @@ impl Queue {
 
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// What the queue holds now, and how delivery read its compressed chunks: from the bodies
+    /// kept since their commit, or decompressed from the store (`fresh.rs`).
+    pub fn levels(&self) -> QueueLevels {
+        let (events, bytes) = self.totals();
+        let corrupt = self.shared.corrupt();
+        let aside = corrupt.iter().filter(|n| n.generation.is_some());
+        let (corrupt_generations, corrupt_events) =
+            aside.fold((0, 0), |(g, e), n| (g + 1, e + n.events.unwrap_or(0)));
+        let (chunks_read_from_memory, chunks_decompressed) = self.fresh_reads();
+        QueueLevels {
+            events,
+            bytes,
+            full: u64::from(self.is_full()),
+            corrupt_generations,
+            corrupt_events,
+            chunks_read_from_memory,
+            chunks_decompressed,
+        }
     }
 
     /// Compressed chunks read for delivery: from the bodies kept since their commit, and

@@ -205,7 +205,7 @@ impl Gatherer {
     fn learn(&mut self, stats: &Stats, gained: usize) {
         stats.group_waits.fetch_add(1, Ordering::Relaxed);
         stats
-            .group_wait_gained
+            .group_wait_gained_ops
             .fetch_add(gained as u64, Ordering::Relaxed);
         if gained > 0 {
             self.misses = 0;
@@ -319,7 +319,7 @@ mod tests {
         late.join().unwrap();
         assert_eq!(group.ops.len(), 3, "one commit for the three senders");
         assert_eq!(stats.group_waits.load(Ordering::Relaxed), 1);
-        assert_eq!(stats.group_wait_gained.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.group_wait_gained_ops.load(Ordering::Relaxed), 2);
         // Woken at most once, by the last append it waited for (not at all if it took both
         // before it parked), not once per append: each wake-up is a context switch.
         let wakeups = senders.wakeups.load(Ordering::Relaxed);
