@@ -2,3 +2,4 @@
 //! once the queue says the events are durable.
 
 pub mod http;
+pub mod server;
