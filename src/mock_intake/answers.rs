@@ -1,13 +1,12 @@
-//! The answers the mock builds: statuses it can send, and JSON bodies.
+//! The answers the mock builds: the statuses it can send, and its JSON bodies (the intake's own
+//! answers, 200, 404 and 405, are [`intake_api`](crate::intake_api)'s).
 
-use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
 use super::Body;
-use crate::intake_api::{ApiError, Endpoint, ErrorResponse, EventIdResponse, EventIdsResponse};
+use crate::intake_api::{json_answer, Answer, ApiError, Refusal};
 
 /// `status` if the mock can answer it.
 pub(super) fn answerable(status: u16) -> Option<StatusCode> {
@@ -28,45 +27,20 @@ pub(super) fn answer_status(status: u16) -> StatusCode {
     })
 }
 
+/// `value` as a JSON answer (the control API's).
 pub(super) fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
-    match serde_json::to_vec(value) {
-        Ok(body) => {
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            *response.status_mut() = status;
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "mock intake cannot serialize an answer");
-            let mut response = Response::new(Full::new(Bytes::from_static(b"serialization error")));
-            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-            response
-        }
-    }
+    mock_body(json_answer(status, value))
 }
 
 pub(super) fn error_response(status: StatusCode, message: impl Into<String>) -> Response<Body> {
-    json_response(
-        status,
-        &ErrorResponse {
-            message: message.into(),
-        },
-    )
+    mock_body(Refusal::new(status, message).answer())
 }
 
 pub(super) fn api_error(e: &ApiError) -> Response<Body> {
     json_response(answer_status(e.status), &e.body())
 }
 
-/// 200 with `count` fresh ids: `{"event_id"}` where the endpoint answers one id and there is
-/// one, `{"event_ids"}` otherwise.
-pub(super) fn ids_response(endpoint: Endpoint, count: usize) -> Response<Body> {
-    let new_id = || uuid::Uuid::new_v4().to_string();
-    if endpoint.answers_single_id() && count == 1 {
-        return json_response(StatusCode::OK, &EventIdResponse { event_id: new_id() });
-    }
-    let event_ids = (0..count).map(|_| new_id()).collect();
-    json_response(StatusCode::OK, &EventIdsResponse { event_ids })
+/// An answer of [`intake_api`](crate::intake_api), with the mock's body type.
+pub(super) fn mock_body(answer: Answer) -> Response<Body> {
+    answer.map(Full::new)
 }

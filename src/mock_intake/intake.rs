@@ -6,16 +6,16 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, LOCATION, RETRY_AFTER};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::header::{HeaderValue, LOCATION, RETRY_AFTER};
+use hyper::{Request, Response, StatusCode};
 
-use super::answers::{answer_status, api_error, error_response, ids_response};
+use super::answers::{answer_status, api_error, error_response, mock_body};
 use super::connections::NoAnswer;
 use super::state::Shared;
 use super::{Body, FaultConfig, ScriptedFault};
 use crate::intake_api::{
-    parse_request, ApiError, BodyEncoding, Endpoint, IncomingEvent, Limits, RequestMeta,
-    MAX_BODY_BYTES,
+    acknowledgement, parse_request, route, ApiError, BodyEncoding, Endpoint, IncomingEvent, Limits,
+    RequestMeta, MAX_BODY_BYTES,
 };
 use crate::queue::redact_key;
 
@@ -57,11 +57,11 @@ pub(super) async fn intake(
 /// Decides the answer to an intake request and records its events if it is accepted; also
 /// returns the delay a `slow` fault adds.
 async fn decide(shared: &Shared, req: Request<Incoming>) -> (Outcome, Duration) {
-    let endpoint = match route(&req) {
+    let endpoint = match route(req.method(), req.uri().path()) {
         Ok(endpoint) => endpoint,
-        Err(e) => {
+        Err(refusal) => {
             shared.begin_request_unrouted();
-            return (Outcome::Answer(unrouted(&e)), Duration::ZERO);
+            return (Outcome::Answer(mock_body(refusal.answer())), Duration::ZERO);
         }
     };
     let scripted = shared.begin_request();
@@ -70,35 +70,6 @@ async fn decide(shared: &Shared, req: Request<Incoming>) -> (Outcome, Duration) 
         _ => Duration::ZERO,
     };
     (accept(shared, endpoint, req, scripted).await, delay)
-}
-
-/// The endpoint a request is for, or why there is none (404, 405).
-fn route(req: &Request<Incoming>) -> Result<Endpoint, ApiError> {
-    let path = req.uri().path();
-    let Some(endpoint) = Endpoint::from_path(path) else {
-        return Err(ApiError {
-            status: 404,
-            message: format!("no intake endpoint at {path}"),
-        });
-    };
-    if req.method() != Method::POST {
-        return Err(ApiError {
-            status: 405,
-            message: format!("{path} takes POST"),
-        });
-    }
-    Ok(endpoint)
-}
-
-/// The answer to a request that [`route`] refused.
-fn unrouted(e: &ApiError) -> Response<Body> {
-    let mut response = api_error(e);
-    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("POST"));
-    }
-    response
 }
 
 async fn accept(
@@ -234,7 +205,7 @@ fn answer_accepted(
         Some(ScriptedFault::WrongIds { delta, .. }) => {
             let ids = usize::try_from(count as i64 + i64::from(delta)).unwrap_or(0);
             tracing::info!(events = count, ids, key = %key, "mock intake: scripted wrong_ids");
-            ids_response(endpoint, ids)
+            mock_body(acknowledgement(endpoint, ids))
         }
         _ => {
             tracing::debug!(
@@ -243,7 +214,7 @@ fn answer_accepted(
                 key = %key,
                 "mock intake accepted a request"
             );
-            ids_response(endpoint, count)
+            mock_body(acknowledgement(endpoint, count))
         }
     }
 }

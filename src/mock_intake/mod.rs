@@ -9,7 +9,8 @@
 //! It answers like the real intake because it *is* the same parser: every request goes through
 //! [`intake_api::parse_request`](crate::intake_api::parse_request), with the same endpoints, key
 //! lookup, limits and answers (`{"event_id"}` for `/plain` and `/`, `{"event_ids": [...]}`, one
-//! per event, elsewhere). Like the real intake it accepts gzip request bodies
+//! per event, elsewhere; the 200, 404 and 405 are built by [`intake_api`](crate::intake_api),
+//! for the HTTP source too). Like the real intake it accepts gzip request bodies
 //! (`Content-Encoding: gzip`) and refuses bodies over 10 MiB with 413.
 //!
 //! It is written on hyper directly, not a framework, because one fault is "close the connection

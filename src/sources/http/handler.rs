@@ -14,10 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use super::HttpSourceStats;
 use crate::config::HttpSourceConfig;
-use crate::intake_api::{
-    self, ApiError, BodyEncoding, Endpoint, ErrorResponse, EventIdResponse, EventIdsResponse,
-    IncomingEvent, Limits, RequestMeta,
-};
+use crate::intake_api::{self, BodyEncoding, IncomingEvent, Limits, Refusal, RequestMeta};
 use crate::queue::{Queue, QueueError};
 
 /// Path of the liveness / readiness probe.
@@ -36,7 +33,7 @@ pub(super) struct Shared {
 }
 
 /// The one handler: routes by path, since the intake's paths are defined by
-/// [`Endpoint::from_path`] and not by a route table of ours.
+/// [`intake_api::route`] and not by a route table of ours.
 pub(super) async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     // Taken before `stopping` is looked at: either shutdown waits for this request, or the
     // request sees that the source is stopping.
@@ -79,8 +76,8 @@ fn probe(shared: &Shared, method: &Method, probe: Probe) -> Response {
             Probe::Liveness => HEALTH_PATH,
             Probe::Readiness => READY_PATH,
         };
-        return Rejection::method_not_allowed(path, "GET, HEAD")
-            .into_response(shared.config.retry_after_secs);
+        let refusal = Refusal::method_not_allowed(path, "GET, HEAD");
+        return respond(refusal, shared.config.retry_after_secs);
     }
     let status = if !shared.queue.writer_alive() {
         "queue_writer_stopped"
@@ -103,11 +100,8 @@ fn probe(shared: &Shared, method: &Method, probe: Probe) -> Response {
 }
 
 /// An intake request: read, parse, store durably, then acknowledge.
-async fn intake(shared: &Shared, path: &str, request: Request) -> Result<Response, Rejection> {
-    let endpoint = Endpoint::from_path(path).ok_or_else(|| Rejection::not_found(path))?;
-    if request.method() != Method::POST {
-        return Err(Rejection::method_not_allowed(path, "POST"));
-    }
+async fn intake(shared: &Shared, path: &str, request: Request) -> Result<Response, Refusal> {
+    let endpoint = intake_api::route(request.method(), path)?;
     shared.check_accepting()?;
     let (parts, body) = request.into_parts();
     let meta = RequestMeta::from_request(&parts.headers, &parts.uri);
@@ -115,7 +109,7 @@ async fn intake(shared: &Shared, path: &str, request: Request) -> Result<Respons
     let events = intake_api::parse_request(endpoint, &meta, &body, shared.limits())?;
     let count = events.len();
     shared.store(events).await?;
-    Ok(acknowledgement(endpoint, count))
+    Ok(intake_api::acknowledgement(endpoint, count).map(Body::from))
 }
 
 impl Shared {
@@ -126,22 +120,18 @@ impl Shared {
     }
 
     /// Refuses early (before reading the body) what the queue would refuse anyway.
-    fn check_accepting(&self) -> Result<(), Rejection> {
+    fn check_accepting(&self) -> Result<(), Refusal> {
         if self.stopping.is_cancelled() {
-            return Err(Rejection::unavailable(
-                "the forwarder is stopping; retry later",
-            ));
+            return Err(unavailable("the forwarder is stopping; retry later"));
         }
         if self.queue.is_full() {
-            return Err(Rejection::unavailable(
-                "the forwarder's queue is full; retry later",
-            ));
+            return Err(unavailable("the forwarder's queue is full; retry later"));
         }
         Ok(())
     }
 
     /// The request body, bounded by `max_body_bytes` and gunzipped if need be.
-    async fn read_body(&self, headers: &HeaderMap, body: Body) -> Result<Bytes, Rejection> {
+    async fn read_body(&self, headers: &HeaderMap, body: Body) -> Result<Bytes, Refusal> {
         let max = self.config.max_body_bytes;
         let encoding = BodyEncoding::from_headers(headers)?;
         if let Some(length) = content_length(headers).filter(|&length| length > max) {
@@ -151,7 +141,7 @@ impl Shared {
         let raw = tokio::time::timeout(self.config.body_read_timeout(), read)
             .await
             .map_err(|_| {
-                Rejection::new(
+                Refusal::new(
                     StatusCode::REQUEST_TIMEOUT,
                     format!(
                         "the body did not arrive within body_read_timeout_secs ({} s); \
@@ -162,9 +152,12 @@ impl Shared {
             })?
             .map_err(|e| {
                 if is_length_limit(&e) {
-                    Rejection::too_large(format!("the body is over max_body_bytes ({max} bytes)"))
+                    too_large(format!("the body is over max_body_bytes ({max} bytes)"))
                 } else {
-                    Rejection::bad_request(format!("cannot read the body: {e}"))
+                    Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("cannot read the body: {e}"),
+                    )
                 }
             })?;
         self.stats
@@ -174,7 +167,7 @@ impl Shared {
     }
 
     /// Appends `events` and returns once they are durable, or says why the sender must keep them.
-    async fn store(&self, events: Vec<IncomingEvent>) -> Result<(), Rejection> {
+    async fn store(&self, events: Vec<IncomingEvent>) -> Result<(), Refusal> {
         let count = events.len() as u64;
         match self.queue.append(events).await {
             Ok(()) => {
@@ -184,17 +177,13 @@ impl Shared {
                     .fetch_add(count, Ordering::Relaxed);
                 Ok(())
             }
-            Err(QueueError::Full) => Err(Rejection::unavailable(
-                "the forwarder's queue is full; retry later",
-            )),
-            Err(QueueError::Closed) => Err(Rejection::unavailable(
-                "the forwarder is stopping; retry later",
-            )),
+            Err(QueueError::Full) => Err(unavailable("the forwarder's queue is full; retry later")),
+            Err(QueueError::Closed) => Err(unavailable("the forwarder is stopping; retry later")),
             Err(e @ QueueError::TooManyKeys { .. }) => {
                 self.stats
                     .rejected_max_intake_keys
                     .fetch_add(1, Ordering::Relaxed);
-                Err(Rejection::new(StatusCode::FORBIDDEN, e.to_string()))
+                Err(Refusal::new(StatusCode::FORBIDDEN, e.to_string()))
             }
             Err(e) => {
                 tracing::error!(
@@ -202,7 +191,7 @@ impl Shared {
                     events = count,
                     "cannot store events: answered 503 so that the sender keeps them"
                 );
-                Err(Rejection::unavailable(
+                Err(unavailable(
                     "the forwarder cannot store events right now; retry later",
                 ))
             }
@@ -210,7 +199,7 @@ impl Shared {
     }
 
     /// Counts, logs and answers a refused request. The message never holds an intake key.
-    fn reject(&self, path: &str, rejection: Rejection) -> Response {
+    fn reject(&self, path: &str, rejection: Refusal) -> Response {
         self.stats.count_rejection(rejection.status);
         tracing::debug!(
             status = rejection.status.as_u16(),
@@ -218,18 +207,7 @@ impl Shared {
             message = %rejection.message,
             "http request rejected"
         );
-        rejection.into_response(self.config.retry_after_secs)
-    }
-}
-
-/// The 200 answer: one id for the single-event endpoints, one id per event otherwise.
-fn acknowledgement(endpoint: Endpoint, events: usize) -> Response {
-    let new_id = || uuid::Uuid::new_v4().to_string();
-    if endpoint.answers_single_id() {
-        Json(EventIdResponse { event_id: new_id() }).into_response()
-    } else {
-        let event_ids = (0..events).map(|_| new_id()).collect();
-        Json(EventIdsResponse { event_ids }).into_response()
+        respond(rejection, self.config.retry_after_secs)
     }
 }
 
@@ -243,8 +221,8 @@ fn content_length(headers: &HeaderMap) -> Option<usize> {
         .ok()
 }
 
-fn body_too_large(length: usize, max: usize) -> Rejection {
-    Rejection::too_large(format!(
+fn body_too_large(length: usize, max: usize) -> Refusal {
+    too_large(format!(
         "the body is {length} bytes, over max_body_bytes ({max} bytes)"
     ))
 }
@@ -267,85 +245,25 @@ fn set_retry_after(response: &mut Response, secs: u64) {
         .insert(header::RETRY_AFTER, HeaderValue::from(secs));
 }
 
-/// A refused request: its status and a message that says what to do.
-#[derive(Debug)]
-struct Rejection {
-    status: StatusCode,
-    message: String,
-    /// `Allow` header of a 405.
-    allow: Option<&'static str>,
+fn unavailable(message: &str) -> Refusal {
+    Refusal::new(StatusCode::SERVICE_UNAVAILABLE, message)
 }
 
-impl Rejection {
-    fn new(status: StatusCode, message: impl Into<String>) -> Rejection {
-        Rejection {
-            status,
-            message: message.into(),
-            allow: None,
-        }
-    }
+fn too_large(message: String) -> Refusal {
+    Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, message)
+}
 
-    fn bad_request(message: impl Into<String>) -> Rejection {
-        Rejection::new(StatusCode::BAD_REQUEST, message)
+/// The answer to a refused request, with `Retry-After` on a 503 and `Connection: close` on a
+/// 408 (the rest of the body may still be on its way).
+fn respond(refusal: Refusal, retry_after_secs: u64) -> Response {
+    let mut response = refusal.answer().map(Body::from);
+    if refusal.status == StatusCode::SERVICE_UNAVAILABLE {
+        set_retry_after(&mut response, retry_after_secs);
     }
-
-    fn too_large(message: impl Into<String>) -> Rejection {
-        Rejection::new(StatusCode::PAYLOAD_TOO_LARGE, message)
-    }
-
-    fn unavailable(message: impl Into<String>) -> Rejection {
-        Rejection::new(StatusCode::SERVICE_UNAVAILABLE, message)
-    }
-
-    fn not_found(path: &str) -> Rejection {
-        Rejection::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "no endpoint at {path}: POST to /plain, /plain/batch, /jsons, /array, / or /batch"
-            ),
-        )
-    }
-
-    fn method_not_allowed(path: &str, allow: &'static str) -> Rejection {
-        Rejection {
-            allow: Some(allow),
-            ..Rejection::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{path} accepts {allow} only"),
-            )
-        }
-    }
-
-    /// The JSON answer, with `Retry-After` on a 503, `Allow` on a 405 and `Connection: close`
-    /// on a 408 (the rest of the body may still be on its way).
-    fn into_response(self, retry_after_secs: u64) -> Response {
-        let mut response = (
-            self.status,
-            Json(ErrorResponse {
-                message: self.message,
-            }),
-        )
-            .into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            set_retry_after(&mut response, retry_after_secs);
-        }
-        if let Some(allow) = self.allow {
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(allow));
-        }
-        if self.status == StatusCode::REQUEST_TIMEOUT {
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
+    if refusal.status == StatusCode::REQUEST_TIMEOUT {
         response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-}
-
-impl From<ApiError> for Rejection {
-    fn from(e: ApiError) -> Rejection {
-        let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
-        Rejection::new(status, e.message)
-    }
+    response
 }
