@@ -1,5 +1,11 @@
 //! Sources: where events come from. Each one appends to the queue and answers its sender only
 //! once the queue says the events are durable.
+//!
+//! - [`http`]: the local intake-compatible HTTP API;
+//! - [`server`]: the protected connection server (connection limit, time limits for slow
+//!   clients) that the HTTP source is built on and that other stream sources reuse;
+//! - [`syslog`]: syslog over UDP, TCP and TLS.
 
 pub mod http;
+pub mod server;
 pub mod syslog;

@@ -3,13 +3,18 @@
 //! Three parts of the crate talk this protocol: the local HTTP source (which mimics the intake so
 //! that applications written for Sekoia only change a URL), the delivery client (which sends to the
 //! real intake) and the mock intake used by tests and `sekoia-forwarder mock-intake`. They all use
-//! the types and the request parser below, so that they cannot drift apart.
+//! the types and the request parser below, and the two servers the answers of [`answers`]
+//! (acknowledgement, 404, 405), so that they cannot drift apart.
 //!
 //! The API is described in `shared/intake-api.md`; the limits come from Sekoia's own SDK
 //! (`shared/notes/sekoia-intake.md`).
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+
+mod answers;
+
+pub use answers::{acknowledgement, json_answer, route, Answer, Refusal, INTAKE_METHOD};
 
 /// Header that carries the intake key.
 pub const INTAKE_KEY_HEADER: &str = "X-SEKOIAIO-INTAKE-KEY";
