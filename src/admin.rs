@@ -21,15 +21,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::delivery::{DeliverySnapshot, DeliveryStats};
 use crate::queue::{redact_key, Queue, QueueError, QueueStatus, StatsSnapshot};
-use crate::sources::http::HttpSourceStats;
+use crate::sources::http::{HttpSourceSnapshot, HttpSourceStats};
 use crate::stats;
 
 /// What the admin endpoints read.
@@ -81,6 +80,17 @@ pub struct StatusReport {
     pub queue_counters: StatsSnapshot,
     #[serde(default)]
     pub delivery: DeliverySnapshot,
+    /// One per HTTP source, by listening address.
+    #[serde(default)]
+    pub http_sources: Vec<HttpSourceReport>,
+}
+
+/// One HTTP source in `/status`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct HttpSourceReport {
+    pub listen: String,
+    #[serde(flatten)]
+    pub stats: HttpSourceSnapshot,
 }
 
 impl Observed {
@@ -89,6 +99,14 @@ impl Observed {
             queue: self.queue.status(),
             queue_counters: self.queue.stats().snapshot(),
             delivery: self.delivery.snapshot(),
+            http_sources: self
+                .http_sources
+                .iter()
+                .map(|(listen, stats)| HttpSourceReport {
+                    listen: listen.clone(),
+                    stats: stats.snapshot(),
+                })
+                .collect(),
         }
     }
 }
@@ -248,68 +266,16 @@ impl Collector for Observed {
         )?;
         stats::encode(&mut encoder, &[(Vec::new(), &self.queue.levels())])?;
         stats::encode(&mut encoder, &[(Vec::new(), &self.delivery.snapshot())])?;
-        self.encode_http_sources(&mut encoder)
-    }
-}
-
-impl Observed {
-    /// The HTTP sources' counters, one series per source (`listen` label) and status.
-    fn encode_http_sources(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        type Pick = fn(&HttpSourceStats) -> &std::sync::atomic::AtomicU64;
-        let plain: [(&str, &str, Pick); 4] = [
-            ("http_requests", "Requests to the HTTP source", |s| {
-                &s.requests
-            }),
-            (
-                "http_accepted_events",
-                "Events acknowledged by the HTTP source (durable)",
-                |s| &s.accepted_events,
-            ),
-            (
-                "http_body_bytes",
-                "Request body bytes read by the HTTP source",
-                |s| &s.bytes,
-            ),
-            (
-                "http_rejected_max_intake_keys",
-                "Requests refused (403) because their new intake keys would exceed max_intake_keys",
-                |s| &s.rejected_max_intake_keys,
-            ),
-        ];
-        for (name, help, pick) in plain {
-            let name = format!("sekoia_forwarder_{name}");
-            let mut family = encoder.encode_descriptor(
-                &name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for (listen, stats) in &self.http_sources {
-                let labels = [("listen", listen.as_str())];
-                ConstCounter::new(load(pick(stats))).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let rejected: [(&str, Pick); 5] = [
-            ("400", |s| &s.rejected_400),
-            ("401", |s| &s.rejected_401),
-            ("413", |s| &s.rejected_413),
-            ("503", |s| &s.rejected_503),
-            ("other", |s| &s.rejected_other),
-        ];
-        let mut family = encoder.encode_descriptor(
-            "sekoia_forwarder_http_rejected_requests",
-            "Requests the HTTP source refused, by status (the sender keeps their events)",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (listen, stats) in &self.http_sources {
-            for (status, pick) in rejected {
-                let labels = [("listen", listen.as_str()), ("status", status)];
-                ConstCounter::new(load(pick(stats))).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
+        let http: Vec<_> = self
+            .http_sources
+            .iter()
+            .map(|(listen, stats)| (listen, stats.snapshot()))
+            .collect();
+        let http: Vec<_> = http
+            .iter()
+            .map(|(listen, snapshot)| (vec![("listen", listen.as_str())], snapshot))
+            .collect();
+        stats::encode(&mut encoder, &http)
     }
 }
 
@@ -321,6 +287,7 @@ pub fn print_status(config: &Config, json: bool) -> anyhow::Result<()> {
                 queue: queue.status(),
                 queue_counters: StatsSnapshot::default(),
                 delivery: DeliverySnapshot::default(),
+                http_sources: Vec::new(),
             };
             close_offline(queue)?;
             report

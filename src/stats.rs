@@ -8,7 +8,8 @@
 //! [`Table`] of metric rows that `/metrics` encodes. [`stats_snapshot!`] does the same for
 //! values that are computed when asked (no atomics).
 //!
-//! A field's metric is `sekoia_forwarder_{prefix}_{field}`, or `_{prefix}_{name}` with
+//! A field's help is its metric's `# HELP` and the first line of its doc; `///` lines before
+//! it add to the doc. A field's metric is `sekoia_forwarder_{prefix}_{field}`, or `_{prefix}_{name}` with
 //! `as "name"`; fields that share a metric name (they must follow each other) are one family,
 //! told apart by the label each one gives (`{ "status" = "400" }`).
 
@@ -103,6 +104,7 @@ macro_rules! stats_snapshot {
         $(#[$meta:meta])*
         pub struct $snapshot:ident, metrics $prefix:literal {
             $(
+                $(#[doc = $doc:literal])*
                 $field:ident: $kind:ident $(as $metric:literal)? $({ $lname:literal = $lvalue:literal })?,
                 $help:literal;
             )*
@@ -114,6 +116,7 @@ macro_rules! stats_snapshot {
         pub struct $snapshot {
             $(
                 #[doc = $help]
+                $(#[doc = $doc])*
                 pub $field: u64,
             )*
         }
@@ -158,6 +161,7 @@ macro_rules! stats_table {
         $(#[$meta:meta])*
         pub struct $stats:ident => $snapshot:ident, metrics $prefix:literal {
             $(
+                $(#[doc = $doc:literal])*
                 $field:ident: $kind:ident $(as $metric:literal)? $({ $lname:literal = $lvalue:literal })?,
                 $help:literal;
             )*
@@ -168,6 +172,7 @@ macro_rules! stats_table {
         pub struct $stats {
             $(
                 #[doc = $help]
+                $(#[doc = $doc])*
                 pub $field: std::sync::atomic::AtomicU64,
             )*
         }
@@ -185,6 +190,7 @@ macro_rules! stats_table {
             #[doc = concat!("What [`", stringify!($stats), "`] counted, read at one moment.")]
             pub struct $snapshot, metrics $prefix {
                 $(
+                    $(#[doc = $doc])*
                     $field: $kind $(as $metric)? $({ $lname = $lvalue })?, $help;
                 )*
             }

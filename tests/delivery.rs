@@ -149,6 +149,9 @@ async fn metrics_are_the_documented_ones_and_status_shows_them_too() {
     let status = fwd.status().await;
     assert_eq!(status["delivery"]["acked_events"], 40, "{status}");
     assert_eq!(status["queue_counters"]["appended_events"], 40, "{status}");
+    let source = &status["http_sources"][0];
+    assert_eq!(source["listen"], fwd.source.to_string(), "{status}");
+    assert_eq!(source["accepted_events"], 40, "{status}");
     assert!(
         text.lines()
             .any(|l| l == "sekoia_forwarder_queue_appended_events_total 40"),

@@ -161,7 +161,7 @@ impl Shared {
                 }
             })?;
         self.stats
-            .bytes
+            .body_bytes
             .fetch_add(raw.len() as u64, Ordering::Relaxed);
         Ok(encoding.decode(raw, max)?)
     }

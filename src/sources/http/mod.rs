@@ -31,7 +31,7 @@
 //! are accepted only when one closes, and wait in the kernel's backlog until then.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -59,32 +59,33 @@ mod tests;
 /// Who accepts connections, in the log of the generic server.
 const SOURCE_NAME: &str = "http source";
 
-/// Counters of the HTTP source, read by metrics. `/health` and `/ready` requests are not
-/// counted.
-#[derive(Debug, Default)]
-pub struct HttpSourceStats {
-    /// Requests received (any path, any answer).
-    pub requests: AtomicU64,
-    /// Requests answered 200 (their events are durable).
-    pub accepted_requests: AtomicU64,
-    /// Events acknowledged to senders.
-    pub accepted_events: AtomicU64,
-    /// Requests refused as malformed (bad JSON, bad UTF-8, bad gzip, no event).
-    pub rejected_400: AtomicU64,
-    /// Requests refused for want of an intake key.
-    pub rejected_401: AtomicU64,
-    /// Requests refused as too large (body or one event).
-    pub rejected_413: AtomicU64,
-    /// Requests refused (403) because their new intake keys would bring the queue over
-    /// `max_intake_keys`; also counted in `rejected_other`.
-    pub rejected_max_intake_keys: AtomicU64,
-    /// Requests refused for now: queue full, storage error, forwarder stopping.
-    pub rejected_503: AtomicU64,
-    /// Other refusals: unknown path (404), wrong method (405), body too slow (408), unknown
-    /// encoding (415).
-    pub rejected_other: AtomicU64,
-    /// Request body bytes read, as sent (before gzip decompression).
-    pub bytes: AtomicU64,
+crate::stats::stats_table! {
+    /// Counters of the HTTP source, one set per source (`listen` label in `/metrics`).
+    /// `/health` and `/ready` requests are not counted.
+    pub struct HttpSourceStats => HttpSourceSnapshot, metrics "http" {
+        /// Any path, any answer.
+        requests: counter, "Requests to the HTTP source";
+        /// Their events are durable.
+        accepted_requests: counter, "Requests the HTTP source answered 200";
+        accepted_events: counter, "Events acknowledged by the HTTP source (durable)";
+        /// Bad JSON, bad UTF-8, bad gzip, no event.
+        rejected_400: counter as "rejected_requests" { "status" = "400" },
+            "Requests the HTTP source refused, by status (the sender keeps their events)";
+        /// No intake key.
+        rejected_401: counter as "rejected_requests" { "status" = "401" }, "Refused: no key";
+        /// The body or one event too large.
+        rejected_413: counter as "rejected_requests" { "status" = "413" }, "Refused: too large";
+        /// Queue full, storage error, forwarder stopping.
+        rejected_503: counter as "rejected_requests" { "status" = "503" }, "Refused for now";
+        /// Unknown path (404), wrong method (405), body too slow (408), unknown encoding
+        /// (415), too many intake keys (403).
+        rejected_other: counter as "rejected_requests" { "status" = "other" }, "Other refusals";
+        /// Also counted in `rejected_other`.
+        rejected_max_intake_keys: counter,
+            "Requests refused (403) because their new intake keys would exceed max_intake_keys";
+        /// As sent (before gzip decompression).
+        body_bytes: counter, "Request body bytes read by the HTTP source";
+    }
 }
 
 impl HttpSourceStats {

@@ -198,7 +198,7 @@ impl FrameDecoder {
                 // A stream that ends in the middle of a count, or a count that is not one:
                 // its bytes are read as lines, not thrown away.
                 Count::Incomplete => return self.line_step(buf, eof),
-                Count::NotACount => {
+                Count::Invalid => {
                     self.framing_errors += 1;
                     self.framing = Some(Framing::Lines);
                     return self.line_step(buf, eof);
@@ -369,14 +369,14 @@ fn strip_end(mut message: Bytes) -> Bytes {
 enum Count {
     Complete(u64),
     Incomplete,
-    NotACount,
+    Invalid,
 }
 
 /// Reads `MSG-LEN SP` off the front of `buf`.
 fn read_count(buf: &mut BytesMut) -> Count {
     let digits = buf.iter().take_while(|b| b.is_ascii_digit()).count();
     if digits > MAX_COUNT_DIGITS {
-        return Count::NotACount;
+        return Count::Invalid;
     }
     match buf.get(digits) {
         None => Count::Incomplete,
@@ -387,7 +387,7 @@ fn read_count(buf: &mut BytesMut) -> Count {
             buf.advance(digits + 1);
             Count::Complete(count)
         }
-        Some(_) => Count::NotACount,
+        Some(_) => Count::Invalid,
     }
 }
 
