@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::delivery::{DeliverySnapshot, DeliveryStats};
 use crate::queue::{redact_key, Queue, QueueError, QueueStatus, StatsSnapshot};
 use crate::sources::http::{HttpSourceSnapshot, HttpSourceStats};
+use crate::sources::syslog::{SyslogSourceSnapshot, SyslogSourceStats};
 use crate::stats;
 
 /// What the admin endpoints read.
@@ -38,6 +39,8 @@ pub struct Observed {
     pub delivery: Arc<DeliveryStats>,
     /// One per HTTP source, labelled by its listening address.
     pub http_sources: Vec<(String, Arc<HttpSourceStats>)>,
+    /// One per syslog source, labelled `udp://ADDR`, `tcp://ADDR` or `tls://ADDR`.
+    pub syslog_sources: Vec<(String, Arc<SyslogSourceStats>)>,
 }
 
 /// What the admin endpoints answer from: the running parts once the queue is open, and
@@ -82,15 +85,31 @@ pub struct StatusReport {
     pub delivery: DeliverySnapshot,
     /// One per HTTP source, by listening address.
     #[serde(default)]
-    pub http_sources: Vec<HttpSourceReport>,
+    pub http_sources: Vec<SourceReport<HttpSourceSnapshot>>,
+    /// One per syslog source, by `udp://`, `tcp://` or `tls://` address.
+    #[serde(default)]
+    pub syslog_sources: Vec<SourceReport<SyslogSourceSnapshot>>,
 }
 
-/// One HTTP source in `/status`.
+/// One source in `/status`: where it listens, and its counters.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct HttpSourceReport {
+pub struct SourceReport<S> {
     pub listen: String,
     #[serde(flatten)]
-    pub stats: HttpSourceSnapshot,
+    pub stats: S,
+}
+
+fn source_reports<T, S>(
+    sources: &[(String, Arc<T>)],
+    snapshot: fn(&T) -> S,
+) -> Vec<SourceReport<S>> {
+    sources
+        .iter()
+        .map(|(listen, stats)| SourceReport {
+            listen: listen.clone(),
+            stats: snapshot(stats),
+        })
+        .collect()
 }
 
 impl Observed {
@@ -99,14 +118,8 @@ impl Observed {
             queue: self.queue.status(),
             queue_counters: self.queue.stats().snapshot(),
             delivery: self.delivery.snapshot(),
-            http_sources: self
-                .http_sources
-                .iter()
-                .map(|(listen, stats)| HttpSourceReport {
-                    listen: listen.clone(),
-                    stats: stats.snapshot(),
-                })
-                .collect(),
+            http_sources: source_reports(&self.http_sources, HttpSourceStats::snapshot),
+            syslog_sources: source_reports(&self.syslog_sources, SyslogSourceStats::snapshot),
         }
     }
 }
@@ -266,17 +279,27 @@ impl Collector for Observed {
         )?;
         stats::encode(&mut encoder, &[(Vec::new(), &self.queue.levels())])?;
         stats::encode(&mut encoder, &[(Vec::new(), &self.delivery.snapshot())])?;
-        let http: Vec<_> = self
-            .http_sources
-            .iter()
-            .map(|(listen, stats)| (listen, stats.snapshot()))
-            .collect();
-        let http: Vec<_> = http
-            .iter()
-            .map(|(listen, snapshot)| (vec![("listen", listen.as_str())], snapshot))
-            .collect();
-        stats::encode(&mut encoder, &http)
+        encode_sources(&mut encoder, &self.http_sources, HttpSourceStats::snapshot)?;
+        encode_sources(
+            &mut encoder,
+            &self.syslog_sources,
+            SyslogSourceStats::snapshot,
+        )
     }
+}
+
+/// The families of one kind of source, a series per source labelled by where it listens.
+fn encode_sources<T, S: stats::Table>(
+    encoder: &mut DescriptorEncoder,
+    sources: &[(String, Arc<T>)],
+    snapshot: fn(&T) -> S,
+) -> Result<(), std::fmt::Error> {
+    let snapshots: Vec<_> = sources.iter().map(|(l, s)| (l, snapshot(s))).collect();
+    let labelled: Vec<_> = snapshots
+        .iter()
+        .map(|(listen, s)| (vec![("listen", listen.as_str())], s))
+        .collect();
+    stats::encode(encoder, &labelled)
 }
 
 /// The `status` command: asks the running forwarder, or reads the queue when none runs.
@@ -288,6 +311,7 @@ pub fn print_status(config: &Config, json: bool) -> anyhow::Result<()> {
                 queue_counters: StatsSnapshot::default(),
                 delivery: DeliverySnapshot::default(),
                 http_sources: Vec::new(),
+                syslog_sources: Vec::new(),
             };
             close_offline(queue)?;
             report

@@ -25,6 +25,7 @@ use crate::delivery::Delivery;
 use crate::queue::Queue;
 use crate::ready::{Readiness, ReadyInfo, ReadySource};
 use crate::sources::http::HttpSource;
+use crate::sources::syslog::SyslogSource;
 
 const SOURCE_GRACE: Duration = Duration::from_secs(10);
 const DELIVERY_GRACE: Duration = Duration::from_secs(5);
@@ -73,6 +74,7 @@ pub async fn run(config: Config, readiness: Readiness) -> anyhow::Result<()> {
     let delivery_stop = CancellationToken::new();
     let mut sources = tokio::task::JoinSet::new();
     let mut http_sources = Vec::new();
+    let mut syslog_sources = Vec::new();
     for source in &config.sources {
         match source {
             SourceConfig::Http(http) => {
@@ -83,6 +85,18 @@ pub async fn run(config: Config, readiness: Readiness) -> anyhow::Result<()> {
                 ready.sources.push(ReadySource {
                     kind: "http".into(),
                     listen: src.local_addr(),
+                    transport: None,
+                });
+                sources.spawn(src.run(sources_stop.clone()));
+            }
+            SourceConfig::Syslog(syslog) => {
+                let src = SyslogSource::bind(syslog.clone(), queue.clone()).await?;
+                let listen = format!("{}://{}", src.scheme(), src.local_addr());
+                syslog_sources.push((listen, src.stats()));
+                ready.sources.push(ReadySource {
+                    kind: "syslog".into(),
+                    listen: src.local_addr(),
+                    transport: Some(src.scheme().into()),
                 });
                 sources.spawn(src.run(sources_stop.clone()));
             }
@@ -95,6 +109,7 @@ pub async fn run(config: Config, readiness: Readiness) -> anyhow::Result<()> {
         queue: queue.clone(),
         delivery: delivery.stats(),
         http_sources,
+        syslog_sources,
     });
     let delivery = tokio::spawn(delivery.run(DELIVERY_GRACE));
     readiness.ready(&ready);

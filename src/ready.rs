@@ -38,6 +38,9 @@ pub struct ReadySource {
     pub kind: String,
     /// The address it really listens on (port 0 resolved).
     pub listen: SocketAddr,
+    /// `udp`, `tcp` or `tls` for a syslog source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 /// The signals of one run: where to write, and whether to tell systemd.
@@ -114,6 +117,7 @@ mod tests {
             sources: vec![ReadySource {
                 kind: "http".into(),
                 listen: SocketAddr::from(([127, 0, 0, 1], 10080)),
+                transport: None,
             }],
         }
     }

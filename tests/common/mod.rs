@@ -29,6 +29,8 @@ pub struct Forwarder {
     child: Option<Child>,
     pub source: SocketAddr,
     pub admin: SocketAddr,
+    /// What its ready file said: every source's address.
+    pub ready: Option<ReadyInfo>,
     pub config: PathBuf,
     log: Arc<Mutex<String>>,
     /// The thread that copies the process's stderr into `log`: joined once the process has
@@ -162,6 +164,7 @@ impl Forwarder {
             child: Some(child),
             source: SocketAddr::from(([0, 0, 0, 0], 0)),
             admin: SocketAddr::from(([0, 0, 0, 0], 0)),
+            ready: None,
             config: config.to_owned(),
             log,
             reader: Some(reader),
@@ -173,7 +176,19 @@ impl Forwarder {
             .expect("no source in the ready file")
             .listen;
         fwd.admin = ready.admin.expect("the admin listener is off");
+        fwd.ready = Some(ready);
         fwd
+    }
+
+    /// Where its syslog source of this transport (`udp`, `tcp`, `tls`) listens.
+    pub fn syslog(&self, transport: &str) -> SocketAddr {
+        let ready = self.ready.as_ref().expect("started");
+        ready
+            .sources
+            .iter()
+            .find(|s| s.kind == "syslog" && s.transport.as_deref() == Some(transport))
+            .unwrap_or_else(|| panic!("no {transport} syslog source in {ready:?}"))
+            .listen
     }
 
     /// Waits for this process's ready file; panics with its log if it exits first or the

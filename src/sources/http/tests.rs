@@ -770,7 +770,9 @@ fn the_limits_are_options_of_the_source() {
     let text = "[[source]]\ntype = \"http\"\nheader_read_timeout_secs = 2\n\
                 body_read_timeout_secs = 3\nidle_timeout_secs = 4\nmax_connections = 5\n";
     let config = Config::parse(text, Path::new("f.toml")).unwrap();
-    let SourceConfig::Http(http) = &config.sources[0];
+    let SourceConfig::Http(http) = &config.sources[0] else {
+        panic!("not an http source");
+    };
     assert_eq!(
         (
             http.header_read_timeout(),

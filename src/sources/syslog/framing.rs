@@ -127,6 +127,13 @@ impl FrameDecoder {
         self.framing.map(|f| f == Framing::OctetCounted)
     }
 
+    /// One whole message (a UDP datagram): its frame, or frames if it is split; none if it
+    /// is empty once stripped.
+    pub fn message(&mut self, bytes: Bytes) -> impl Iterator<Item = Frame> + '_ {
+        self.take(bytes, true);
+        self.ready.drain(..)
+    }
+
     fn next_frame(&mut self, buf: &mut BytesMut, eof: bool) -> Option<Frame> {
         loop {
             if let Some(frame) = self.ready.pop_front() {

@@ -12,6 +12,9 @@ use serde::Deserialize;
 
 use crate::intake_api;
 
+mod syslog;
+pub use syslog::{IntakeKey, Listen, SyslogSourceConfig};
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -175,6 +178,8 @@ impl IntakeConfig {
 pub enum SourceConfig {
     /// The local intake-compatible HTTP API.
     Http(HttpSourceConfig),
+    /// Syslog over UDP, TCP or TLS.
+    Syslog(SyslogSourceConfig),
 }
 
 /// `[[source]] type = "http"`.
@@ -436,6 +441,7 @@ impl Config {
                         "expected at least 1",
                     )?;
                 }
+                SourceConfig::Syslog(s) => s.validate()?,
             }
         }
         Ok(())

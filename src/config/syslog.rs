@@ -1,0 +1,219 @@
+//! `[[source]] type = "syslog"`: where a syslog source listens, how, and whose events it
+//! receives.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::intake_api;
+use crate::sources::syslog::framing::Oversize;
+
+/// `[[source]] type = "syslog"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogSourceConfig {
+    /// `udp://ADDR:PORT`, `tcp://ADDR:PORT` or `tls://ADDR:PORT`.
+    pub listen: Listen,
+    /// The intake key of every event of this source: exactly one of the three is given.
+    #[serde(default)]
+    pub intake_key: Option<IntakeKey>,
+    /// The name of an environment variable that holds the key.
+    #[serde(default)]
+    pub intake_key_env: Option<String>,
+    /// A file that holds the key (surrounding whitespace ignored), e.g. a systemd credential.
+    #[serde(default)]
+    pub intake_key_file: Option<PathBuf>,
+    /// Largest event; a longer message is cut as `oversize` says.
+    #[serde(default = "default_max_event_bytes")]
+    pub max_event_bytes: usize,
+    #[serde(default)]
+    pub oversize: Oversize,
+    /// TCP/TLS: connections served at once; further connections wait in the kernel's backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// TCP/TLS: a connection that sends nothing for that long is closed.
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// TCP/TLS: time a message (and a TLS handshake) may take from its first byte to its last.
+    #[serde(default = "default_message_timeout_secs")]
+    pub message_timeout_secs: u64,
+    /// UDP: the socket's receive buffer (SO_RCVBUF), what absorbs a burst while the queue
+    /// commits; the kernel may cap it (`net.core.rmem_max`).
+    #[serde(default = "default_receive_buffer_bytes")]
+    pub receive_buffer_bytes: usize,
+    /// TLS: the server's certificate chain and private key (PEM).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: when given, clients must present a certificate signed by one of these CAs (PEM).
+    #[serde(default)]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+fn default_max_event_bytes() -> usize {
+    intake_api::MAX_EVENT_BYTES
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_idle_timeout_secs() -> u64 {
+    300
+}
+fn default_message_timeout_secs() -> u64 {
+    60
+}
+fn default_receive_buffer_bytes() -> usize {
+    4 << 20
+}
+
+impl SyslogSourceConfig {
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    pub fn message_timeout(&self) -> Duration {
+        Duration::from_secs(self.message_timeout_secs)
+    }
+
+    /// The key, read from where the configuration says. The error names the place, never
+    /// the key.
+    pub fn resolve_intake_key(&self) -> Result<IntakeKey, String> {
+        let key = match (
+            &self.intake_key,
+            &self.intake_key_env,
+            &self.intake_key_file,
+        ) {
+            (Some(key), None, None) => key.0.clone(),
+            (None, Some(var), None) => std::env::var(var).map_err(|_| {
+                format!("the environment variable {var} (intake_key_env) is not set")
+            })?,
+            (None, None, Some(file)) => std::fs::read_to_string(file)
+                .map_err(|e| format!("cannot read intake_key_file {}: {e}", file.display()))?,
+            _ => return Err(KEY_CHOICE.to_owned()),
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            return Err("the intake key is empty".to_owned());
+        }
+        Ok(IntakeKey(key.to_owned()))
+    }
+
+    /// Checks what types alone cannot; the error is `(key, what is expected)`.
+    pub(super) fn validate(&self) -> Result<(), (String, String)> {
+        let given = [
+            self.intake_key.is_some(),
+            self.intake_key_env.is_some(),
+            self.intake_key_file.is_some(),
+        ];
+        let check = |ok: bool, key: &str, msg: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err((format!("source.{key}"), msg.to_owned()))
+            }
+        };
+        check(
+            given.iter().filter(|&&g| g).count() == 1,
+            "intake_key",
+            KEY_CHOICE,
+        )?;
+        check(
+            (256..=intake_api::MAX_EVENT_BYTES).contains(&self.max_event_bytes),
+            "max_event_bytes",
+            "expected 256 to 250000 (the intake refuses larger events)",
+        )?;
+        check(
+            self.max_connections >= 1,
+            "max_connections",
+            "expected at least 1",
+        )?;
+        check(
+            self.idle_timeout_secs >= 1,
+            "idle_timeout_secs",
+            "expected at least 1",
+        )?;
+        check(
+            self.message_timeout_secs >= 1,
+            "message_timeout_secs",
+            "expected at least 1",
+        )?;
+        let tls = matches!(self.listen, Listen::Tls(_));
+        check(
+            !tls || (self.tls_cert.is_some() && self.tls_key.is_some()),
+            "tls_cert",
+            "a tls:// source needs tls_cert and tls_key",
+        )?;
+        check(
+            tls || (self.tls_cert.is_none()
+                && self.tls_key.is_none()
+                && self.tls_client_ca.is_none()),
+            "tls_cert",
+            "tls_cert, tls_key and tls_client_ca are for a tls:// source",
+        )?;
+        Ok(())
+    }
+}
+
+const KEY_CHOICE: &str = "expected exactly one of intake_key, intake_key_env, intake_key_file";
+
+/// Where a syslog source listens, and over what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Listen {
+    Udp(SocketAddr),
+    Tcp(SocketAddr),
+    Tls(SocketAddr),
+}
+
+impl Listen {
+    pub fn addr(self) -> SocketAddr {
+        match self {
+            Listen::Udp(a) | Listen::Tcp(a) | Listen::Tls(a) => a,
+        }
+    }
+
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Listen::Udp(_) => "udp",
+            Listen::Tcp(_) => "tcp",
+            Listen::Tls(_) => "tls",
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", self.scheme(), self.addr())
+    }
+}
+
+impl TryFrom<String> for Listen {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Listen, String> {
+        let expected = || {
+            format!("expected udp://ADDR:PORT, tcp://ADDR:PORT or tls://ADDR:PORT, not {text:?}")
+        };
+        let (scheme, addr) = text.split_once("://").ok_or_else(expected)?;
+        let addr: SocketAddr = addr.parse().map_err(|_| expected())?;
+        match scheme {
+            "udp" => Ok(Listen::Udp(addr)),
+            "tcp" => Ok(Listen::Tcp(addr)),
+            "tls" => Ok(Listen::Tls(addr)),
+            _ => Err(expected()),
+        }
+    }
+}
+
+/// An intake key: shown redacted in `Debug`, so that a logged configuration never holds it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct IntakeKey(pub String);
+
+impl std::fmt::Debug for IntakeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IntakeKey({})", crate::queue::redact_key(&self.0))
+    }
+}

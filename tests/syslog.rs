@@ -1,0 +1,233 @@
+//! The syslog source with senders no one here wrote: util-linux `logger` over UDP, TCP
+//! (newline and octet-counted framing, RFC 3164 and RFC 5424), through the real binary to
+//! the mock intake.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+const KEY: &str = "syslog-test-intake-key-0001";
+
+/// A forwarder with a UDP and a TCP syslog source (ephemeral ports), key from the environment.
+fn syslog_forwarder(mock: &MockIntake, extra: &str) -> (Forwarder, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = format!(
+        r#"
+[[source]]
+type = "syslog"
+listen = "udp://127.0.0.1:0"
+intake_key_env = "SYSLOG_TEST_KEY"
+{extra}
+
+[[source]]
+type = "syslog"
+listen = "tcp://127.0.0.1:0"
+intake_key_env = "SYSLOG_TEST_KEY"
+{extra}
+"#
+    );
+    let config = write_config(dir.path(), &mock.url(), "", &sources);
+    let fwd = Forwarder::start_with_env(&config, &[("SYSLOG_TEST_KEY", KEY)]);
+    (fwd, dir)
+}
+
+/// Runs `logger` with `args`, sending `lines` (one message each) on its standard input.
+fn logger(args: &[&str], lines: &[String]) {
+    let mut child = Command::new("logger")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("logger (util-linux) is needed");
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for line in lines {
+            writeln!(stdin, "{line}").unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "logger {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until the mock has an event containing each of `texts`; returns those events.
+async fn wait_for_texts(
+    mock: &MockIntake,
+    fwd: &Forwarder,
+    texts: &[String],
+) -> Vec<ReceivedEvent> {
+    let found = wait_until_async(DEADLINE, || async {
+        let events = mock.events();
+        texts
+            .iter()
+            .all(|t| events.iter().any(|e| e.raw.contains(t.as_str())))
+    })
+    .await;
+    let events = mock.events();
+    assert!(
+        found,
+        "not all of {} messages arrived ({} events):\n{}",
+        texts.len(),
+        events.len(),
+        fwd.log()
+    );
+    events
+}
+
+fn texts(tag: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{tag} message {i:04}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logger_over_tcp_in_both_framings_and_both_formats() {
+    let mock = start_mock().await;
+    let (fwd, _dir) = syslog_forwarder(&mock, "");
+    let port = fwd.syslog("tcp").port().to_string();
+    let cases: [(&str, &[&str]); 4] = [
+        ("lines-3164", &["--rfc3164"]),
+        ("lines-5424", &["--rfc5424"]),
+        ("counted-3164", &["--rfc3164", "--octet-count"]),
+        ("counted-5424", &["--rfc5424", "--octet-count"]),
+    ];
+    let mut all = Vec::new();
+    for (tag, format) in cases {
+        let lines = texts(tag, 50);
+        let mut args = vec!["--tcp", "--server", "127.0.0.1", "--port", &port];
+        args.extend_from_slice(format);
+        args.extend_from_slice(&["--tag", "sftest", "--priority", "local3.warning"]);
+        logger(&args, &lines);
+        all.extend(lines);
+    }
+    let events = wait_for_texts(&mock, &fwd, &all).await;
+    assert_eq!(events.len(), all.len(), "each message once");
+    for e in &events {
+        assert_eq!(e.intake_key, KEY);
+        // <156> = local3 (19) * 8 + warning (4); forwarded raw, without its newline.
+        assert!(e.raw.starts_with("<156>"), "{:?}", e.raw);
+        assert!(
+            !e.raw.ends_with('\n') && !e.raw.contains('\0'),
+            "{:?}",
+            e.raw
+        );
+        assert!(e.raw.contains("sftest"), "{:?}", e.raw);
+    }
+    let rfc5424 = events
+        .iter()
+        .filter(|e| e.raw.starts_with("<156>1 "))
+        .count();
+    assert_eq!(
+        rfc5424, 100,
+        "the RFC 5424 messages keep their version field"
+    );
+    let status = fwd.status().await;
+    let tcp = status["syslog_sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["listen"].as_str().unwrap().starts_with("tcp://"))
+        .unwrap()
+        .clone();
+    assert_eq!(tcp["accepted_events"], 200, "{status}");
+    assert_eq!(tcp["connections"], 4, "{status}");
+    assert_eq!(tcp["framing_errors"], 0, "{status}");
+    assert!(!fwd.log().contains(KEY), "the intake key was logged");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logger_over_udp() {
+    let mock = start_mock().await;
+    let (fwd, _dir) = syslog_forwarder(&mock, "");
+    let port = fwd.syslog("udp").port().to_string();
+    let lines = texts("udp", 100);
+    logger(
+        &[
+            "--udp",
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--rfc5424",
+        ],
+        &lines,
+    );
+    // Loopback with a 4 MiB receive buffer drops nothing of 100 small datagrams.
+    let events = wait_for_texts(&mock, &fwd, &lines).await;
+    assert_eq!(events.len(), 100);
+    assert!(events.iter().all(|e| e.intake_key == KEY));
+    let text = reqwest::get(format!("http://{}/metrics", fwd.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let udp = format!("listen=\"udp://{}\"", fwd.syslog("udp"));
+    for line in [
+        format!("sekoia_forwarder_syslog_datagrams_total{{{udp}}} 100"),
+        format!("sekoia_forwarder_syslog_accepted_events_total{{{udp}}} 100"),
+        format!("sekoia_forwarder_syslog_kernel_dropped_datagrams_total{{{udp}}} 0"),
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn long_messages_are_truncated_or_split_never_dropped() {
+    let long = "L".repeat(300_000);
+    for (oversize, want_events) in [("truncate", 1), ("split", 2)] {
+        let mock = start_mock().await;
+        let (fwd, _dir) = syslog_forwarder(&mock, &format!("oversize = \"{oversize}\""));
+        let port = fwd.syslog("tcp").port().to_string();
+        let message = format!("<13>{long} end");
+        // logger caps its own messages; a raw octet-counted frame is what a relay sends.
+        let frame = format!("{} {message}", message.len());
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port.parse().unwrap())).unwrap();
+        tcp.write_all(frame.as_bytes()).unwrap();
+        tcp.write_all(b"6 <13>ok").unwrap();
+        drop(tcp);
+        let ok = wait_for_texts(&mock, &fwd, &["<13>ok".to_owned()]).await;
+        let events: Vec<_> = ok.iter().filter(|e| e.raw != "<13>ok").collect();
+        assert_eq!(events.len(), want_events, "{oversize}");
+        assert!(events.iter().all(|e| e.raw.len() <= 250_000), "{oversize}");
+        match oversize {
+            "truncate" => assert!(
+                events[0].raw.ends_with(&format!(
+                    "[truncated by sekoia-forwarder: {} bytes]",
+                    message.len()
+                )),
+                "{}",
+                &events[0].raw[events[0].raw.len() - 80..]
+            ),
+            _ => assert_eq!(
+                events.iter().map(|e| e.raw.as_str()).collect::<String>(),
+                message
+            ),
+        }
+    }
+}
+
+#[test]
+fn a_syslog_source_without_a_key_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        "",
+        "\n[[source]]\ntype = \"syslog\"\nlisten = \"tcp://127.0.0.1:0\"\nintake_key_env = \"NO_SUCH_VARIABLE_SET\"\n",
+    );
+    let out = Command::new(binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("NO_SUCH_VARIABLE_SET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NO_SUCH_VARIABLE_SET"), "{err}");
+    assert!(err.contains("tcp://127.0.0.1:0"), "{err}");
+}
