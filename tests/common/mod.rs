@@ -568,3 +568,97 @@ impl Forwarder {
         self.log()
     }
 }
+
+/// A syslog relay (rsyslog, syslog-ng) that a test started: killed (SIGKILL) when dropped,
+/// so that a failing test leaves none behind. Its output goes to `relay.log` in its directory.
+pub struct Relay {
+    child: Child,
+    pub name: String,
+    pub log_path: PathBuf,
+}
+
+impl Relay {
+    /// Starts `program args` with its standard output and error in `log_path`.
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log_path: PathBuf,
+    ) -> Relay {
+        let log = std::fs::File::create(&log_path).expect("relay log");
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("relay log"))
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        // If the test process dies, the relay must not live on.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                rustix::process::set_parent_process_death_signal(Some(
+                    rustix::process::Signal::KILL,
+                ))
+                .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Relay {
+            child,
+            name: name.to_owned(),
+            log_path,
+        }
+    }
+
+    /// What it wrote so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Whether it still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Panics with its log if it has exited.
+    pub fn assert_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited with {status}:\n{}", self.name, self.log());
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Finds a relay's program on `PATH` or at one of `places`. Missing: `None` with a loud
+/// message, unless `CI` is set, where a missing relay fails the test.
+pub fn find_program(name: &str, places: &[&str]) -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d: PathBuf| d.join(name));
+    let found = on_path
+        .chain(places.iter().map(PathBuf::from))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        let ci = std::env::var("CI").map(|v| !v.is_empty() && v != "false" && v != "0");
+        assert!(
+            !ci.unwrap_or(false),
+            "{name} is not installed, and CI is set: .ci/run installs it"
+        );
+        eprintln!("\n=== SKIPPED: {name} is not installed (.ci/run installs it; CI fails without it) ===\n");
+    }
+    found
+}
