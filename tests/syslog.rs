@@ -6,6 +6,7 @@ mod common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 
@@ -230,4 +231,64 @@ fn a_syslog_source_without_a_key_does_not_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("NO_SUCH_VARIABLE_SET"), "{err}");
     assert!(err.contains("tcp://127.0.0.1:0"), "{err}");
+}
+
+/// A full queue stops the reading: the TCP sender is pushed back by the kernel (its writes
+/// block) instead of losing messages, and once the intake is back every message it wrote
+/// arrives, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_pushes_a_tcp_sender_back_and_loses_nothing() {
+    let mock = refusing_intake().await;
+    let (mut fwd, dir) = syslog_forwarder(&mock, "");
+    // Restart on a small queue (16 MiB), the least max_bytes takes.
+    fwd.terminate();
+    let config = dir.path().join("forwarder.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[queue]\n", "[queue]\nmax_bytes = 16777216\n");
+    std::fs::write(&config, text).unwrap();
+    let fwd = Forwarder::start_with_env(&config, &[("SYSLOG_TEST_KEY", KEY)]);
+    let addr = fwd.syslog("tcp");
+    // 60,000 lines of ~400 bytes: 24 MB, more than the queue holds.
+    const LINES: usize = 60_000;
+    let pad = "p".repeat(380);
+    let sender = std::thread::spawn(move || {
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        for i in 0..LINES {
+            writeln!(tcp, "<13>line {i:06} {pad}").unwrap();
+        }
+    });
+    let full = wait_until_async(DEADLINE, || async {
+        fwd.status().await["queue"]["full"] == true
+    })
+    .await;
+    assert!(full, "the queue never filled:\n{}", fwd.log());
+    assert!(!sender.is_finished(), "the sender was not pushed back");
+    let status = fwd.status().await;
+    assert!(
+        status["syslog_sources"][1]["queue_full_waits"].as_u64() > Some(0),
+        "{status}"
+    );
+    // The intake is back: the sender gets through, and nothing it wrote is missing.
+    mock.set_faults(FaultConfig::default());
+    let all = wait_until_async(Duration::from_secs(180), || async {
+        mock.stats().accepted_events >= LINES as u64
+    })
+    .await;
+    assert!(
+        all,
+        "{} of {LINES}:\n{}",
+        mock.stats().accepted_events,
+        fwd.log()
+    );
+    sender.join().unwrap();
+    let events = mock.events();
+    let mut seen = vec![0u32; LINES];
+    for e in &events {
+        let n: usize = e.raw[9..15].parse().unwrap();
+        seen[n] += 1;
+    }
+    let missing = seen.iter().filter(|&&c| c == 0).count();
+    let twice = seen.iter().filter(|&&c| c > 1).count();
+    assert_eq!((missing, twice), (0, 0), "lines missing / sent twice");
 }
