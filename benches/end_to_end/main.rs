@@ -10,6 +10,9 @@
 //!    straight to a mock and through the forwarder, in the same run: the ratio of the rates,
 //!    forwarder CPU per million events, bytes written per payload byte. `E2E_SMALL_SCALE`
 //!    multiplies its event counts; `E2E_SMALL_CELLS=1x8,100x8` keeps only some rows.
+//! 0. **syslog** ([`syslog`]): 200-byte lines over TCP (1, 8, 1,000 connections) and UDP into
+//!    the syslog source -> queue -> mock intake: events/s, CPU per million, peak RSS; and the
+//!    memory 1,000 idle TCP connections add. `E2E_SYSLOG_SCALE` multiplies its event counts.
 //! 1. **live**: client → forwarder's `POST /jsons` (batches of 1,000 events, several keep-alive
 //!    connections, bodies serialised beforehand) → queue → mock intake. Events/s from the first
 //!    send to the last event acknowledged by the mock; forwarder CPU seconds per million events;
@@ -44,6 +47,7 @@ mod phases;
 mod probe;
 mod report;
 mod small;
+mod syslog;
 
 use std::time::Duration;
 
@@ -71,6 +75,7 @@ pub struct Params {
     /// Phases to run: small, live, ingest, backlog.
     pub phases: Vec<String>,
     pub small_scale: f64,
+    pub syslog_scale: f64,
 }
 
 impl Params {
@@ -107,7 +112,7 @@ impl Params {
             backlog_events: round(get("E2E_BACKLOG_EVENTS", "--backlog-events", 5_000_000)),
             connections: get("E2E_CONNECTIONS", "--connections", 8).max(1) as usize,
             phases: text_of("E2E_PHASES", "--phases")
-                .unwrap_or_else(|| "small,live,ingest,backlog".into())
+                .unwrap_or_else(|| "small,syslog,live,ingest,backlog".into())
                 .split(',')
                 .map(|p| p.trim().to_owned())
                 .filter(|p| !p.is_empty())
@@ -116,6 +121,12 @@ impl Params {
                 .map(|t| {
                     t.parse()
                         .unwrap_or_else(|_| panic!("E2E_SMALL_SCALE: not a number: {t:?}"))
+                })
+                .unwrap_or(1.0),
+            syslog_scale: text_of("E2E_SYSLOG_SCALE", "--syslog-scale")
+                .map(|t| {
+                    t.parse()
+                        .unwrap_or_else(|_| panic!("E2E_SYSLOG_SCALE: not a number: {t:?}"))
                 })
                 .unwrap_or(1.0),
         }
@@ -159,6 +170,10 @@ fn main() {
         if p.runs("small") {
             let cells = small::run(&small::cells(p.small_scale), ticks).await;
             report::small_rows(&cells, &mut rows);
+        }
+        if p.runs("syslog") {
+            let (cells, idle) = syslog::run(&syslog::cells(p.syslog_scale), ticks).await;
+            syslog::rows(&cells, &idle, &mut rows);
         }
         if p.runs("live") {
             let live: Live = live(&p, bodies.clone(), ticks).await;
