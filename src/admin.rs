@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::delivery::DeliveryStats;
-use crate::queue::{redact_key, Queue, QueueError, QueueStatus};
+use crate::intake_api::redact_key;
+use crate::queue::{Queue, QueueError, QueueStatus};
 use crate::sources::http::HttpSourceStats;
 
 /// What the admin endpoints read.

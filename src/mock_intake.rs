@@ -98,11 +98,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::intake_api::redact_key;
 use crate::intake_api::{
     parse_request, ApiError, BodyEncoding, Endpoint, ErrorResponse, EventIdResponse,
     EventIdsResponse, IncomingEvent, Limits, RequestMeta, MAX_BODY_BYTES,
 };
-use crate::queue::redact_key;
 
 /// Prefix of the control API's paths.
 const CONTROL_PREFIX: &str = "/_mock/";

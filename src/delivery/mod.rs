@@ -26,8 +26,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::IntakeConfig;
+use crate::intake_api::redact_key;
 use crate::queue::{
-    now_ms, redact_key, Ack, DeadLetter, Lane, Position, Queue, QueueError, ReadLimits, ReadSpan,
+    now_ms, Ack, DeadLetter, Lane, Position, Queue, QueueError, ReadLimits, ReadSpan,
 };
 use batch::BatchBuilder;
 use client::{Headers, IntakeClient, Outcome};

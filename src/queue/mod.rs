@@ -35,7 +35,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::QueueConfig;
-use crate::intake_api::IncomingEvent;
+use crate::intake_api::{redact_key, IncomingEvent};
 use generation::{CorruptNote, GenDb, Generation};
 pub use read::{Position, ReadBatch, ReadLimits, ReadSpan, StoredChunk};
 pub use record::{Chunk, ChunkView, DeadLetter};
@@ -333,17 +333,6 @@ pub struct QueueStatus {
     #[serde(default)]
     pub corrupt_generations: Vec<CorruptNote>,
     pub lanes: Vec<LaneStatus>,
-}
-
-/// Shows enough of an intake key to tell keys apart, never enough to use it.
-pub fn redact_key(key: &str) -> String {
-    let chars: Vec<char> = key.chars().collect();
-    if chars.len() >= 16 {
-        let tail: String = chars[chars.len() - 4..].iter().collect();
-        format!("…{tail}")
-    } else {
-        "…".to_owned()
-    }
 }
 
 pub(crate) fn now_ms() -> u64 {
