@@ -9,7 +9,8 @@
 //!   always match the chunks on disk, even after a crash, and cannot underflow: a removal
 //!   subtracts what it reads from the store, not what a caller claims.
 //! - Events leave the queue only through [`Queue::ack`], which delivery calls after the intake
-//!   answered with one id per event.
+//!   answered with one id per event, or as dead letters: those delivery gives in an ack, and
+//!   chunks that no longer decode, which the queue moves there itself (`writer/quarantine.rs`).
 //!
 //! Events are stored in chunks (one sled value holds many events of one intake key), in one
 //! *lane* per intake key, in a series of sled databases ([`generation`]) so that delivered
@@ -223,6 +224,8 @@ struct Shared {
     /// Senders that may append again soon ([`SenderGuard`]): how many appends a commit may
     /// wait for.
     senders: writer::Senders,
+    /// Undecodable chunks found by reads, for the writer to quarantine.
+    undecodable: writer::Undecodable,
     /// Whether compressing chunks pays.
     compression: Compression,
     /// Bodies of chunks just committed, for delivery to read without decompressing.
@@ -385,6 +388,7 @@ impl Queue {
             corrupt: Mutex::new(listing.corrupt),
             failure: std::sync::OnceLock::new(),
             senders: writer::Senders::default(),
+            undecodable: writer::Undecodable::default(),
             compression: Compression::new(config.chunk_compression),
             fresh: fresh::FreshBodies::new(config.delivery_cache_bytes),
         });
@@ -607,6 +611,12 @@ impl Queue {
             .find(|db| db.db.contains_key(key).expect("read"))
             .unwrap_or_else(|| open(gens.iter().find(|g| g.id == active).expect("active")));
         db.db.insert(key, bytes).expect("insert");
+    }
+
+    /// Stores `chunk` as chunk `seq` of `lane`, compressed, like [`Queue::insert_raw_chunk`].
+    #[cfg(test)]
+    pub(crate) fn insert_chunk(&self, lane: u32, seq: u64, chunk: &Chunk) {
+        self.insert_raw_chunk(lane, seq, &chunk.encode_compressed(record::Codec::Lz4));
     }
 
     /// Stores dead letters read back from a moved-aside meta database (`salvage`): an
