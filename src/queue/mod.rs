@@ -19,9 +19,11 @@
 mod compression;
 mod delivered;
 mod fresh;
-pub mod generation;
+#[doc(hidden)]
+pub mod fuzzing;
+mod generation;
 mod read;
-pub mod record;
+mod record;
 pub mod salvage;
 mod writer;
 
@@ -37,7 +39,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::QueueConfig;
 use crate::intake_api::{redact_key, IncomingEvent};
-use generation::{CorruptNote, GenDb, Generation};
+pub use generation::CorruptNote;
+use generation::{GenDb, Generation};
 pub use read::{Position, ReadBatch, ReadLimits, ReadSpan, StoredChunk};
 pub use record::{Chunk, ChunkView, DeadLetter};
 
