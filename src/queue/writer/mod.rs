@@ -39,6 +39,7 @@ use crate::crash_point;
 use durable::GenWrites;
 pub use gather::Senders;
 pub use quarantine::Undecodable;
+pub use space::measure_space;
 
 /// Bytes of disk sled takes per byte of payload while it is queued: a generation's files reach
 /// about 2x its payload (sled writes a value to its log, then again in the consolidated leaf
