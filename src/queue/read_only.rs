@@ -54,6 +54,7 @@ impl ReadOnlyQueue {
 mod tests {
     use super::*;
     use crate::intake_api::IncomingEvent;
+    use crate::queue::Position;
 
     fn config(dir: &std::path::Path) -> QueueConfig {
         QueueConfig {
@@ -106,16 +107,14 @@ mod tests {
             raw: raw.into(),
         };
         q.append(vec![event("one"), event("two")]).await.unwrap();
-        let dead = DeadLetter {
-            intake_key: "read-only-open-test-key".into(),
-            timestamp: None,
-            received_at_ms: 1,
-            event: "refused".into(),
-            status: 400,
-            reason: "bad".into(),
-            dead_at_ms: 2,
-        };
-        q.restore_dead_letters(vec![dead.clone()]).await.unwrap();
+        // A dead letter: a chunk that rotted, which the read quarantines.
+        q.insert_raw_chunk(0, 9, b"\x09rotten");
+        let read = q.read(0, Position::default(), 100, 1 << 20);
+        assert_eq!(read.unwrap().span.undecodable, 1);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while q.dead_letter_count() == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         assert!(matches!(
             Queue::open_read_only(&cfg),
             Err(QueueError::Locked(_))
@@ -138,7 +137,7 @@ mod tests {
         );
         let letters = view.dead_letters().unwrap();
         assert_eq!(letters.len(), 1);
-        assert_eq!(letters[0].event, dead.event);
+        assert_eq!(letters[0].event, "\x09rotten");
         drop(view);
         assert_eq!(
             tree(&cfg.path),
