@@ -142,11 +142,13 @@ impl Writer {
     /// chunk's stored length; `None` if none is left to quarantine: the generation is gone
     /// (deleted, or moved aside), or each chunk is delivered, absent or decodes after all.
     fn quarantine_ack(
-        &self,
+        &mut self,
         gen: u64,
         lane: u32,
         seqs: &[u64],
     ) -> Result<Option<(Ack, Vec<Found>)>, QueueError> {
+        // The watermark of a sealed generation is known once its own counters are read.
+        self.make_exact(gen)?;
         let (Some(g), Some(state)) = (
             self.state.gens.get(&gen),
             self.state.lanes.get(lane as usize),
