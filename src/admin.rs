@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::delivery::{DeliverySnapshot, DeliveryStats};
-use crate::queue::{redact_key, Queue, QueueError, QueueStatus, StatsSnapshot};
+use crate::intake_api::redact_key;
+use crate::queue::{DeadLetter, Queue, QueueError, QueueStatus, ReadOnlyQueue, StatsSnapshot};
 use crate::sources::http::{HttpSourceSnapshot, HttpSourceStats};
 use crate::sources::syslog::{SyslogSourceSnapshot, SyslogSourceStats};
 use crate::stats;
@@ -224,9 +225,9 @@ pub struct DeadLetterView {
     pub event: String,
 }
 
-fn dead_letter_views(queue: &Queue) -> Result<Vec<DeadLetterView>, QueueError> {
-    Ok(queue
-        .dead_letters()?
+/// `letters` as shown to people.
+fn dead_letter_views(letters: Vec<DeadLetter>) -> Vec<DeadLetterView> {
+    letters
         .into_iter()
         .map(|d| DeadLetterView {
             intake_key: redact_key(&d.intake_key),
@@ -237,15 +238,15 @@ fn dead_letter_views(queue: &Queue) -> Result<Vec<DeadLetterView>, QueueError> {
             reason: d.reason,
             event: d.event,
         })
-        .collect())
+        .collect()
 }
 
 async fn dead_letters(State(a): State<AdminState>) -> Response {
     let Some(queue) = a.observed().map(|o| o.queue.clone()) else {
         return starting();
     };
-    match tokio::task::spawn_blocking(move || dead_letter_views(&queue)).await {
-        Ok(Ok(views)) => Json(views).into_response(),
+    match tokio::task::spawn_blocking(move || queue.dead_letters()).await {
+        Ok(Ok(letters)) => Json(dead_letter_views(letters)).into_response(),
         Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
@@ -304,18 +305,14 @@ fn encode_sources<T, S: stats::Table>(
 
 /// The `status` command: asks the running forwarder, or reads the queue when none runs.
 pub fn print_status(config: &Config, json: bool) -> anyhow::Result<()> {
-    let report = match open_existing(config)? {
-        Some(queue) => {
-            let report = StatusReport {
-                queue: queue.status(),
-                queue_counters: StatsSnapshot::default(),
-                delivery: DeliverySnapshot::default(),
-                http_sources: Vec::new(),
-                syslog_sources: Vec::new(),
-            };
-            close_offline(queue)?;
-            report
-        }
+    let report = match open_stopped(config)? {
+        Some(queue) => StatusReport {
+            queue: queue.status(),
+            queue_counters: StatsSnapshot::default(),
+            delivery: DeliverySnapshot::default(),
+            http_sources: Vec::new(),
+            syslog_sources: Vec::new(),
+        },
         None => fetch(config, "status")?,
     };
     if json {
@@ -328,12 +325,8 @@ pub fn print_status(config: &Config, json: bool) -> anyhow::Result<()> {
 
 /// The `dead-letters` command: the events the intake refused for good, oldest first.
 pub fn print_dead_letters(config: &Config, json: bool) -> anyhow::Result<()> {
-    let letters: Vec<DeadLetterView> = match open_existing(config)? {
-        Some(queue) => {
-            let letters = dead_letter_views(&queue)?;
-            close_offline(queue)?;
-            letters
-        }
+    let letters: Vec<DeadLetterView> = match open_stopped(config)? {
+        Some(queue) => dead_letter_views(queue.dead_letters()?),
         None => fetch(config, "dead-letters")?,
     };
     if json {
@@ -350,31 +343,14 @@ pub fn print_dead_letters(config: &Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The queue, opened, if no forwarder holds it; `None` if a running forwarder does.
-fn open_existing(config: &Config) -> anyhow::Result<Option<Queue>> {
-    let path = &config.queue.path;
-    // `meta/` since the generations layout, `db` for a queue of the first layout.
-    if !path.join("meta").join("db").exists() && !path.join("db").exists() {
-        anyhow::bail!(
-            "no queue at {}: the forwarder has not run with this configuration",
-            path.display()
-        );
-    }
-    match Queue::open(&config.queue) {
+/// The queue, opened read-only, if no forwarder holds it; `None` if a running forwarder does
+/// (it answers instead).
+fn open_stopped(config: &Config) -> anyhow::Result<Option<ReadOnlyQueue>> {
+    match Queue::open_read_only(&config.queue) {
         Ok(queue) => Ok(Some(queue)),
         Err(QueueError::Locked(_)) => Ok(None),
         Err(e) => Err(e.into()),
     }
-}
-
-/// Closes a queue opened by a command: the writer stops and the next generation it may have
-/// started to prepare is removed, so the command leaves the directory as it found it.
-fn close_offline(queue: Queue) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(queue.close())?;
-    Ok(())
 }
 
 /// GETs `/{what}` from the running forwarder's admin listener.

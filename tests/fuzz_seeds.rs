@@ -6,12 +6,13 @@
 //! `cargo test --test fuzz_seeds -- --ignored`
 //!
 //! The input formats are those described at the top of each target in `fuzz/fuzz_targets/`.
+//! The queue's seeds come from the queue itself (`queue::fuzzing`), and a test that `cargo
+//! test` runs checks that those on disk are up to date.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use sekoia_forwarder::queue::generation::{GenLane, GenSummary};
-use sekoia_forwarder::queue::record::{self, Chunk, Codec, DeadLetter, LaneRecord, Watermark};
+use sekoia_forwarder::queue::fuzzing::queue_record_seeds;
 
 fn corpus(target: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -176,100 +177,22 @@ fn intake_seeds() {
 
 // --- queue_record -----------------------------------------------------------------------------
 
+/// Made by the queue itself, which keeps its formats private.
 fn queue_seeds() {
-    let chunk = Chunk {
-        intake_key: "YOUR_INTAKE_KEY".into(),
-        timestamp: Some("2021-04-05T21:33:31+02:00".into()),
-        received_at_ms: 1_700_000_000_000,
-        events: vec![LINE1.into(), LINE2.into(), LINE1.into()],
-    };
-    let untimed = Chunk {
-        timestamp: None,
-        events: vec![LINE2.into()],
-        ..chunk.clone()
-    };
-    let tagged = |which: u8, bytes: &[u8]| [&[which][..], bytes].concat();
-    write(
-        "queue_record",
-        "chunk-v2",
-        &tagged(0, &chunk.encode_compressed(Codec::Lz4)),
-    );
-    write(
-        "queue_record",
-        "chunk-v3",
-        &tagged(0, &chunk.encode_compressed(Codec::Zstd)),
-    );
-    write(
-        "queue_record",
-        "chunk-v1",
-        &tagged(0, &chunk.encode_plain()),
-    );
-    write(
-        "queue_record",
-        "chunk-v2-untimed",
-        &tagged(0, &untimed.encode_compressed(Codec::Lz4)),
-    );
-    let lane = LaneRecord {
-        intake_key: "YOUR_INTAKE_KEY".into(),
-        events: 3,
-        bytes: 140,
-        watermark: Watermark {
-            acked_below: 70_000,
-            acked: vec![70_002, 70_003, 70_400],
-        },
-        end_seq: Some(70_500),
-    };
-    write("queue_record", "lane-v3", &tagged(1, &lane.encode()));
-    write("queue_record", "lane-v2", &tagged(1, &lane.encode_v2()));
-    write("queue_record", "lane", &tagged(1, &lane.encode_v1()));
-    let dead = DeadLetter {
-        intake_key: "YOUR_INTAKE_KEY".into(),
-        timestamp: None,
-        received_at_ms: 1_700_000_000_000,
-        event: LINE1.into(),
-        status: 400,
-        reason: "{\"message\": \"invalid event\"}".into(),
-        dead_at_ms: 1_700_000_000_500,
-    };
-    write(
-        "queue_record",
-        "dead-letter",
-        &tagged(2, &record::encode_value(&dead)),
-    );
-    let summary = GenSummary {
-        lanes: vec![
-            GenLane {
-                lane: 1,
-                events: 3,
-                bytes: 140,
-                end_seq: 12,
-            },
-            GenLane {
-                lane: 7,
-                events: 0,
-                bytes: 0,
-                end_seq: 3,
-            },
-        ],
-    };
-    write(
-        "queue_record",
-        "gen-summary",
-        &tagged(3, &record::encode_value(&summary)),
-    );
-    let name = String::from("YOUR_INTAKE_KEY");
-    write(
-        "queue_record",
-        "lane-name",
-        &tagged(4, &record::encode_value(&name)),
-    );
-    write("queue_record", "key-lane", &tagged(5, &record::lane_key(7)));
-    write(
-        "queue_record",
-        "key-chunk",
-        &tagged(5, &record::chunk_key(7, 12)),
-    );
-    write("queue_record", "key-dead", &tagged(5, &record::dead_key(3)));
+    for (name, bytes) in queue_record_seeds([LINE1, LINE2]) {
+        write("queue_record", name, &bytes);
+    }
+}
+
+/// The queue's seeds on disk are what its encoders make today: a change to a stored format
+/// that is not in the corpus fails here (write the seeds again, above, and minimise).
+#[test]
+fn queue_record_seeds_are_up_to_date() {
+    for (name, bytes) in queue_record_seeds([LINE1, LINE2]) {
+        let path = corpus("queue_record").join(format!("seed-{name}"));
+        let stored = std::fs::read(&path).unwrap_or_default();
+        assert!(stored == bytes, "{} is out of date", path.display());
+    }
 }
 
 // --- retry_after ------------------------------------------------------------------------------

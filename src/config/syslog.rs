@@ -214,6 +214,6 @@ pub struct IntakeKey(pub String);
 
 impl std::fmt::Debug for IntakeKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "IntakeKey({})", crate::queue::redact_key(&self.0))
+        write!(f, "IntakeKey({})", crate::intake_api::redact_key(&self.0))
     }
 }

@@ -30,7 +30,8 @@ use super::client::{Headers, Outcome, MAX_REQUEST_BODY};
 use super::retry::Retry;
 use super::Ctx;
 use crate::crash_point;
-use crate::queue::{now_ms, redact_key, Ack, Chunk, ChunkView, DeadLetter};
+use crate::intake_api::redact_key;
+use crate::queue::{now_ms, Ack, Chunk, ChunkView, DeadLetter};
 
 /// Where each event of the batch stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

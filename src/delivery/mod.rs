@@ -26,9 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::IntakeConfig;
-use crate::queue::{
-    now_ms, redact_key, Ack, DeadLetter, Lane, Position, Queue, QueueError, ReadLimits, ReadSpan,
-};
+use crate::intake_api::redact_key;
+use crate::queue::{Ack, Lane, Position, Queue, QueueError, ReadLimits, ReadSpan};
 use batch::BatchBuilder;
 use client::{Headers, IntakeClient, Outcome};
 
@@ -238,14 +237,16 @@ async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
                 continue;
             }
         };
-        if !read.corrupt.is_empty() {
-            quarantine(&ctx, &lane, &read).await;
-        }
+        // The queue moved the chunks it could not decode to the dead letters: counted here
+        // with the others.
+        ctx.stats
+            .dead_letters
+            .fetch_add(read.undecodable as u64, Ordering::Relaxed);
         if builder.is_empty() {
             cursor = read.next;
             waiting_since = None;
             drop(slot);
-            if !read.corrupt.is_empty() {
+            if read.undecodable > 0 {
                 // Only undecodable chunks this time (the end of a generation, say): the rest
                 // of the lane may be in the next generations, so read on rather than wait for
                 // an append that may never come.
@@ -264,7 +265,7 @@ async fn run_lane(ctx: Arc<Ctx>, lane: Arc<Lane>, tasks: TaskTracker) {
                 return;
             }
             let read = ReadSpan {
-                corrupt: Vec::new(),
+                undecodable: 0,
                 ..read
             };
             pending = Some((read, builder));
@@ -305,7 +306,7 @@ async fn read_lane(
 
 /// Reads on after a partial batch (`span`, built so far into `builder`) that waited for
 /// more events: the span and the builder grown by what came since, in the same generation
-/// and with the same event date; `corrupt` holds only what this read found.
+/// and with the same event date; `undecodable` counts only what this read found.
 async fn read_on(
     ctx: &Arc<Ctx>,
     lane: u32,
@@ -331,7 +332,7 @@ async fn read_on(
         span.bytes += more.bytes;
         span.next = more.next;
         span.sealed = more.sealed;
-        span.corrupt = more.corrupt;
+        span.undecodable = more.undecodable;
         Ok::<_, QueueError>((span, builder))
     })
     .await??;
@@ -375,42 +376,13 @@ async fn wait_for_more(
     }
 }
 
-/// Moves chunks that cannot be decoded out of the lane, into the dead letters.
-async fn quarantine(ctx: &Ctx, lane: &Lane, read: &ReadSpan) {
-    let mut ack = Ack {
-        gen: read.gen,
-        ..Ack::default()
-    };
-    for (seq, bytes) in &read.corrupt {
-        tracing::error!(
-            lane = lane.id,
-            seq,
-            bytes = bytes.len(),
-            "undecodable chunk in the queue; moved to the dead letters"
-        );
-        ack.remove.push(*seq);
-        ack.dead.push(DeadLetter {
-            intake_key: lane.intake_key.clone(),
-            timestamp: None,
-            received_at_ms: 0,
-            event: String::from_utf8_lossy(&crate::queue::record::salvage(bytes)).into_owned(),
-            status: 0,
-            reason: "undecodable chunk".into(),
-            dead_at_ms: now_ms(),
-        });
-    }
-    ctx.stats
-        .dead_letters
-        .fetch_add(read.corrupt.len() as u64, Ordering::Relaxed);
-    ctx.write_back(lane.id, ack).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::QueueConfig;
     use crate::intake_api::IncomingEvent;
     use crate::mock_intake::MockIntake;
+    use crate::queue::now_ms;
 
     /// Delivery of `queue` to `mock`, running until [`Running::stop`]. One request at a time,
     /// so that the mock receives events in queue order (batches in flight together may
@@ -628,17 +600,13 @@ mod tests {
             }])
             .await
             .unwrap();
-        let ahead = crate::queue::record::Chunk {
+        let ahead = crate::queue::Chunk {
             intake_key: key.into(),
             timestamp: None,
             received_at_ms: now_ms() + 3_600_000,
             events: vec!["from the future".into()],
         };
-        queue.insert_raw_chunk(
-            0,
-            0,
-            &ahead.encode_compressed(crate::queue::record::Codec::Lz4),
-        );
+        queue.insert_chunk(0, 0, &ahead);
         let running = Running::start(&queue, &mock);
         let delivered = mock
             .wait_for(|e| !e.is_empty(), Duration::from_secs(30))

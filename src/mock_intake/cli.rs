@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use super::state::Settings;
 use super::{MockIntake, ReceivedEvent};
-use crate::queue::redact_key;
+use crate::intake_api::redact_key;
 
 /// Options of `sekoia-forwarder mock-intake`.
 #[derive(Debug, Clone, clap::Args)]

@@ -13,11 +13,11 @@ use super::answers::{answer_status, api_error, error_response, mock_body};
 use super::connections::NoAnswer;
 use super::state::Shared;
 use super::{Body, FaultConfig, ScriptedFault};
+use crate::intake_api::redact_key;
 use crate::intake_api::{
     acknowledgement, parse_request, route, ApiError, BodyEncoding, Endpoint, IncomingEvent, Limits,
     RequestMeta, MAX_BODY_BYTES,
 };
-use crate::queue::redact_key;
 
 /// How much of a too-large body is still read (and thrown away) so that the client, which is
 /// still sending, gets to read the 413 rather than a reset connection.

@@ -428,6 +428,12 @@ fn parse_aside_name(name: &str) -> Option<u64> {
     parse_gen_name(base)
 }
 
+/// Whether `root` holds a queue: a meta database (the generations layout), or a database of
+/// the first layout at the root, which the open moves into generation 0.
+pub fn holds_queue(root: &Path) -> bool {
+    root.join(META_DIR).join("db").exists() || root.join("db").exists()
+}
+
 /// Lists the generations, finishing any deletion or migration a crash interrupted. Only at
 /// open, before the queue's threads run: a `.new` or `.deleted` directory is then a leftover.
 pub fn scan_root(root: &Path) -> Result<RootListing, QueueError> {

@@ -9,7 +9,8 @@
 //!   always match the chunks on disk, even after a crash, and cannot underflow: a removal
 //!   subtracts what it reads from the store, not what a caller claims.
 //! - Events leave the queue only through [`Queue::ack`], which delivery calls after the intake
-//!   answered with one id per event.
+//!   answered with one id per event, or as dead letters: those delivery gives in an ack, and
+//!   chunks that no longer decode, which the queue moves there itself (`writer/quarantine.rs`).
 //!
 //! Events are stored in chunks (one sled value holds many events of one intake key), in one
 //! *lane* per intake key, in a series of sled databases ([`generation`]) so that delivered
@@ -18,9 +19,13 @@
 mod compression;
 mod delivered;
 mod fresh;
-pub mod generation;
+#[doc(hidden)]
+pub mod fuzzing;
+mod generation;
+mod open;
 mod read;
-pub mod record;
+mod read_only;
+mod record;
 pub mod salvage;
 mod writer;
 
@@ -35,9 +40,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::QueueConfig;
-use crate::intake_api::IncomingEvent;
-use generation::{CorruptNote, GenDb, Generation};
+use crate::intake_api::{redact_key, IncomingEvent};
+pub use generation::CorruptNote;
+use generation::Generation;
+pub(crate) use open::check_format;
+use open::{load, prepare_dir, Loaded};
 pub use read::{Position, ReadBatch, ReadLimits, ReadSpan, StoredChunk};
+pub use read_only::ReadOnlyQueue;
 pub use record::{Chunk, ChunkView, DeadLetter};
 
 /// How many bytes of appends one group commit gathers at most.
@@ -45,8 +54,6 @@ const COMMIT_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// Version of the queue directory's layout, kept in the meta database: 2 = generations. (A
 /// directory of layout 1, one sled database at the root, is moved into generation 0.)
 pub const LAYOUT_VERSION: u32 = 2;
-/// Page cache of the meta database, which holds little.
-const META_CACHE_BYTES: u64 = 1024 * 1024;
 
 /// Why the queue could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +73,9 @@ pub enum QueueError {
     },
     #[error("the queue directory {0} is in use by another sekoia-forwarder")]
     Locked(PathBuf),
+    /// A read-only open ([`Queue::open_read_only`]) found no queue.
+    #[error("no queue at {}: the forwarder has not run with this configuration", .0.display())]
+    Missing(PathBuf),
     #[error("queue storage error: {0}")]
     Storage(String),
     /// sled found its own data damaged (a checksum failed) or panicked on it.
@@ -235,6 +245,8 @@ struct Shared {
     /// Senders that may append again soon ([`SenderGuard`]): how many appends a commit may
     /// wait for.
     senders: writer::Senders,
+    /// Undecodable chunks found by reads, for the writer to quarantine.
+    undecodable: writer::Undecodable,
     /// Whether compressing chunks pays.
     compression: Compression,
     /// Bodies of chunks just committed, for delivery to read without decompressing.
@@ -286,6 +298,44 @@ impl Shared {
     fn gens_snapshot(&self) -> (Vec<Arc<Generation>>, u64) {
         let list = self.gens.read().unwrap_or_else(|p| p.into_inner());
         (list.gens.clone(), list.active)
+    }
+    /// [`Queue::status`].
+    fn status(&self) -> QueueStatus {
+        let lanes: Vec<LaneStatus> = self
+            .lanes_read()
+            .iter()
+            .map(|l| LaneStatus {
+                lane: l.id,
+                intake_key: redact_key(&l.intake_key),
+                events: l.events(),
+                bytes: l.bytes(),
+            })
+            .collect();
+        let stats = &self.stats;
+        QueueStatus {
+            path: self.path.clone(),
+            events: lanes.iter().map(|l| l.events).sum(),
+            bytes: lanes.iter().map(|l| l.bytes).sum(),
+            disk_bytes: stats.disk_bytes.load(Ordering::Relaxed),
+            max_bytes: self.max_bytes,
+            free_bytes: stats.free_bytes.load(Ordering::Relaxed),
+            full: self.full.load(Ordering::Acquire),
+            dead_letters: stats.dead_letters.load(Ordering::Relaxed),
+            generations: stats.generations.load(Ordering::Relaxed),
+            open_generations: stats.open_generations.load(Ordering::Relaxed),
+            corrupt_generations: self.corrupt().clone(),
+            lanes,
+        }
+    }
+    /// [`Queue::dead_letters`].
+    fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {
+        self.meta
+            .scan_prefix([record::DEAD_PREFIX])
+            .map(|item| {
+                let (_, v) = item?;
+                record::decode_value(&v).map_err(|e| QueueError::Storage(e.to_string()))
+            })
+            .collect()
     }
 }
 
@@ -347,17 +397,6 @@ pub struct QueueStatus {
     pub lanes: Vec<LaneStatus>,
 }
 
-/// Shows enough of an intake key to tell keys apart, never enough to use it.
-pub fn redact_key(key: &str) -> String {
-    let chars: Vec<char> = key.chars().collect();
-    if chars.len() >= 16 {
-        let tail: String = chars[chars.len() - 4..].iter().collect();
-        format!("…{tail}")
-    } else {
-        "…".to_owned()
-    }
-}
-
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -368,50 +407,13 @@ impl Queue {
     /// Opens (or creates) the queue described by `config`: the meta database and the active
     /// generation. Sealed generations are opened later, when delivery reads them.
     pub fn open(config: &QueueConfig) -> Result<Queue, QueueError> {
-        let path = config.path.clone();
-        prepare_dir(&path)?;
-        let lock = lock_dir(&path)?;
-        let mut listing = generation::scan_root(&path)?;
-        let meta_dir = path.join(generation::META_DIR);
-        let meta = open_meta(&path, &meta_dir, &mut listing)?;
-        // The entries sled made in meta/ (its data file above all) must survive a power cut
-        // too; the queue directory's own entries are synced below, once loading is done.
-        meta.db.flush()?;
-        meta.sync_data_file()?;
-        generation::sync_dir(&meta_dir)?;
-        let cache = (config.cache_capacity_bytes / 4).max(1024 * 1024);
-        let state = writer::WriterState::load(&path, &meta, &mut listing, cache)?;
-        let lanes: Vec<Arc<Lane>> = state.lanes_for_readers();
-        let keys: HashSet<String> = lanes.iter().map(|l| l.intake_key.clone()).collect();
-        let queued_events = lanes.iter().map(|l| l.events()).sum::<u64>();
-        let queued_bytes = lanes.iter().map(|l| l.bytes()).sum::<u64>();
-        let shared = Arc::new(Shared {
-            meta: meta.db.clone(),
-            gens: RwLock::new(GenList {
-                gens: state.generations(),
-                active: state.active(),
-            }),
-            path: path.clone(),
-            max_bytes: config.max_bytes,
-            min_free_bytes: config.min_free_bytes,
-            lanes: RwLock::new(lanes),
-            lanes_changed: Notify::new(),
-            queued_events: queued_events.into(),
-            queued_bytes: queued_bytes.into(),
-            keys: Mutex::new(keys),
-            max_intake_keys: config.max_intake_keys,
-            full: AtomicBool::new(false),
-            stats: Stats {
-                dead_letters: state.dead_letters.into(),
-                ..Stats::default()
-            },
-            corrupt: Mutex::new(listing.corrupt),
-            failure: std::sync::OnceLock::new(),
-            senders: writer::Senders::default(),
-            compression: Compression::new(config.chunk_compression),
-            fresh: fresh::FreshBodies::new(config.delivery_cache_bytes),
-        });
-        generation::sync_dir(&path)?;
+        prepare_dir(&config.path)?;
+        let Loaded {
+            shared,
+            state,
+            meta,
+            lock,
+        } = load(config)?;
         let (tx, rx) = mpsc::channel(4096);
         // A generation is at most an eighth of max_bytes, so that sealed generations can be
         // deleted long before the limit.
@@ -610,30 +612,7 @@ impl Queue {
 
     /// A snapshot for `status` and metrics.
     pub fn status(&self) -> QueueStatus {
-        let lanes: Vec<LaneStatus> = self
-            .lanes()
-            .iter()
-            .map(|l| LaneStatus {
-                lane: l.id,
-                intake_key: redact_key(&l.intake_key),
-                events: l.events(),
-                bytes: l.bytes(),
-            })
-            .collect();
-        QueueStatus {
-            path: self.shared.path.clone(),
-            events: lanes.iter().map(|l| l.events).sum(),
-            bytes: lanes.iter().map(|l| l.bytes).sum(),
-            disk_bytes: self.shared.stats.disk_bytes.load(Ordering::Relaxed),
-            max_bytes: self.shared.max_bytes,
-            free_bytes: self.shared.stats.free_bytes.load(Ordering::Relaxed),
-            full: self.is_full(),
-            dead_letters: self.dead_letter_count(),
-            generations: self.shared.stats.generations.load(Ordering::Relaxed),
-            open_generations: self.shared.stats.open_generations.load(Ordering::Relaxed),
-            corrupt_generations: self.shared.corrupt().clone(),
-            lanes,
-        }
+        self.shared.status()
     }
 
     /// Stores raw bytes as chunk `seq` of `lane` (over the chunk if a generation holds it, else
@@ -650,6 +629,12 @@ impl Queue {
             .find(|db| db.db.contains_key(key).expect("read"))
             .unwrap_or_else(|| open(gens.iter().find(|g| g.id == active).expect("active")));
         db.db.insert(key, bytes).expect("insert");
+    }
+
+    /// Stores `chunk` as chunk `seq` of `lane`, compressed, like [`Queue::insert_raw_chunk`].
+    #[cfg(test)]
+    pub(crate) fn insert_chunk(&self, lane: u32, seq: u64, chunk: &Chunk) {
+        self.insert_raw_chunk(lane, seq, &chunk.encode_compressed(record::Codec::Lz4));
     }
 
     /// Stores dead letters read back from a moved-aside meta database (`salvage`): an
@@ -676,14 +661,7 @@ impl Queue {
 
     /// Dead letters, oldest first.
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {
-        self.shared
-            .meta
-            .scan_prefix([record::DEAD_PREFIX])
-            .map(|item| {
-                let (_, v) = item?;
-                record::decode_value(&v).map_err(|e| QueueError::Storage(e.to_string()))
-            })
-            .collect()
+        self.shared.dead_letters()
     }
 
     /// Commits everything sent so far, fsyncs, and stops the writer. Later calls fail with
@@ -757,112 +735,6 @@ fn chunk_events(
         flush(done, &mut groups);
     }
     groups
-}
-
-/// Creates the queue directory private to the service user (0700), or makes it so.
-fn prepare_dir(path: &Path) -> Result<(), QueueError> {
-    let err = |source| QueueError::Dir {
-        path: path.to_owned(),
-        source,
-    };
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(path)
-            .map_err(err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    }
-    #[cfg(not(unix))]
-    std::fs::create_dir_all(path).map_err(err)?;
-    Ok(())
-}
-
-/// Opens the meta database and reads it through once; if sled cannot (damage, or a panic), it
-/// is moved aside to `meta.corrupt` (kept: its dead letters stay readable by forensic tools)
-/// and a new one is made. The lane map is then rebuilt from the generations' own lane records
-/// (each generation names the intake key of every lane it holds), and since the summaries are
-/// gone with it, every generation is opened once and counted exactly.
-fn open_meta(
-    root: &Path,
-    meta_dir: &Path,
-    listing: &mut generation::RootListing,
-) -> Result<GenDb, QueueError> {
-    // A meta database that held anything holds its format marker (written, and fsynced, at
-    // its first open): if sled opens it without one, sled took damage for the end of its log
-    // and dropped everything.
-    let existed = std::fs::metadata(meta_dir.join("db")).is_ok_and(|m| m.len() > 0);
-    let check = |existed: bool| -> Result<GenDb, QueueError> {
-        let meta = GenDb::open(meta_dir, META_CACHE_BYTES)?;
-        generation::guard("reading the meta database", || {
-            if existed && meta.db.get(record::META_FORMAT_KEY)?.is_none() {
-                return Err(QueueError::Corrupt(
-                    "the format marker is gone: sled lost its contents".into(),
-                ));
-            }
-            check_format(&meta.db, meta_dir, LAYOUT_VERSION)?;
-            for item in meta.db.iter() {
-                item?;
-            }
-            Ok(())
-        })?;
-        Ok(meta)
-    };
-    match check(existed) {
-        Err(e) if e.is_corrupt() => {
-            tracing::error!(dir = %meta_dir.display(), error = %e,
-                "the queue's meta database is damaged: moving it aside and rebuilding the lane map from the generations (dead letters stay in the moved-aside copy)");
-            let mut note = generation::CorruptNote {
-                reason: e.to_string(),
-                moved_at_ms: now_ms(),
-                ..Default::default()
-            };
-            generation::move_aside(root, meta_dir, &mut note)?;
-            listing.corrupt.push(note);
-            check(false)
-        }
-        other => other,
-    }
-}
-
-/// Takes the queue directory's lock: one forwarder per queue.
-fn lock_dir(path: &Path) -> Result<std::fs::File, QueueError> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path.join("lock"))?;
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(file),
-        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(QueueError::Locked(path.to_owned())),
-        Err(e) => Err(QueueError::Storage(format!("cannot lock the queue: {e}"))),
-    }
-}
-
-/// Checks (or writes, in a new database) the format marker of a database of the queue.
-pub(crate) fn check_format(db: &sled::Db, path: &Path, supported: u32) -> Result<(), QueueError> {
-    match db.get(record::META_FORMAT_KEY)? {
-        Some(v) => {
-            let found = v
-                .as_ref()
-                .try_into()
-                .map(u32::from_be_bytes)
-                .map_err(|_| QueueError::Storage("bad format marker".into()))?;
-            if found > supported {
-                return Err(QueueError::NewerFormat {
-                    path: path.to_owned(),
-                    found,
-                    supported,
-                });
-            }
-        }
-        None => {
-            db.insert(record::META_FORMAT_KEY, &supported.to_be_bytes())?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

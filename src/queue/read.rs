@@ -1,13 +1,14 @@
 //! Reading a lane for delivery: from a [`Position`] (generation, sequence number) on, one
 //! generation at a time, each chunk handed over as a [`ChunkView`] that borrows the stored
 //! bytes. Reads never change the store; what delivery makes of them comes back through
-//! [`Queue::ack`].
+//! [`Queue::ack`]. A chunk that does not decode is skipped and reported to the writer, which
+//! moves it to the dead letters (`writer/quarantine.rs`): readers never see stored bytes.
 
 use super::delivered;
 use super::fresh::FreshBodies;
 use super::generation;
 use super::record::{self, Chunk, ChunkView};
-use super::{Queue, QueueError};
+use super::{writer, Queue, QueueError};
 
 /// A place in a lane: generation, then sequence number. Reading from a position returns the
 /// chunks at or after it, in this order.
@@ -32,8 +33,9 @@ pub struct ReadSpan {
     pub chunks: usize,
     pub events: usize,
     pub bytes: usize,
-    /// Sequence numbers and raw bytes of undecodable chunks found on the way.
-    pub corrupt: Vec<(u64, Vec<u8>)>,
+    /// Undecodable chunks found on the way: skipped, and quarantined by the queue (moved to
+    /// the dead letters, `writer/quarantine.rs`).
+    pub undecodable: usize,
     /// Where the next read starts.
     pub next: Position,
     /// Read from a sealed generation: nothing more will be appended after these chunks in it,
@@ -98,7 +100,10 @@ impl Queue {
                         lane,
                         seq: start,
                     };
-                    read_generation(&db.db, &self.shared.fresh, from, limits, None, counting)
+                    let (span, undecodable) =
+                        read_generation(&db.db, &self.shared.fresh, from, limits, None, counting)?;
+                    self.quarantine(gen.id, lane, &undecodable);
+                    Ok(span)
                 }),
                 Ok(None) => continue,
                 Err(e) => Err(e),
@@ -114,7 +119,7 @@ impl Queue {
                 }
                 Err(e) => return Err(e),
             };
-            if span.chunks > 0 || !span.corrupt.is_empty() {
+            if span.chunks > 0 || span.undecodable > 0 {
                 span.sealed = gen.id != active;
                 return Ok(span);
             }
@@ -162,14 +167,11 @@ impl Queue {
             seq: from.seq,
         };
         let read = generation::guard("reading a generation", || {
-            read_generation(
-                &db.db,
-                &self.shared.fresh,
-                start,
-                limits,
-                Some(date),
-                reader,
-            )
+            let fresh = &self.shared.fresh;
+            let (span, undecodable) =
+                read_generation(&db.db, fresh, start, limits, Some(date), reader)?;
+            self.quarantine(gen.id, lane, &undecodable);
+            Ok(span)
         });
         // The batch holds chunks of this generation already: a damaged one fails the read
         // (as in `read_with`), the batch is dropped and read again from its start.
@@ -203,6 +205,17 @@ impl Queue {
         })?;
         Ok(ReadBatch { span, chunks })
     }
+
+    /// Hands the undecodable chunks `seqs` of `lane` in `gen` to the writer, which moves them
+    /// to the dead letters. Never waits: a read must not wait for a commit.
+    fn quarantine(&self, gen: u64, lane: u32, seqs: &[u64]) {
+        if seqs.is_empty() {
+            return;
+        }
+        self.shared.undecodable.report(gen, lane, seqs);
+        // Full: the writer has operations to commit, and takes the report with them.
+        let _ = self.ops.try_send(writer::Op::Quarantine);
+    }
 }
 
 /// How much one read may cover (payload bytes).
@@ -221,7 +234,8 @@ struct Start {
 
 /// Reads the undelivered chunks of a lane from `from` on in one generation's database;
 /// chunks whose bodies `fresh` still keeps are not decompressed. `date`: the event date of
-/// the batch this read continues (`None`: a new batch, whose first chunk sets it).
+/// the batch this read continues (`None`: a new batch, whose first chunk sets it). Returns
+/// the span and the sequence numbers of the undecodable chunks skipped.
 fn read_generation(
     db: &sled::Db,
     fresh: &FreshBodies,
@@ -229,7 +243,7 @@ fn read_generation(
     limits: ReadLimits,
     date: Option<Option<&str>>,
     reader: &mut dyn FnMut(u64, &ChunkView<'_>),
-) -> Result<ReadSpan, QueueError> {
+) -> Result<(ReadSpan, Vec<u64>), QueueError> {
     let Start {
         gen,
         lane,
@@ -248,6 +262,7 @@ fn read_generation(
     // The event date of the batch's first chunk: one request carries one date.
     let mut date: Option<Option<String>> = date.map(|d| d.map(str::to_owned));
     let mut scratch = Vec::new();
+    let mut undecodable = Vec::new();
     for item in db.range(range) {
         let (key, value) = item?;
         let (_, seq) =
@@ -284,7 +299,8 @@ fn read_generation(
         let view = match view {
             Ok(view) => view,
             Err(_) => {
-                span.corrupt.push((seq, value.to_vec()));
+                undecodable.push(seq);
+                span.undecodable += 1;
                 span.next.seq = seq + 1;
                 continue;
             }
@@ -303,5 +319,5 @@ fn read_generation(
             break;
         }
     }
-    Ok(span)
+    Ok((span, undecodable))
 }

@@ -2,6 +2,7 @@
 //! watermark (`record::Watermark`): reads, counts, reopens and deletion skip them.
 
 use super::*;
+use crate::queue::generation::GenDb;
 
 fn ack(gen: u64, remove: impl IntoIterator<Item = u64>) -> Ack {
     Ack {

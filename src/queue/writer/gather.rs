@@ -253,7 +253,9 @@ impl Gathering {
 
     fn finish(mut self) -> Group {
         let refresh = self.ops.iter().any(|op| matches!(op, Op::Refresh));
-        self.ops.retain(|op| !matches!(op, Op::Refresh));
+        // A `Quarantine` only wakes the writer: what it is about waits in `Undecodable`.
+        self.ops
+            .retain(|op| !matches!(op, Op::Refresh | Op::Quarantine));
         Group {
             ops: self.ops,
             closing: self.closing,

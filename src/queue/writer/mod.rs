@@ -27,6 +27,7 @@ mod gather;
 mod janitor;
 mod lifecycle;
 mod load;
+mod quarantine;
 mod space;
 
 use super::compression::Compression;
@@ -37,6 +38,8 @@ use super::{Ack, Lane, QueueError, Shared};
 use crate::crash_point;
 use durable::GenWrites;
 pub use gather::Senders;
+pub use quarantine::Undecodable;
+pub use space::measure_space;
 
 /// Bytes of disk sled takes per byte of payload while it is queued: a generation's files reach
 /// about 2x its payload (sled writes a value to its log, then again in the consolidated leaf
@@ -110,6 +113,8 @@ pub enum Op {
     /// Housekeeping, sent every second by the monitor thread: measure the disk, close idle
     /// generations, delete delivered ones.
     Refresh,
+    /// A read found undecodable chunks ([`Undecodable`]): quarantine them now.
+    Quarantine,
 }
 
 impl Op {
@@ -121,7 +126,7 @@ impl Op {
                 .map(|c| c.bytes.len())
                 .sum(),
             Op::Ack { ack, .. } => ack.rewrite.len() * 1024 + ack.remove.len() * 16,
-            Op::Close { .. } | Op::Refresh => 0,
+            Op::Close { .. } | Op::Refresh | Op::Quarantine => 0,
         }
     }
 }
@@ -368,12 +373,14 @@ impl Writer {
             let group = self
                 .gatherer
                 .gather(&shared.senders, &shared.stats, &mut rx, first);
-            let ops = self.refuse_appends_if_disk_low(group.ops);
+            let mut ops = self.refuse_appends_if_disk_low(group.ops);
+            let quarantines = self.stage_quarantines(&mut ops);
             if !ops.is_empty() {
                 let started = Instant::now();
                 self.commit(ops);
                 self.gatherer.committed(started.elapsed());
             }
+            quarantines.settle(&self.shared);
             if self.shared.failure.get().is_some() {
                 break;
             }
@@ -416,7 +423,7 @@ impl Writer {
                         }
                         other => other,
                     },
-                    Op::Close { .. } | Op::Refresh => Ok(()),
+                    Op::Close { .. } | Op::Refresh | Op::Quarantine => Ok(()),
                 };
                 if let Err(e) = step {
                     result = Err(e);
@@ -672,7 +679,7 @@ impl Writer {
 fn answer(op: Op, result: Result<(), QueueError>) {
     let done = match op {
         Op::Append { done, .. } | Op::Ack { done, .. } | Op::Close { done } => done,
-        Op::Refresh => return,
+        Op::Refresh | Op::Quarantine => return,
     };
     let _ = done.send(result);
 }

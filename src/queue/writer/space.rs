@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::{Op, Writer, SLED_AMPLIFICATION};
 use crate::queue::generation;
-use crate::queue::QueueError;
+use crate::queue::{QueueError, Shared};
 
 impl Writer {
     /// Answers `Full` to the appends of this group if writing them could fill the disk.
@@ -52,44 +52,47 @@ impl Writer {
     /// delivered).
     pub fn update_disk_usage(&mut self) {
         self.last_disk_check = Instant::now();
-        let disk = generation::disk_usage(&self.shared.path);
-        let stats = &self.shared.stats;
-        stats.disk_bytes.store(disk, Ordering::Relaxed);
-        stats
-            .generations
-            .store(self.state.gens.len() as u64, Ordering::Relaxed);
-        let open = self
-            .state
-            .gens
-            .values()
-            .filter(|g| g.handle.is_open())
-            .count();
-        stats.open_generations.store(open as u64, Ordering::Relaxed);
-        let free = free_space(&self.shared.path).unwrap_or(u64::MAX);
-        let queued = self.shared.queued_bytes.load(Ordering::Acquire);
-        let max = self.shared.max_bytes;
-        let full = queued >= max || disk >= max || free < self.shared.min_free_bytes;
-        stats.free_bytes.store(free, Ordering::Relaxed);
-        let was = self.shared.full.swap(full, Ordering::AcqRel);
-        if full != was {
-            if full {
-                tracing::warn!(
-                    disk_bytes = disk,
-                    queued_bytes = queued,
-                    max_bytes = max,
-                    free_bytes = free,
-                    min_free_bytes = self.shared.min_free_bytes,
-                    "queue full: sources get back-pressure until delivery catches up"
-                );
-            } else {
-                tracing::info!(
-                    disk_bytes = disk,
-                    queued_bytes = queued,
-                    free_bytes = free,
-                    "queue below its limits again"
-                );
-            }
-        }
+        let gens = &self.state.gens;
+        let open = gens.values().filter(|g| g.handle.is_open()).count();
+        measure_space(&self.shared, gens.len(), open);
+    }
+}
+
+/// [`Writer::update_disk_usage`] for a queue of `generations` generations, `open` of them
+/// open: also what a queue opened read-only shows (`read_only.rs`).
+pub fn measure_space(shared: &Shared, generations: usize, open: usize) {
+    let disk = generation::disk_usage(&shared.path);
+    let stats = &shared.stats;
+    stats.disk_bytes.store(disk, Ordering::Relaxed);
+    stats
+        .generations
+        .store(generations as u64, Ordering::Relaxed);
+    stats.open_generations.store(open as u64, Ordering::Relaxed);
+    let free = free_space(&shared.path).unwrap_or(u64::MAX);
+    let queued = shared.queued_bytes.load(Ordering::Acquire);
+    let max = shared.max_bytes;
+    let full = queued >= max || disk >= max || free < shared.min_free_bytes;
+    stats.free_bytes.store(free, Ordering::Relaxed);
+    let was = shared.full.swap(full, Ordering::AcqRel);
+    if full == was {
+        return;
+    }
+    if full {
+        tracing::warn!(
+            disk_bytes = disk,
+            queued_bytes = queued,
+            max_bytes = max,
+            free_bytes = free,
+            min_free_bytes = shared.min_free_bytes,
+            "queue full: sources get back-pressure until delivery catches up"
+        );
+    } else {
+        tracing::info!(
+            disk_bytes = disk,
+            queued_bytes = queued,
+            free_bytes = free,
+            "queue below its limits again"
+        );
     }
 }
 
