@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use futures_util::{FutureExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -116,7 +116,7 @@ fn limit_reason(limit: Limit) -> &'static str {
 }
 
 /// Reads and stores messages until the stream ends; says why it ended.
-async fn read_messages<S: AsyncRead + Unpin>(
+async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     store: &Store,
     reading: Reading,
@@ -158,6 +158,9 @@ async fn read_messages<S: AsyncRead + Unpin>(
         }
         batch.clear();
         if let Some(ended) = ended {
+            // Our side of the close: a TLS sender gets the close_notify it must get back
+            // (RFC 5425, 4.4), a TCP sender a FIN.
+            let _ = frames.get_mut().shutdown().await;
             return ended;
         }
     }
