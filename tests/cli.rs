@@ -33,7 +33,11 @@ fn check_names_file_line_and_key() {
 
 #[test]
 fn check_accepts_the_shipped_configurations() {
-    for file in ["examples/quickstart.toml", "packaging/config.toml"] {
+    for file in [
+        "examples/quickstart.toml",
+        "examples/syslog.toml",
+        "packaging/config.toml",
+    ] {
         let out = Command::new(binary())
             .args(["check", "--config", file])
             .output()
