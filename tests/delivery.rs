@@ -84,12 +84,7 @@ async fn metrics_count_what_went_through() {
     assert_eq!(refused.status(), 400);
     wait_delivered(&mock, &acked).await;
     fwd.wait_drained().await;
-    let text = reqwest::get(format!("http://{}/metrics", fwd.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = fwd.metrics().await;
     let source = format!("listen=\"{}\"", fwd.source);
     for line in [
         format!("sekoia_forwarder_http_accepted_events_total{{{source}}} 300"),
@@ -112,12 +107,7 @@ async fn metrics_are_the_documented_ones_and_status_shows_them_too() {
     let acked = send_events(&client, &fwd.url(), KEY, 0, 40, 10).await;
     wait_delivered(&mock, &acked).await;
     fwd.wait_drained().await;
-    let text = reqwest::get(format!("http://{}/metrics", fwd.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = fwd.metrics().await;
     let served: std::collections::BTreeSet<String> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -535,12 +525,7 @@ async fn redirects_are_not_followed() {
     fwd.wait_drained().await;
     assert_eq!(assert_all_delivered(&mock, &acked), 0);
     assert_eq!(elsewhere.stats().requests, 0, "{:?}", elsewhere.stats());
-    let metrics = reqwest::get(format!("http://{}/metrics", fwd.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fwd.metrics().await;
     assert!(
         metrics.contains("sekoia_forwarder_delivery_redirects_total "),
         "{metrics}"

@@ -314,12 +314,7 @@ async fn intake_keys_beyond_max_intake_keys_are_refused_before_anything_is_store
     let report = fwd.status().await;
     assert_eq!(report["queue"]["lanes"].as_array().map(Vec::len), Some(MAX));
 
-    let text = reqwest::get(format!("http://{}/metrics", fwd.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = fwd.metrics().await;
     let line = format!(
         "sekoia_forwarder_http_rejected_max_intake_keys_total{{listen=\"{}\"}} 2",
         fwd.source

@@ -161,12 +161,7 @@ async fn logger_over_udp() {
     let events = wait_for_texts(&mock, &fwd, &lines).await;
     assert_eq!(events.len(), 100);
     assert!(events.iter().all(|e| e.intake_key == KEY));
-    let text = reqwest::get(format!("http://{}/metrics", fwd.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = fwd.metrics().await;
     let udp = format!("listen=\"udp://{}\"", fwd.syslog("udp"));
     for line in [
         format!("sekoia_forwarder_syslog_datagrams_total{{{udp}}} 100"),

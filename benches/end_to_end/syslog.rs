@@ -176,7 +176,10 @@ async fn run_cell(cell: &Cell, ticks: f64) -> CellReport {
         .filter_map(|s| s["kernel_dropped_datagrams"].as_u64())
         .sum();
     if !complete && !cell.udp {
-        println!("syslog {}: only {delivered} of {sent} delivered", cell.name);
+        println!(
+            "syslog {}: only {delivered} of {sent} delivered within {within:?}; sources: {}",
+            cell.name, status["syslog_sources"]
+        );
     }
     let peak_rss = proc_status_bytes(pid, "VmHWM:");
     stop_forwarder(&mut fwd);

@@ -58,10 +58,33 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// The least length of the kernel's queue of connections not yet accepted (`listen(2)`'s
+/// backlog); tokio's `TcpListener::bind` gives 1024.
+const MIN_BACKLOG: u32 = 1024;
+
 /// Least time between two warnings that `max_connections` is reached.
 const FULL_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 /// Pause after a failed `accept` that is not a connection reset, so as not to spin.
 const ACCEPT_FAILURE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Listens on `addr` with a backlog of at least `max_connections` (and 1024): a storm of
+/// connects (a fleet of relays reconnecting after an outage) then waits in the kernel's
+/// queue while the source accepts, instead of overflowing it. An overflowing queue drops
+/// handshakes, and their senders retransmit for seconds to minutes: the syslog bench's 1,000
+/// connections at once took over a minute to be all accepted with 1024. The kernel caps the
+/// backlog at `net.core.somaxconn`.
+pub fn listen(addr: std::net::SocketAddr, max_connections: usize) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind`: a restarted forwarder can listen again at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let backlog = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    socket.listen(backlog.clamp(MIN_BACKLOG, 65_535))
+}
 
 /// Accepts connections until `stop` is cancelled, at most `max_connections` at once. Dropping
 /// it closes the listening socket.

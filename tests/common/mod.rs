@@ -180,6 +180,16 @@ impl Forwarder {
         fwd
     }
 
+    /// Its `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap_or_else(|e| panic!("no metrics: {e}\n{}", self.log()))
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// Where its syslog source of this transport (`udp`, `tcp`, `tls`) listens.
     pub fn syslog(&self, transport: &str) -> SocketAddr {
         let ready = self.ready.as_ref().expect("started");

@@ -48,7 +48,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::HttpSourceConfig;
 use crate::queue::{Queue, SenderGuard};
-use crate::sources::server::{Acceptor, ConnectionTimeouts, Limit, Slot, Watchdog};
+use crate::sources::server::{self, Acceptor, ConnectionTimeouts, Limit, Slot, Watchdog};
 
 use handler::{handle, Shared};
 
@@ -114,8 +114,7 @@ pub struct HttpSource {
 impl HttpSource {
     /// Binds the listener (so the caller can log/learn the real address, port 0 allowed).
     pub async fn bind(config: HttpSourceConfig, queue: Queue) -> anyhow::Result<HttpSource> {
-        let listener = TcpListener::bind(config.listen)
-            .await
+        let listener = server::listen(config.listen, config.max_connections)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener
             .local_addr()

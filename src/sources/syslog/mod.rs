@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Listen, SyslogSourceConfig};
 use crate::queue::Queue;
-use crate::sources::server::{Acceptor, ConnectionTimeouts};
+use crate::sources::server::{self, Acceptor, ConnectionTimeouts};
 use store::Store;
 use stream::{Handshake, NoHandshake, Reading};
 use tls::Tls;
@@ -93,14 +93,14 @@ impl SyslogSource {
         let listen = config.listen;
         let socket = match listen {
             Listen::Udp(addr) => Socket::Udp(udp::bind(addr, config.receive_buffer_bytes)?),
-            Listen::Tcp(addr) => Socket::Tcp(tcp_listener(addr).await?),
+            Listen::Tcp(addr) => Socket::Tcp(tcp_listener(addr, config.max_connections)?),
             Listen::Tls(addr) => {
                 let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
                     anyhow::bail!("syslog source {listen}: tls_cert and tls_key are needed");
                 };
                 let tls = Tls::load(cert, key, config.tls_client_ca.as_deref())
                     .with_context(|| format!("syslog source {listen}"))?;
-                Socket::Tls(tcp_listener(addr).await?, tls)
+                Socket::Tls(tcp_listener(addr, config.max_connections)?, tls)
             }
         };
         let addr = match &socket {
@@ -165,10 +165,8 @@ impl SyslogSource {
     }
 }
 
-async fn tcp_listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))
+fn tcp_listener(addr: SocketAddr, max_connections: usize) -> anyhow::Result<TcpListener> {
+    server::listen(addr, max_connections).with_context(|| format!("cannot listen on {addr}"))
 }
 
 /// Accepts TCP/TLS connections until `shutdown`, then waits for the open ones to store what
