@@ -287,3 +287,24 @@ async fn a_full_queue_pushes_a_tcp_sender_back_and_loses_nothing() {
     let twice = seen.iter().filter(|&&c| c > 1).count();
     assert_eq!((missing, twice), (0, 0), "lines missing / sent twice");
 }
+
+/// Bytes that are not UTF-8 are forwarded with U+FFFD in their place (JSON carries text) and
+/// counted; the rest of the message is kept as sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_utf8_is_replaced_and_counted() {
+    let mock = start_mock().await;
+    let (fwd, _dir) = syslog_forwarder(&mock, "");
+    let mut tcp = std::net::TcpStream::connect(fwd.syslog("tcp")).unwrap();
+    tcp.write_all(b"<13>bad \xff\xfe bytes\n<13>good \xc3\xa9\n")
+        .unwrap();
+    drop(tcp);
+    let events = wait_for_texts(&mock, &fwd, &["bytes".to_owned(), "good".to_owned()]).await;
+    let raws: Vec<&str> = events.iter().map(|e| e.raw.as_str()).collect();
+    assert!(raws.contains(&"<13>bad \u{fffd}\u{fffd} bytes"), "{raws:?}");
+    assert!(raws.contains(&"<13>good é"), "{raws:?}");
+    let status = fwd.status().await;
+    assert_eq!(
+        status["syslog_sources"][1]["invalid_utf8_events"], 1,
+        "{status}"
+    );
+}

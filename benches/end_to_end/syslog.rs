@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
 use crate::client::event_text;
-use crate::common::{Forwarder, MockIntake};
-use crate::phases::{cpu_per_million, rate, stop_forwarder, wait_accepted};
+use crate::common::MockIntake;
+use crate::phases::{cpu_per_million, rate, start_forwarder, stop_forwarder, wait_accepted};
 use crate::probe::{cpu_secs, proc_status_bytes};
 use crate::report::{mib, row, Row};
 use crate::{deadline_for, KEY};
@@ -112,10 +112,6 @@ level = "info"
     path
 }
 
-fn start(config: &Path) -> Forwarder {
-    tokio::task::block_in_place(|| Forwarder::start_with_env(config, &[("RUST_LOG", "info")]))
-}
-
 /// `count` newline-framed lines, one buffer per connection.
 fn streams(connections: usize, events: u64) -> Vec<Vec<u8>> {
     let per = events / connections as u64;
@@ -149,7 +145,7 @@ async fn run_cell(cell: &Cell, ticks: f64) -> CellReport {
     let mock = MockIntake::start_count_only(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .expect("mock");
-    let mut fwd = start(&write_config(dir.path(), &mock.url()));
+    let mut fwd = start_forwarder(&write_config(dir.path(), &mock.url()));
     let pid = fwd.pid();
     let data = streams(cell.connections, cell.events);
     let sent = data
@@ -229,7 +225,7 @@ async fn idle(connections: usize) -> Idle {
     let mock = MockIntake::start_count_only(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .expect("mock");
-    let mut fwd = start(&write_config(dir.path(), &mock.url()));
+    let mut fwd = start_forwarder(&write_config(dir.path(), &mock.url()));
     let pid = fwd.pid();
     let addr = fwd.syslog("tcp");
     // One message first, so that everything a first message brings is in the baseline.

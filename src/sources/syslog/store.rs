@@ -61,10 +61,30 @@ impl Store {
         if frames.is_empty() {
             return Ok(());
         }
+        let stored = self.append_until_stored(frames, stop).await;
+        if stored.is_err() {
+            // What was read from the socket and is not durable is lost with the connection:
+            // said, never silent.
+            tracing::warn!(
+                source = %self.name,
+                messages = frames.len(),
+                "the source stopped while the queue could not take its messages: they were \
+                 read from the socket but not stored"
+            );
+        }
+        stored
+    }
+
+    async fn append_until_stored(
+        &self,
+        frames: &[Frame],
+        stop: &CancellationToken,
+    ) -> Result<(), Stopped> {
         loop {
-            match self.queue.append(self.events(frames)).await {
+            let (events, invalid_utf8) = self.events(frames);
+            match self.queue.append(events).await {
                 Ok(()) => {
-                    self.stored(frames);
+                    self.stored(frames, invalid_utf8);
                     return Ok(());
                 }
                 Err(QueueError::Closed) => return Err(Stopped),
@@ -84,18 +104,24 @@ impl Store {
         }
     }
 
-    fn events(&self, frames: &[Frame]) -> Vec<IncomingEvent> {
-        frames
+    /// The events of `frames`, and how many of them were not valid UTF-8.
+    fn events(&self, frames: &[Frame]) -> (Vec<IncomingEvent>, u64) {
+        let mut invalid_utf8 = 0;
+        let events = frames
             .iter()
             .map(|frame| IncomingEvent {
                 intake_key: self.intake_key.0.clone(),
                 timestamp: None,
-                raw: text(&frame.message),
+                raw: text(&frame.message).unwrap_or_else(|lossy| {
+                    invalid_utf8 += 1;
+                    lossy
+                }),
             })
-            .collect()
+            .collect();
+        (events, invalid_utf8)
     }
 
-    fn stored(&self, frames: &[Frame]) {
+    fn stored(&self, frames: &[Frame], invalid_utf8: u64) {
         let s = &self.stats;
         s.accepted_events
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
@@ -111,10 +137,9 @@ impl Store {
                     s.split_pieces.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            if std::str::from_utf8(&frame.message).is_err() {
-                s.invalid_utf8_events.fetch_add(1, Ordering::Relaxed);
-            }
         }
+        s.invalid_utf8_events
+            .fetch_add(invalid_utf8, Ordering::Relaxed);
         self.wait_state(false, None);
     }
 
@@ -148,7 +173,10 @@ impl Store {
 }
 
 /// A message as the intake gets it: JSON carries text, so bytes that are not UTF-8 are
-/// replaced by U+FFFD (and counted in `invalid_utf8_events`); the rest is kept as sent.
-fn text(message: &[u8]) -> String {
-    String::from_utf8_lossy(message).into_owned()
+/// replaced by U+FFFD (`Err`, counted in `invalid_utf8_events`); the rest is kept as sent.
+fn text(message: &[u8]) -> Result<String, String> {
+    match std::str::from_utf8(message) {
+        Ok(text) => Ok(text.to_owned()),
+        Err(_) => Err(String::from_utf8_lossy(message).into_owned()),
+    }
 }
