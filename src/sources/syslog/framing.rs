@@ -71,8 +71,13 @@ enum Assembly {
     /// Nothing of a message over the limit yet.
     Empty,
     /// Truncating: the first bytes are kept in `head` (a few more than will stay, so that
-    /// the cut can fall between characters), `seen` bytes of the message so far.
-    Truncating { head: BytesMut, seen: u64 },
+    /// the cut can fall between characters), `seen` bytes of the message so far, the last
+    /// `run` of which (at most [`SLACK`]) are newline, CR or NUL, to be stripped if they end it.
+    Truncating {
+        head: BytesMut,
+        seen: u64,
+        run: usize,
+    },
     /// Splitting: what is not handed out yet (less than `max` bytes once pieces are cut).
     Splitting { carry: BytesMut },
 }
@@ -114,6 +119,15 @@ impl FrameDecoder {
             ready: std::collections::VecDeque::new(),
             scanned: 0,
             framing_errors: 0,
+        }
+    }
+
+    /// A decoder of one message per line, whatever the first byte: for byte streams that are
+    /// not syslog connections (files, stdin), where a line may well start with a digit.
+    pub fn lines(max: usize, oversize: Oversize) -> FrameDecoder {
+        FrameDecoder {
+            framing: Some(Framing::Lines),
+            ..FrameDecoder::new(max, oversize)
         }
     }
 
@@ -237,7 +251,7 @@ impl FrameDecoder {
     /// one is truncated or split as it comes.
     fn take(&mut self, bytes: Bytes, end: bool) {
         if end && matches!(self.assembly, Assembly::Empty) {
-            let message = strip_end(bytes);
+            let message = strip_end(bytes.clone());
             if message.len() <= self.max {
                 if !message.is_empty() {
                     self.ready.push_back(Frame {
@@ -247,8 +261,9 @@ impl FrameDecoder {
                 }
                 return;
             }
-            // A whole message over the limit arrived at once.
-            self.take_long(message);
+            // A whole message over the limit arrived at once: it goes the way of one that
+            // came in pieces, so that the result does not depend on how it was read.
+            self.take_long(bytes);
             self.finish(Bytes::new());
             return;
         }
@@ -268,12 +283,19 @@ impl FrameDecoder {
                 self.assembly = Assembly::Truncating {
                     head: BytesMut::from(&bytes[..keep]),
                     seen: bytes.len() as u64,
+                    run: trailing_run(&bytes),
                 };
             }
-            (Assembly::Truncating { head, seen }, _) => {
+            (Assembly::Truncating { head, seen, run }, _) => {
                 let more = bytes.len().min(head_room.saturating_sub(head.len()));
                 head.extend_from_slice(&bytes[..more]);
                 *seen += bytes.len() as u64;
+                let last = trailing_run(&bytes);
+                *run = if last == bytes.len() {
+                    (*run + last).min(SLACK)
+                } else {
+                    last
+                };
             }
             (Assembly::Empty, Oversize::Split) => {
                 self.assembly = Assembly::Splitting {
@@ -290,18 +312,21 @@ impl FrameDecoder {
 
     /// The last bytes of a message over the limit.
     fn finish(&mut self, tail: Bytes) {
+        if matches!(self.assembly, Assembly::Empty) {
+            return self.take(tail, true);
+        }
+        self.take_long(tail);
         match std::mem::replace(&mut self.assembly, Assembly::Empty) {
-            Assembly::Empty => self.take(tail, true),
-            Assembly::Truncating { head, seen } => {
-                let total = seen + strip_end(tail).len() as u64;
+            Assembly::Empty => {}
+            Assembly::Truncating { head, seen, run } => {
+                let total = seen - run as u64;
                 let keep = char_boundary(&head, self.max - MARK_ROOM);
                 self.ready.push_back(Frame {
                     message: mark_truncated(&head[..keep], total),
                     cut: Cut::Truncated { total },
                 });
             }
-            Assembly::Splitting { mut carry } => {
-                carry.extend_from_slice(&tail);
+            Assembly::Splitting { carry } => {
                 let end = strip_end(carry.freeze());
                 self.assembly = Assembly::Splitting {
                     carry: BytesMut::from(&end[..]),
@@ -313,11 +338,13 @@ impl FrameDecoder {
     }
 
     /// Hands out the pieces of `max` bytes of a split message; with `all`, the rest too.
+    /// Without `all`, a piece is cut only once more than `max` bytes would be left of the
+    /// message were it to end here (stripped), as they would be had it come in one read.
     fn cut_pieces(&mut self, all: bool) {
         let Assembly::Splitting { carry } = &mut self.assembly else {
             return;
         };
-        while carry.len() > self.max || (all && !carry.is_empty()) {
+        while carry.len() - trailing_run(carry) > self.max || (all && !carry.is_empty()) {
             let size = char_boundary(carry, self.max);
             self.ready.push_back(Frame {
                 message: carry.split_to(size).freeze(),
@@ -363,14 +390,23 @@ fn char_boundary(buf: &[u8], max: usize) -> usize {
         .unwrap_or(max)
 }
 
-/// A message without its trailing newlines, CRs and NULs.
+/// A message without its trailing newline, CR and NUL bytes, up to [`SLACK`] of them: what a
+/// sender ends a line with. Any number would be stripped only by holding them all before
+/// knowing whether the message goes on, and a long message would then depend on its reads.
 fn strip_end(mut message: Bytes) -> Bytes {
-    let end = message
-        .iter()
-        .rposition(|b| !matches!(b, b'\n' | b'\r' | b'\0'))
-        .map_or(0, |i| i + 1);
+    let end = message.len() - trailing_run(&message);
     message.truncate(end);
     message
+}
+
+/// How many of the last (at most [`SLACK`]) bytes of `bytes` are newline, CR or NUL.
+fn trailing_run(bytes: &[u8]) -> usize {
+    bytes
+        .iter()
+        .rev()
+        .take(SLACK)
+        .take_while(|b| matches!(b, b'\n' | b'\r' | b'\0'))
+        .count()
 }
 
 enum Count {
@@ -466,6 +502,18 @@ mod tests {
     }
 
     #[test]
+    fn a_lines_decoder_takes_a_leading_digit_as_text() {
+        let mut decoder = FrameDecoder::lines(1000, Oversize::Truncate);
+        let mut buf = BytesMut::from(&b"12 apples\n3 pears"[..]);
+        let mut got = Vec::new();
+        while let Some(f) = decoder.decode_eof(&mut buf).unwrap() {
+            got.push(f);
+        }
+        assert_eq!(messages(&got), ["12 apples", "3 pears"]);
+        assert_eq!(decoder.octet_counted(), Some(false));
+    }
+
+    #[test]
     fn a_count_that_is_not_one_goes_on_line_by_line() {
         let input = b"5 <13>a12x <13>b\n<13>c\n";
         let mut decoder = FrameDecoder::new(1000, Oversize::Truncate);
@@ -553,6 +601,47 @@ mod tests {
                 assert!(std::str::from_utf8(&frame.message).is_ok(), "{oversize:?}");
             }
         }
+    }
+
+    /// Found by the fuzz target: a long line's trailing CR counted in its length when it came
+    /// in another read than its newline.
+    #[test]
+    fn a_long_line_counts_the_same_whatever_the_reads() {
+        let long = "x".repeat(5000);
+        for tail in ["\r\n", "\r\0\r\n", "\0"] {
+            let got = all_steps(1000, Oversize::Truncate, format!("{long}{tail}").as_bytes());
+            assert_eq!(got[0].cut, Cut::Truncated { total: 5000 }, "{tail:?}");
+        }
+    }
+
+    /// A long message's last piece loses its CRs however the message was read, and a run of
+    /// them longer than the few a sender ends a line with is kept (a decoder that stripped any
+    /// number would have to hold them all, unbounded, before knowing).
+    #[test]
+    fn a_split_message_strips_a_few_trailing_bytes_only() {
+        let long = "x".repeat(1005);
+        let got = all_steps(1000, Oversize::Split, format!("{long}\r\r\n").as_bytes());
+        assert_eq!(messages(&got), ["x".repeat(1000), "x".repeat(5)]);
+        let got = all_steps(
+            1000,
+            Oversize::Split,
+            format!("{long}{}\n", "\r".repeat(20)).as_bytes(),
+        );
+        assert_eq!(
+            messages(&got),
+            ["x".repeat(1000), format!("xxxxx{}", "\r".repeat(13))]
+        );
+        let mut decoder = FrameDecoder::new(1000, Oversize::Split);
+        let mut buf = BytesMut::from(&b"x"[..]);
+        while decoder.decode(&mut buf).unwrap().is_some() {}
+        for _ in 0..100 {
+            buf.extend_from_slice(&[b'\r'; 1000]);
+            while decoder.decode(&mut buf).unwrap().is_some() {}
+        }
+        assert!(
+            matches!(&decoder.assembly, Assembly::Splitting { carry } if carry.len() <= 1000 + SLACK),
+            "a run of CRs is held whole"
+        );
     }
 
     #[test]
