@@ -16,6 +16,7 @@
 //! *lane* per intake key, in a series of sled databases ([`generation`]) so that delivered
 //! space is given back whole. See [`record`] for the layout of one database.
 
+mod checkpoint;
 mod compression;
 mod delivered;
 mod fresh;
@@ -41,6 +42,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::QueueConfig;
 use crate::intake_api::{redact_key, IncomingEvent};
+pub use checkpoint::Checkpoint;
 pub use generation::CorruptNote;
 use generation::Generation;
 pub(crate) use open::check_format;
@@ -251,6 +253,8 @@ struct Shared {
     compression: Compression,
     /// Bodies of chunks just committed, for delivery to read without decompressing.
     fresh: fresh::FreshBodies,
+    /// Sources' checkpoints, as durable.
+    checkpoints: checkpoint::Checkpoints,
 }
 
 impl Shared {
@@ -438,6 +442,17 @@ impl Queue {
     /// Events of an intake key the queue does not know yet are refused, all of them, with
     /// [`QueueError::TooManyKeys`] if the new keys would bring it over `max_intake_keys`.
     pub async fn append(&self, events: Vec<IncomingEvent>) -> Result<(), QueueError> {
+        self.append_with_checkpoints(events, Vec::new()).await
+    }
+
+    /// [`Queue::append`], storing `checkpoints` in the same atomic commit as the events: after
+    /// a crash the queue holds both or neither (`queue/checkpoint.rs`). `events` may be empty
+    /// (a checkpoint that moved past lines that make no event, or let go of).
+    pub async fn append_with_checkpoints(
+        &self,
+        events: Vec<IncomingEvent>,
+        checkpoints: Vec<Checkpoint>,
+    ) -> Result<(), QueueError> {
         self.shared.failed()?;
         if self.is_full() {
             return Err(QueueError::Full);
@@ -446,11 +461,25 @@ impl Queue {
         let groups = chunk_events(events, self.chunk_bytes, now_ms(), &self.shared);
         let (done, wait) = oneshot::channel();
         self.ops
-            .send(writer::Op::Append { groups, done })
+            .send(writer::Op::Append {
+                groups,
+                checkpoints,
+                done,
+            })
             .await
             .map_err(|_| self.closed())?;
         self.shared.senders.wake_writer();
         wait.await.map_err(|_| self.closed())?
+    }
+
+    /// The checkpoint stored under `name`, as durable now.
+    pub fn checkpoint(&self, name: &[u8]) -> Option<Vec<u8>> {
+        self.shared.checkpoints.lock().get(name).cloned()
+    }
+
+    /// Every checkpoint whose name starts with `prefix` (a source's own), by name.
+    pub fn checkpoints_with_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.shared.checkpoints.with_prefix(prefix)
     }
 
     /// Says that appends may keep coming from one more sender until the guard is dropped: a

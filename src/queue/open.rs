@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use super::compression::Compression;
 use super::generation::{self, GenDb};
 use super::LAYOUT_VERSION;
-use super::{fresh, now_ms, record, writer, GenList, Lane, QueueError, Shared, Stats};
+use super::{checkpoint, fresh, now_ms, record, writer, GenList, Lane, QueueError, Shared, Stats};
 use crate::config::QueueConfig;
 
 /// Page cache of the meta database, which holds little.
@@ -44,7 +44,7 @@ pub(super) fn load(config: &QueueConfig) -> Result<Loaded, QueueError> {
     meta.sync_data_file()?;
     generation::sync_dir(&meta_dir)?;
     let cache = (config.cache_capacity_bytes / 4).max(1024 * 1024);
-    let state = writer::WriterState::load(&path, &meta, &mut listing, cache)?;
+    let mut state = writer::WriterState::load(&path, &meta, &mut listing, cache)?;
     let lanes: Vec<Arc<Lane>> = state.lanes_for_readers();
     let keys: HashSet<String> = lanes.iter().map(|l| l.intake_key.clone()).collect();
     let queued_events = lanes.iter().map(|l| l.events()).sum::<u64>();
@@ -75,6 +75,7 @@ pub(super) fn load(config: &QueueConfig) -> Result<Loaded, QueueError> {
         undecodable: writer::Undecodable::default(),
         compression: Compression::new(config.chunk_compression),
         fresh: fresh::FreshBodies::new(config.delivery_cache_bytes),
+        checkpoints: checkpoint::Checkpoints::new(std::mem::take(&mut state.checkpoints)),
     });
     generation::sync_dir(&path)?;
     Ok(Loaded {

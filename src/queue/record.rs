@@ -10,10 +10,13 @@
 //! | `M` `format` | format version of this database (u32 big-endian) |
 //! | `L` lane id (u32 BE) | [`LaneRecord`]: the intake key, the lane's counters and [`Watermark`] in this generation |
 //! | `E` lane id (u32 BE) seq (u64 BE) | a chunk: [`ChunkHeader`] then [`Chunk`] (see below) |
+//! | `C` name | a source's checkpoint (`queue/checkpoint.rs`): [`VALUE_V1`] then the source's bytes, or [`CHECKPOINT_FORGOTTEN`] alone |
+//! | `M` `checkpoints` | present once this generation holds every checkpoint of the older ones (carried at its start) |
 //!
 //! The meta database holds `M format` ([`super::LAYOUT_VERSION`]), `L` lane id -> the intake
-//! key (a string), `D` seq (u64 BE) -> a [`DeadLetter`], and `G` generation id (u64 BE) -> the
-//! generation's summary. (A queue of the first layout kept `D` keys in its one database; they
+//! key (a string), `D` seq (u64 BE) -> a [`DeadLetter`], `G` generation id (u64 BE) -> the
+//! generation's summary, and `M` `checkpoints` once any checkpoint was ever written (so that a
+//! queue that never had one is never searched for them). (A queue of the first layout kept `D` keys in its one database; they
 //! are moved to the meta database at open.)
 //!
 //! Big-endian ids make sled's byte order the queue order. Every value starts with a version
@@ -104,6 +107,13 @@ pub const META_FORMAT_KEY: &[u8] = b"Mformat";
 pub const LANE_PREFIX: u8 = b'L';
 pub const CHUNK_PREFIX: u8 = b'E';
 pub const DEAD_PREFIX: u8 = b'D';
+pub const CHECKPOINT_PREFIX: u8 = b'C';
+/// In a generation: it holds every checkpoint of the older ones. In the meta database: some
+/// checkpoint was written once.
+pub const CHECKPOINTS_KEY: &[u8] = b"Mcheckpoints";
+/// The value of a checkpoint its source let go of (a file deleted): it hides the checkpoint in
+/// older generations.
+pub const CHECKPOINT_FORGOTTEN: u8 = 0;
 
 /// Size of the fixed chunk header: version, event count, payload bytes.
 pub const CHUNK_HEADER_LEN: usize = 1 + 4 + 4;
@@ -805,6 +815,36 @@ pub fn dead_key(seq: u64) -> [u8; 9] {
     let mut k = [DEAD_PREFIX; 9];
     k[1..].copy_from_slice(&seq.to_be_bytes());
     k
+}
+
+pub fn checkpoint_key(name: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(CHECKPOINT_PREFIX);
+    k.extend_from_slice(name);
+    k
+}
+
+/// A checkpoint's stored value: the source's bytes, or `None` for one let go of.
+pub fn encode_checkpoint(state: Option<&[u8]>) -> Vec<u8> {
+    match state {
+        Some(bytes) => {
+            let mut v = Vec::with_capacity(1 + bytes.len());
+            v.push(VALUE_V1);
+            v.extend_from_slice(bytes);
+            v
+        }
+        None => vec![CHECKPOINT_FORGOTTEN],
+    }
+}
+
+/// The source's bytes of a stored checkpoint (`None`: let go of).
+pub fn decode_checkpoint(value: &[u8]) -> Result<Option<&[u8]>, DecodeError> {
+    match value.split_first() {
+        None => Err(DecodeError::Truncated(0)),
+        Some((&VALUE_V1, bytes)) => Ok(Some(bytes)),
+        Some((&CHECKPOINT_FORGOTTEN, [])) => Ok(None),
+        Some((&v, _)) => Err(DecodeError::UnknownVersion(v)),
+    }
 }
 
 /// Lane id of an `L` key.

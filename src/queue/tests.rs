@@ -824,6 +824,7 @@ async fn a_generation_with_an_undecodable_chunk_is_deleted_once_delivered() {
     wait_for("the counters recounted", || q.totals() == (0, 0)).await;
 }
 
+mod checkpoints;
 #[cfg(feature = "failpoints")]
 mod cut_short;
 mod delivery_reads;

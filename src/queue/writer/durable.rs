@@ -215,7 +215,10 @@ impl GenWrites {
 /// sled writes pages too large for its log segments to one file each under `blobs/`, without
 /// any fsync (`shared/notes/measurements.md`); what such a page holds would not survive a
 /// power cut. The directory is normally empty, so listing it is cheap.
-fn sync_new_blobs(db_dir: &Path, synced: &mut HashSet<OsString>) -> Result<u64, QueueError> {
+pub(super) fn sync_new_blobs(
+    db_dir: &Path,
+    synced: &mut HashSet<OsString>,
+) -> Result<u64, QueueError> {
     let dir = db_dir.join("blobs");
     let entries = match std::fs::read_dir(&dir) {
         Ok(entries) => entries,

@@ -273,6 +273,7 @@ mod tests {
         let (done, _) = tokio::sync::oneshot::channel();
         Op::Append {
             groups: Vec::new(),
+            checkpoints: Vec::new(),
             done,
         }
     }

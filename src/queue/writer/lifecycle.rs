@@ -72,16 +72,17 @@ impl Writer {
         }
         crash_point!("queue-rotate-after-summary");
         let id = old + 1;
-        let root = &self.shared.path;
+        let root = self.shared.path.clone();
         let handle = match self.janitor.take_spare(id) {
             Some(handle) => handle,
             None => {
-                let handle = Arc::new(Generation::new(root, id, self.state.cache_bytes));
-                generation::create_generation(root, &handle, record::FORMAT_VERSION)?;
+                let handle = Arc::new(Generation::new(&root, id, self.state.cache_bytes));
+                generation::create_generation(&root, &handle, record::FORMAT_VERSION)?;
                 handle
             }
         };
         crash_point!("queue-rotate-after-create");
+        self.carry_checkpoints(&handle)?;
         // Delivery far behind (the sealed generation still holds most of what it received):
         // it will not read this generation for a while, so give its memory back now rather
         // than after IDLE_CLOSE, during which a fast ingest could fill another generation.
@@ -97,7 +98,7 @@ impl Writer {
         self.synced_blobs.remove(&old);
         self.publish_generations();
         self.janitor.prepare(Arc::new(Generation::new(
-            root,
+            &root,
             id + 1,
             self.state.cache_bytes,
         )));

@@ -415,6 +415,12 @@ impl WriterState {
         }
         // Dead letters are few (events refused for good); counting them once at open is cheap.
         let dead_letters = meta.db.scan_prefix([record::DEAD_PREFIX]).count() as u64;
+        let checkpoints_used = super::checkpoints::used(meta)?;
+        let checkpoints = if checkpoints_used {
+            super::checkpoints::load(&gens, active)?
+        } else {
+            HashMap::new()
+        };
         Ok(WriterState {
             lanes,
             by_key,
@@ -423,6 +429,8 @@ impl WriterState {
             next_dead_seq,
             dead_letters,
             cache_bytes,
+            checkpoints_used,
+            checkpoints,
         })
     }
 }

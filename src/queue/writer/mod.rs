@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 mod ack;
+mod checkpoints;
 mod drift;
 mod durable;
 mod gather;
@@ -30,6 +31,7 @@ mod load;
 mod quarantine;
 mod space;
 
+use super::checkpoint::Checkpoint;
 use super::compression::Compression;
 use super::fresh::{ChunkAt, FreshBodies};
 use super::generation::{GenDb, GenLane, GenSummary, Generation};
@@ -100,6 +102,8 @@ type Done = oneshot::Sender<Result<(), QueueError>>;
 pub enum Op {
     Append {
         groups: Vec<Group>,
+        /// Stored in the same batch as the chunks (`queue/checkpoint.rs`).
+        checkpoints: Vec<Checkpoint>,
         done: Done,
     },
     Ack {
@@ -120,11 +124,18 @@ pub enum Op {
 impl Op {
     fn bytes(&self) -> usize {
         match self {
-            Op::Append { groups, .. } => groups
-                .iter()
-                .flat_map(|g| &g.chunks)
-                .map(|c| c.bytes.len())
-                .sum(),
+            Op::Append {
+                groups,
+                checkpoints,
+                ..
+            } => {
+                let chunks: usize = groups
+                    .iter()
+                    .flat_map(|g| &g.chunks)
+                    .map(|c| c.bytes.len())
+                    .sum();
+                chunks + checkpoints.iter().map(Checkpoint::bytes).sum::<usize>()
+            }
             Op::Ack { ack, .. } => ack.rewrite.len() * 1024 + ack.remove.len() * 16,
             Op::Close { .. } | Op::Refresh | Op::Quarantine => 0,
         }
@@ -254,6 +265,10 @@ pub struct WriterState {
     /// Dead letters in the store at open.
     pub dead_letters: u64,
     cache_bytes: u64,
+    /// Whether a checkpoint was ever written (then each new generation gets a copy of them).
+    checkpoints_used: bool,
+    /// The checkpoints at open, for [`super::checkpoint::Checkpoints`].
+    pub checkpoints: HashMap<Vec<u8>, Vec<u8>>,
 }
 
 impl WriterState {
@@ -336,6 +351,10 @@ struct Staged {
     reached: Vec<drift::Reached>,
     /// The v1 bodies of the compressed chunks appended, where they are stored.
     fresh: Vec<(ChunkAt, Vec<u8>)>,
+    /// Checkpoints stored by this commit, in order.
+    checkpoints: Vec<Checkpoint>,
+    /// This commit writes the meta database's mark that checkpoints are used.
+    checkpoints_used: bool,
 }
 
 impl Writer {
@@ -415,7 +434,13 @@ impl Writer {
         if result.is_ok() {
             for (i, op) in ops.iter_mut().enumerate() {
                 let step = match op {
-                    Op::Append { groups, .. } => self.stage_append(&mut staged, groups),
+                    Op::Append {
+                        groups,
+                        checkpoints,
+                        ..
+                    } => self.stage_append(&mut staged, groups).map(|()| {
+                        self.stage_checkpoints(&mut staged, checkpoints);
+                    }),
                     Op::Ack { lane, ack, .. } => match self.stage_ack(&mut staged, *lane, ack) {
                         Err(e) if e.is_corrupt() => {
                             failed_alone.insert(i, e);
@@ -624,6 +649,12 @@ impl Writer {
     }
 
     fn publish(&mut self, mut staged: Staged) {
+        self.state.checkpoints_used |= staged.checkpoints_used;
+        if !staged.checkpoints.is_empty() {
+            self.shared
+                .checkpoints
+                .publish(std::mem::take(&mut staged.checkpoints));
+        }
         for ((gen, lane), count) in staged.counts.drain() {
             if let Some(g) = self.state.gens.get_mut(&gen) {
                 g.set_count(lane, count);
