@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::delivery::{DeliverySnapshot, DeliveryStats};
 use crate::intake_api::redact_key;
 use crate::queue::{DeadLetter, Queue, QueueError, QueueStatus, ReadOnlyQueue, StatsSnapshot};
+use crate::sources::file::{FileSourceSnapshot, FileSourceStats};
 use crate::sources::http::{HttpSourceSnapshot, HttpSourceStats};
 use crate::sources::syslog::{SyslogSourceSnapshot, SyslogSourceStats};
 use crate::stats;
@@ -42,6 +43,8 @@ pub struct Observed {
     pub http_sources: Vec<(String, Arc<HttpSourceStats>)>,
     /// One per syslog source, labelled `udp://ADDR`, `tcp://ADDR` or `tls://ADDR`.
     pub syslog_sources: Vec<(String, Arc<SyslogSourceStats>)>,
+    /// One per file source, labelled by its `paths` (comma-separated).
+    pub file_sources: Vec<(String, Arc<FileSourceStats>)>,
 }
 
 /// What the admin endpoints answer from: the running parts once the queue is open, and
@@ -90,6 +93,9 @@ pub struct StatusReport {
     /// One per syslog source, by `udp://`, `tcp://` or `tls://` address.
     #[serde(default)]
     pub syslog_sources: Vec<SourceReport<SyslogSourceSnapshot>>,
+    /// One per file source, by its `paths` (in `listen`, comma-separated).
+    #[serde(default)]
+    pub file_sources: Vec<SourceReport<FileSourceSnapshot>>,
 }
 
 /// One source in `/status`: where it listens, and its counters.
@@ -121,6 +127,7 @@ impl Observed {
             delivery: self.delivery.snapshot(),
             http_sources: source_reports(&self.http_sources, HttpSourceStats::snapshot),
             syslog_sources: source_reports(&self.syslog_sources, SyslogSourceStats::snapshot),
+            file_sources: source_reports(&self.file_sources, FileSourceStats::snapshot),
         }
     }
 }
@@ -280,25 +287,39 @@ impl Collector for Observed {
         )?;
         stats::encode(&mut encoder, &[(Vec::new(), &self.queue.levels())])?;
         stats::encode(&mut encoder, &[(Vec::new(), &self.delivery.snapshot())])?;
-        encode_sources(&mut encoder, &self.http_sources, HttpSourceStats::snapshot)?;
         encode_sources(
             &mut encoder,
+            "listen",
+            &self.http_sources,
+            HttpSourceStats::snapshot,
+        )?;
+        encode_sources(
+            &mut encoder,
+            "listen",
             &self.syslog_sources,
             SyslogSourceStats::snapshot,
+        )?;
+        encode_sources(
+            &mut encoder,
+            "paths",
+            &self.file_sources,
+            FileSourceStats::snapshot,
         )
     }
 }
 
-/// The families of one kind of source, a series per source labelled by where it listens.
+/// The families of one kind of source, a series per source labelled (`label`) by where it
+/// listens or reads.
 fn encode_sources<T, S: stats::Table>(
     encoder: &mut DescriptorEncoder,
+    label: &'static str,
     sources: &[(String, Arc<T>)],
     snapshot: fn(&T) -> S,
 ) -> Result<(), std::fmt::Error> {
     let snapshots: Vec<_> = sources.iter().map(|(l, s)| (l, snapshot(s))).collect();
     let labelled: Vec<_> = snapshots
         .iter()
-        .map(|(listen, s)| (vec![("listen", listen.as_str())], s))
+        .map(|(listen, s)| (vec![(label, listen.as_str())], s))
         .collect();
     stats::encode(encoder, &labelled)
 }
@@ -312,6 +333,7 @@ pub fn print_status(config: &Config, json: bool) -> anyhow::Result<()> {
             delivery: DeliverySnapshot::default(),
             http_sources: Vec::new(),
             syslog_sources: Vec::new(),
+            file_sources: Vec::new(),
         },
         None => fetch(config, "status")?,
     };

@@ -24,6 +24,7 @@ use crate::config::{Config, SourceConfig};
 use crate::delivery::Delivery;
 use crate::queue::Queue;
 use crate::ready::{Readiness, ReadyInfo, ReadySource};
+use crate::sources::file::FileSource;
 use crate::sources::http::HttpSource;
 use crate::sources::syslog::SyslogSource;
 
@@ -75,6 +76,7 @@ pub async fn run(config: Config, readiness: Readiness) -> anyhow::Result<()> {
     let mut sources = tokio::task::JoinSet::new();
     let mut http_sources = Vec::new();
     let mut syslog_sources = Vec::new();
+    let mut file_sources = Vec::new();
     for source in &config.sources {
         match source {
             SourceConfig::Http(http) => {
@@ -100,6 +102,11 @@ pub async fn run(config: Config, readiness: Readiness) -> anyhow::Result<()> {
                 });
                 sources.spawn(src.run(sources_stop.clone()));
             }
+            SourceConfig::File(file) => {
+                let src = FileSource::new(file.clone(), queue.clone())?;
+                file_sources.push((src.label().to_owned(), src.stats()));
+                sources.spawn(src.run(sources_stop.clone()));
+            }
         }
     }
 
@@ -110,6 +117,7 @@ pub async fn run(config: Config, readiness: Readiness) -> anyhow::Result<()> {
         delivery: delivery.stats(),
         http_sources,
         syslog_sources,
+        file_sources,
     });
     let delivery = tokio::spawn(delivery.run(DELIVERY_GRACE));
     readiness.ready(&ready);

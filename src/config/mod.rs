@@ -12,7 +12,9 @@ use serde::Deserialize;
 
 use crate::intake_api;
 
+mod file;
 mod syslog;
+pub use file::{FileSourceConfig, ReadFrom};
 pub use syslog::{IntakeKey, Listen, SyslogSourceConfig};
 
 /// The whole configuration.
@@ -180,6 +182,8 @@ pub enum SourceConfig {
     Http(HttpSourceConfig),
     /// Syslog over UDP, TCP or TLS.
     Syslog(SyslogSourceConfig),
+    /// Files tailed, with their positions checkpointed in the queue.
+    File(FileSourceConfig),
 }
 
 /// `[[source]] type = "http"`.
@@ -442,6 +446,7 @@ impl Config {
                     )?;
                 }
                 SourceConfig::Syslog(s) => s.validate()?,
+                SourceConfig::File(f) => f.validate()?,
             }
         }
         Ok(())

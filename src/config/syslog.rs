@@ -80,24 +80,11 @@ impl SyslogSourceConfig {
     /// The key, read from where the configuration says. The error names the place, never
     /// the key.
     pub fn resolve_intake_key(&self) -> Result<IntakeKey, String> {
-        let key = match (
-            &self.intake_key,
-            &self.intake_key_env,
-            &self.intake_key_file,
-        ) {
-            (Some(key), None, None) => key.0.clone(),
-            (None, Some(var), None) => std::env::var(var).map_err(|_| {
-                format!("the environment variable {var} (intake_key_env) is not set")
-            })?,
-            (None, None, Some(file)) => std::fs::read_to_string(file)
-                .map_err(|e| format!("cannot read intake_key_file {}: {e}", file.display()))?,
-            _ => return Err(KEY_CHOICE.to_owned()),
-        };
-        let key = key.trim();
-        if key.is_empty() {
-            return Err("the intake key is empty".to_owned());
-        }
-        Ok(IntakeKey(key.to_owned()))
+        resolve_intake_key(
+            self.intake_key.as_ref(),
+            self.intake_key_env.as_deref(),
+            self.intake_key_file.as_deref(),
+        )
     }
 
     /// Checks what types alone cannot; the error is `(key, what is expected)`.
@@ -156,7 +143,30 @@ impl SyslogSourceConfig {
     }
 }
 
-const KEY_CHOICE: &str = "expected exactly one of intake_key, intake_key_env, intake_key_file";
+pub(super) const KEY_CHOICE: &str =
+    "expected exactly one of intake_key, intake_key_env, intake_key_file";
+
+/// A source's intake key, from `intake_key`, `intake_key_env` or `intake_key_file` (exactly
+/// one given). The error names the place, never the key.
+pub fn resolve_intake_key(
+    key: Option<&IntakeKey>,
+    env: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> Result<IntakeKey, String> {
+    let key = match (key, env, file) {
+        (Some(key), None, None) => key.0.clone(),
+        (None, Some(var), None) => std::env::var(var)
+            .map_err(|_| format!("the environment variable {var} (intake_key_env) is not set"))?,
+        (None, None, Some(file)) => std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read intake_key_file {}: {e}", file.display()))?,
+        _ => return Err(KEY_CHOICE.to_owned()),
+    };
+    let key = key.trim();
+    if key.is_empty() {
+        return Err("the intake key is empty".to_owned());
+    }
+    Ok(IntakeKey(key.to_owned()))
+}
 
 /// Where a syslog source listens, and over what.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -4,8 +4,10 @@
 //! - [`http`]: the local intake-compatible HTTP API;
 //! - [`server`]: the protected connection server (connection limit, time limits for slow
 //!   clients) that the HTTP source is built on and that other stream sources reuse;
-//! - [`syslog`]: syslog over UDP, TCP and TLS.
+//! - [`syslog`]: syslog over UDP, TCP and TLS;
+//! - [`file`]: files tailed, with their positions checkpointed in the queue.
 
+pub mod file;
 pub mod http;
 pub mod server;
 pub mod syslog;

@@ -131,6 +131,18 @@ impl FrameDecoder {
         }
     }
 
+    /// Bytes of the message in progress taken out of the buffer but not handed out yet (the
+    /// start of a long message being truncated, what is left of one being split): a reader
+    /// that can read its input again (a file) resumes that many bytes before the buffer's
+    /// start, so that no message is lost or sent twice.
+    pub fn pending_bytes(&self) -> u64 {
+        match &self.assembly {
+            Assembly::Empty => 0,
+            Assembly::Truncating { seen, .. } => *seen,
+            Assembly::Splitting { carry } => carry.len() as u64,
+        }
+    }
+
     /// Octet counts that were not numbers, after which the connection was read line by line.
     pub fn framing_errors(&self) -> u64 {
         self.framing_errors

@@ -174,7 +174,7 @@ impl Store {
 
 /// A message as the intake gets it: JSON carries text, so bytes that are not UTF-8 are
 /// replaced by U+FFFD (`Err`, counted in `invalid_utf8_events`); the rest is kept as sent.
-fn text(message: &[u8]) -> Result<String, String> {
+pub fn text(message: &[u8]) -> Result<String, String> {
     match std::str::from_utf8(message) {
         Ok(text) => Ok(text.to_owned()),
         Err(_) => Err(String::from_utf8_lossy(message).into_owned()),
