@@ -161,13 +161,7 @@ async fn rename_rotation_reads_the_old_file_to_its_end_then_lets_it_go() {
         writeln!(old, "r line {i:06}").unwrap();
     }
     drop(old);
-    append(
-        &log,
-        &lines("r", 400, 100)
-            .iter()
-            .map(|l| l.replace(" line ", " line "))
-            .collect::<Vec<_>>(),
-    );
+    append(&log, &lines("r", 400, 100));
     let got = wait_events(&fwd, &mock, 500).await;
     let mut sorted = got.clone();
     sorted.sort();
@@ -250,4 +244,39 @@ multiline_timeout_ms = 200"#,
     let stats = file_stats(&fwd).await;
     assert_eq!(stats["invalid_utf8_events"], 1, "{stats}");
     assert_eq!(stats["truncated_events"], 1, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_rotated_while_stopped_is_read_to_its_end_from_its_checkpoint() {
+    let mock = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    append(&log, &lines("one", 0, 10));
+    let cfg = config(
+        dir.path(),
+        &mock.url(),
+        &log.display().to_string(),
+        r#"read_from = "beginning""#,
+    );
+    let mut fwd = start(&cfg);
+    wait_events(&fwd, &mock, 10).await;
+    fwd.wait_drained().await;
+    assert_eq!(fwd.terminate().code(), Some(0), "{}", fwd.log());
+    // While stopped: more lines, then rotation (the old file is no longer matched), and a
+    // new file; and a file read before that is deleted.
+    append(&log, &lines("one", 10, 10));
+    std::fs::rename(&log, dir.path().join("app.log.1")).unwrap();
+    append(&log, &lines("two", 0, 5));
+    let fwd = start(&cfg);
+    let got = wait_events(&fwd, &mock, 25).await;
+    let one: Vec<&String> = got.iter().filter(|l| l.starts_with("one ")).collect();
+    assert_eq!(one, lines("one", 0, 20).iter().collect::<Vec<_>>());
+    let two: Vec<&String> = got.iter().filter(|l| l.starts_with("two ")).collect();
+    assert_eq!(two, lines("two", 0, 5).iter().collect::<Vec<_>>());
+    assert_eq!(got.len(), 25);
+    let ok = wait_until_async(DEADLINE, || async {
+        file_stats(&fwd).await["files_released"] == 1
+    })
+    .await;
+    assert!(ok, "the rotated file is let go of\n{}", fwd.log());
 }
