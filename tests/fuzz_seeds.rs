@@ -33,6 +33,7 @@ fn write_fuzz_seeds() {
     queue_seeds();
     retry_after_seeds();
     config_seeds();
+    file_checkpoint_seeds();
 }
 
 // --- intake_request ---------------------------------------------------------------------------
@@ -219,6 +220,8 @@ fn config_seeds() {
     for (name, file) in [
         ("quickstart", "examples/quickstart.toml"),
         ("packaging", "packaging/config.toml"),
+        ("syslog", "examples/syslog.toml"),
+        ("file", "examples/file.toml"),
     ] {
         write("config", name, &std::fs::read(root.join(file)).unwrap());
     }
@@ -227,4 +230,29 @@ fn config_seeds() {
                    url = \"https://intake.sekoia.io\"\n\n[[source]]\ntype = \"http\"\n\
                    listen = \"127.0.0.1:10080\"\n";
     write("config", "minimal", minimal.as_bytes());
+}
+
+// --- file_checkpoint --------------------------------------------------------------------------
+
+fn file_checkpoint_seeds() {
+    use sekoia_forwarder::sources::file::position::{FileId, Fingerprint, Position};
+    let position = Position {
+        path: "/var/log/nginx/access.log".into(),
+        offset: 1_234_567,
+        fingerprint: Fingerprint {
+            len: 256,
+            crc: 0x1234_5678,
+        },
+    };
+    write(
+        "file_checkpoint",
+        "position",
+        &[&[0][..], &position.encode()].concat(),
+    );
+    let name = FileId {
+        dev: 2049,
+        ino: 1_048_577,
+    }
+    .checkpoint_name();
+    write("file_checkpoint", "name", &[&[1][..], &name].concat());
 }

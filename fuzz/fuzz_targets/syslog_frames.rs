@@ -1,10 +1,10 @@
 //! The syslog stream decoder (`sources/syslog/framing.rs`): a TCP or TLS peer sends any bytes,
-//! in reads of any size. Whatever comes, the decoder must not panic, must hand out no message
+//! in reads of any size; its lines-only form reads files (and stdin) the same way. Whatever comes, the decoder must not panic, must hand out no message
 //! over its limit, must hold no more than about the limit in memory, and must cut the same
 //! messages however the stream was split into reads.
 //!
-//! Input: a byte for the limit, a byte for the oversize policy and the read size, then the
-//! stream.
+//! Input: a byte for the limit, a byte for the oversize policy (bit 0), the decoder (bit 1:
+//! syslog framing detected, or lines only) and the read size (the rest), then the stream.
 #![no_main]
 
 use bytes::BytesMut;
@@ -22,9 +22,10 @@ fuzz_target!(|data: &[u8]| {
     } else {
         Oversize::Split
     };
-    let step = usize::from(mode >> 1).max(1);
-    let whole = frames(max, oversize, stream, stream.len().max(1));
-    let stepped = frames(max, oversize, stream, step);
+    let lines = mode & 2 != 0;
+    let step = usize::from(mode >> 2).max(1);
+    let whole = frames(max, oversize, lines, stream, stream.len().max(1));
+    let stepped = frames(max, oversize, lines, stream, step);
     assert_eq!(whole, stepped, "the frames depend on how the stream was read");
     for frame in &whole {
         assert!(frame.message.len() <= max, "a frame over the limit");
@@ -32,8 +33,12 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-fn frames(max: usize, oversize: Oversize, stream: &[u8], step: usize) -> Vec<Frame> {
-    let mut decoder = FrameDecoder::new(max, oversize);
+fn frames(max: usize, oversize: Oversize, lines: bool, stream: &[u8], step: usize) -> Vec<Frame> {
+    let mut decoder = if lines {
+        FrameDecoder::lines(max, oversize)
+    } else {
+        FrameDecoder::new(max, oversize)
+    };
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     for read in stream.chunks(step) {

@@ -5,7 +5,7 @@
 //!
 //! An input is one byte choosing the decoder, then the stored value (or key):
 //! 0 a chunk, 1 a lane record, 2 a dead letter, 3 a generation summary, 4 a lane name (the
-//! meta database's intake key of a lane id), 5 the key parsers.
+//! meta database's intake key of a lane id), 5 the key parsers, 6 a source's checkpoint.
 
 use super::generation::{GenLane, GenSummary};
 use super::record::{
@@ -19,13 +19,21 @@ pub fn queue_record(data: &[u8]) {
     let Some((&which, bytes)) = data.split_first() else {
         return;
     };
-    match which % 6 {
+    match which % 7 {
         0 => chunk(bytes),
         1 => lane(bytes),
         2 => value::<DeadLetter>(bytes),
         3 => value::<GenSummary>(bytes),
         4 => value::<String>(bytes),
-        _ => keys(bytes),
+        5 => keys(bytes),
+        _ => checkpoint(bytes),
+    }
+}
+
+/// A source's checkpoint (`C` key of a generation): what decodes re-encodes to its bytes.
+fn checkpoint(bytes: &[u8]) {
+    if let Ok(state) = record::decode_checkpoint(bytes) {
+        assert_eq!(record::encode_checkpoint(state), bytes);
     }
 }
 
@@ -165,5 +173,13 @@ pub fn queue_record_seeds(events: [&str; 2]) -> Vec<(&'static str, Vec<u8>)> {
         ("key-lane", tagged(5, record::lane_key(7).to_vec())),
         ("key-chunk", tagged(5, record::chunk_key(7, 12).to_vec())),
         ("key-dead", tagged(5, record::dead_key(3).to_vec())),
+        (
+            "checkpoint",
+            tagged(6, record::encode_checkpoint(Some(first.as_bytes()))),
+        ),
+        (
+            "checkpoint-forgotten",
+            tagged(6, record::encode_checkpoint(None)),
+        ),
     ]
 }

@@ -828,5 +828,6 @@ mod checkpoints;
 #[cfg(feature = "failpoints")]
 mod cut_short;
 mod delivery_reads;
+#[cfg(feature = "failpoints")]
 mod fail_points;
 mod watermark;

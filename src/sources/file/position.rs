@@ -100,7 +100,8 @@ pub fn read_fully_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Resul
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Position {
     /// Where the file was last seen (to find it again if it was rotated while the forwarder
-    /// was stopped, and for the logs).
+    /// was stopped, and for the logs). Stored as its bytes: a Unix path need not be UTF-8.
+    #[serde(with = "path_bytes")]
     pub path: PathBuf,
     pub offset: u64,
     pub fingerprint: Fingerprint,
@@ -117,10 +118,28 @@ pub enum PositionError {
     Body(#[from] bincode::error::DecodeError),
 }
 
+/// A path as its bytes, for serde (whose own `PathBuf` refuses a path that is not UTF-8).
+mod path_bytes {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::{Path, PathBuf};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(path.as_os_str().as_bytes())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        let bytes = serde_bytes::ByteBuf::deserialize(d)?;
+        Ok(PathBuf::from(OsStr::from_bytes(&bytes)))
+    }
+}
+
 impl Position {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![VERSION];
-        // Encoding to a Vec cannot fail for these types.
+        // Encoding to a Vec cannot fail for these types (the path is bytes, not a string).
         if let Ok(body) = bincode::serde::encode_to_vec(self, bincode::config::standard()) {
             out.extend_from_slice(&body);
         }
@@ -159,6 +178,17 @@ mod tests {
         assert!(Position::decode(&[]).is_err());
         assert!(Position::decode(&[9, 1, 2]).is_err());
         assert!(Position::decode(&[VERSION, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn a_path_that_is_not_utf8_is_kept() {
+        use std::os::unix::ffi::OsStrExt;
+        let p = Position {
+            path: std::ffi::OsStr::from_bytes(b"/var/log/caf\xe9.log").into(),
+            offset: 9,
+            fingerprint: Fingerprint::default(),
+        };
+        assert_eq!(Position::decode(&p.encode()).unwrap(), p);
     }
 
     #[test]
