@@ -2,7 +2,7 @@
 //! its delivery to an in-process mock intake, 200-byte events, on 127.0.0.1 only.
 //!
 //! `cargo bench --bench end_to_end` (release build). Figures are recorded in
-//! docs/performance.md. Four phases, each with a fresh queue directory and a fresh process (so
+//! docs/performance.md. Six phases, each with a fresh queue directory and a fresh process (so
 //! that the process's peak RSS, `VmHWM`, belongs to that phase alone); `E2E_PHASES` (or
 //! `--phases`) picks some of them, e.g. `E2E_PHASES=small,live` (default: all):
 //!
@@ -13,6 +13,9 @@
 //! 0. **syslog** ([`syslog`]): 200-byte lines over TCP (1, 8, 1,000 connections) and UDP into
 //!    the syslog source -> queue -> mock intake: events/s, CPU per million, peak RSS; and the
 //!    memory 1,000 idle TCP connections add. `E2E_SYSLOG_SCALE` multiplies its event counts.
+//! 0. **file** ([`file`]): 200-byte lines appended to a log file the file source tails, and a
+//!    file read from its beginning at start -> queue -> mock intake: lines/s, CPU per million,
+//!    peak RSS. `E2E_FILE_LINES` (default 2,000,000) lines per cell.
 //! 1. **live**: client → forwarder's `POST /jsons` (batches of 1,000 events, several keep-alive
 //!    connections, bodies serialised beforehand) → queue → mock intake. Events/s from the first
 //!    send to the last event acknowledged by the mock; forwarder CPU seconds per million events;
@@ -43,6 +46,7 @@
 mod common;
 
 mod client;
+mod file;
 mod phases;
 mod probe;
 mod report;
@@ -72,10 +76,11 @@ pub struct Params {
     pub ingest_events: u64,
     pub backlog_events: u64,
     pub connections: usize,
-    /// Phases to run: small, live, ingest, backlog.
+    /// Phases to run: small, syslog, file, live, ingest, backlog.
     pub phases: Vec<String>,
     pub small_scale: f64,
     pub syslog_scale: f64,
+    pub file_lines: u64,
 }
 
 impl Params {
@@ -111,8 +116,9 @@ impl Params {
             ingest_events: round(get("E2E_INGEST_EVENTS", "--ingest-events", 2_000_000)),
             backlog_events: round(get("E2E_BACKLOG_EVENTS", "--backlog-events", 5_000_000)),
             connections: get("E2E_CONNECTIONS", "--connections", 8).max(1) as usize,
+            file_lines: get("E2E_FILE_LINES", "--file-lines", 2_000_000).max(1000),
             phases: text_of("E2E_PHASES", "--phases")
-                .unwrap_or_else(|| "small,syslog,live,ingest,backlog".into())
+                .unwrap_or_else(|| "small,syslog,file,live,ingest,backlog".into())
                 .split(',')
                 .map(|p| p.trim().to_owned())
                 .filter(|p| !p.is_empty())
@@ -174,6 +180,10 @@ fn main() {
         if p.runs("syslog") {
             let (cells, idle) = syslog::run(&syslog::cells(p.syslog_scale), ticks).await;
             syslog::rows(&cells, &idle, &mut rows);
+        }
+        if p.runs("file") {
+            let cells = file::run(p.file_lines, ticks).await;
+            file::rows(&cells, &mut rows);
         }
         if p.runs("live") {
             let live: Live = live(&p, bodies.clone(), ticks).await;
