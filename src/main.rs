@@ -57,6 +57,10 @@ enum Command {
         /// Only this generation (its number); all moved-aside generations without it.
         generation: Option<u64>,
     },
+    /// Send the lines of FILEs (or of the standard input) to the intake once, then exit: 0 when
+    /// the intake acknowledged every event, 3 when some are still queued (--timeout,
+    /// interrupted), 4 when the intake refused some for good (dead letters), 1 on an error.
+    Send(sekoia_forwarder::send::SendArgs),
     /// Run a mock of the Sekoia intake, to try a pipeline offline.
     MockIntake(sekoia_forwarder::mock_intake::MockCliOptions),
 }
@@ -69,8 +73,8 @@ fn main() -> ExitCode {
     #[cfg(feature = "failpoints")]
     let _scenario = fail::FailScenario::setup();
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    match run(cli.command) {
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -85,8 +89,18 @@ fn load(config: Option<&PathBuf>) -> anyhow::Result<Config> {
     })
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+/// Runs `command`; the process's exit code.
+fn run(command: Command) -> anyhow::Result<u8> {
+    match command {
+        // Its exit code says more than success or failure.
+        Command::Send(args) => send(args),
+        other => run_other(other).map(|()| 0),
+    }
+}
+
+fn run_other(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Send(args) => send(args).map(|_| ()),
         Command::Run { config, ready_file } => {
             let config = load(config.as_ref())?;
             init_logging(&config.log);
@@ -121,6 +135,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(sekoia_forwarder::mock_intake::run_cli(opts))
         }
     }
+}
+
+/// The `send` command; its exit code.
+fn send(args: sekoia_forwarder::send::SendArgs) -> anyhow::Result<u8> {
+    use std::io::IsTerminal;
+    let mut config = load(args.config.as_ref())?;
+    // Quiet unless asked: a script wants the outcome, not the forwarder's info lines.
+    if std::env::var_os("RUST_LOG").is_none() && args.config.is_none() {
+        config.log.level = "warn".into();
+    }
+    init_logging(&config.log);
+    let terminal = std::io::stderr().is_terminal();
+    let report = runtime()?.block_on(sekoia_forwarder::send::run(args, config, terminal))?;
+    let code = report.exit_code();
+    // Said on success only to a person; a failure is always said.
+    if code != 0 || terminal {
+        eprintln!("{}", report.summary());
+    }
+    Ok(code)
 }
 
 /// Events appended to the queue per request while salvaging.
