@@ -348,3 +348,64 @@ oversize = "split"
     assert!(!fwd.log().contains(KEY), "the intake key was logged");
     assert!(fwd.log().contains("standard input is read to its end"), "{}", fwd.log());
 }
+
+/// A full queue stops the reading of stdin: the pipe fills and its writer blocks, nothing is
+/// dropped; once the intake is back every line it wrote arrives, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_blocks_the_stdin_writer_and_loses_nothing() {
+    let mock = refusing_intake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &mock.url(),
+        "",
+        r#"
+[[source]]
+type = "stdin"
+intake_key_env = "STDIN_TEST_KEY"
+"#,
+    );
+    // The least max_bytes takes (16 MiB), less than what is written.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[queue]\n", "[queue]\nmax_bytes = 16777216\n");
+    std::fs::write(&cfg, text).unwrap();
+    let mut fwd = Forwarder::start_with_stdin(&cfg, &[("STDIN_TEST_KEY", KEY)], Stdio::piped());
+    let mut stdin = fwd.take_stdin().expect("stdin pipe");
+    // 60,000 lines of ~400 bytes: 24 MB.
+    const LINES: usize = 60_000;
+    let pad = "p".repeat(380);
+    let writer = std::thread::spawn(move || {
+        let mut out = std::io::BufWriter::new(&mut stdin);
+        for i in 0..LINES {
+            writeln!(out, "line {i:06} {pad}").unwrap();
+        }
+        out.flush().unwrap();
+    });
+    let full = wait_until_async(DEADLINE, || async {
+        fwd.status().await["queue"]["full"] == true
+    })
+    .await;
+    assert!(full, "the queue never filled:\n{}", fwd.log());
+    assert!(!writer.is_finished(), "the writer was not pushed back");
+    let status = fwd.status().await;
+    assert!(
+        status["stdin_sources"][0]["queue_full_waits"].as_u64() > Some(0),
+        "{status}"
+    );
+    mock.set_faults(FaultConfig::default());
+    let all = wait_until_async(std::time::Duration::from_secs(180), || async {
+        mock.stats().accepted_events >= LINES as u64
+    })
+    .await;
+    assert!(all, "{} of {LINES}:\n{}", mock.stats().accepted_events, fwd.log());
+    writer.join().unwrap();
+    let mut seen = vec![0u32; LINES];
+    for e in mock.events() {
+        let n: usize = e.raw[5..11].parse().unwrap();
+        seen[n] += 1;
+    }
+    let missing = seen.iter().filter(|&&c| c == 0).count();
+    let twice = seen.iter().filter(|&&c| c > 1).count();
+    assert_eq!((missing, twice), (0, 0), "lines missing / sent twice");
+}
