@@ -120,7 +120,9 @@ impl Report {
     pub fn exit_code(&self) -> u8 {
         if self.input_error.is_some() || matches!(self.ended, Ended::WriterGone(_)) {
             1
-        } else if self.left > 0 {
+        } else if self.left > 0 || self.ended != Ended::Done {
+            // Stopped early, the input may not have been read to its end even if nothing
+            // read is left: never a success.
             EXIT_QUEUED
         } else if self.dead > 0 {
             EXIT_DEAD_LETTERS
@@ -151,14 +153,20 @@ impl Report {
                 self.dead
             ));
         }
-        if self.left > 0 {
+        if self.left > 0 || self.ended != Ended::Done {
             let why = match &self.ended {
                 Ended::TimedOut => "the timeout passed",
                 Ended::Interrupted => "interrupted",
                 Ended::WriterGone(_) => "the queue failed",
                 Ended::Done => "stopped",
             };
-            s.push_str(&format!("; {why}: {} events still queued", self.left));
+            if self.left > 0 {
+                s.push_str(&format!("; {why}: {} events still queued", self.left));
+            } else {
+                s.push_str(&format!(
+                    "; {why} before the end of the input: what was read is delivered"
+                ));
+            }
         }
         if let Ended::WriterGone(why) = &self.ended {
             s.push_str(&format!("; the queue writer stopped: {why}"));
@@ -369,19 +377,24 @@ async fn show_progress(
         indicatif::ProgressDrawTarget::stderr(),
     );
     if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} events delivered ({per_sec})",
+        "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} events acknowledged",
     ) {
         bar.set_style(style);
     }
-    loop {
+    let update = || {
         let total = backlog + stats.accepted_events.load(Ordering::Relaxed);
         let left = queue.totals().0;
         bar.set_length(total);
         bar.set_position(total.saturating_sub(left));
+    };
+    loop {
+        update();
         tokio::select! {
             () = stop.cancelled() => break,
             () = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
-    bar.abandon();
+    // The summary that follows says where it ended.
+    update();
+    bar.finish_and_clear();
 }

@@ -53,6 +53,11 @@ struct Sent {
 /// standard input, and `tmp` as its temporary directory; stdout and stderr are pipes (not a
 /// terminal). Fails the test if it runs past the deadline.
 fn send(args: &[&str], input: &[u8], tmp: &Path) -> Sent {
+    send_with(args, Some(input), tmp)
+}
+
+/// [`send`]; with `None` the standard input stays open (and empty) until `send` ends.
+fn send_with(args: &[&str], input: Option<&[u8]>, tmp: &Path) -> Sent {
     let mut child = Command::new(binary())
         .arg("send")
         .args(["--intake-key-env", "SEND_KEY"])
@@ -66,10 +71,12 @@ fn send(args: &[&str], input: &[u8], tmp: &Path) -> Sent {
         .spawn()
         .expect("spawn send");
     let mut stdin = child.stdin.take().expect("stdin");
-    let input = input.to_vec();
+    let held = input.is_none();
+    let input = input.unwrap_or_default().to_vec();
     // A pipe that `send` does not read (files given) must not block the test.
     let writer = std::thread::spawn(move || {
         let _ = stdin.write_all(&input);
+        held.then_some(stdin)
     });
     let drain = |mut r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
@@ -157,18 +164,28 @@ async fn send_delivers_a_file_once_quietly_and_removes_its_private_queue() {
     let truncated: Vec<&String> = got.iter().filter(|e| e.starts_with("LLL")).collect();
     assert_eq!(truncated.len(), 1);
     assert!(truncated[0].len() <= 1000, "{}", truncated[0].len());
-    let rest: Vec<String> = got.iter().filter(|e| !e.starts_with("LLL")).cloned().collect();
+    let rest: Vec<String> = got
+        .iter()
+        .filter(|e| !e.starts_with("LLL"))
+        .cloned()
+        .collect();
     want.push("last line".into());
     assert_once(&rest, &want);
     assert!(mock.events().iter().all(|e| e.intake_key == KEY));
-    assert!(entries(&tmp).is_empty(), "private queue left: {:?}", entries(&tmp));
+    assert!(
+        entries(&tmp).is_empty(),
+        "private queue left: {:?}",
+        entries(&tmp)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn send_reads_stdin_and_splits_long_lines() {
     let mock = start_mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let long: String = (0..1500).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let long: String = (0..1500)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
     let mut want = lines("piped", 500);
     want.push(long.clone());
     let sent = send_async(
@@ -205,7 +222,12 @@ async fn send_with_the_intake_down_times_out_with_the_count_and_keeps_the_queue(
     std::fs::create_dir(&tmp).unwrap();
     let want = lines("later", 120);
     let sent = send_async(
-        vec!["--intake-url".into(), mock.url(), "--timeout".into(), "2".into()],
+        vec![
+            "--intake-url".into(),
+            mock.url(),
+            "--timeout".into(),
+            "2".into(),
+        ],
         bytes_of(&want),
         tmp.clone(),
     )
@@ -218,7 +240,11 @@ async fn send_with_the_intake_down_times_out_with_the_count_and_keeps_the_queue(
     );
     let kept = entries(&tmp);
     assert_eq!(kept.len(), 1, "{kept:?}");
-    assert!(sent.stderr.contains(&kept[0].display().to_string()), "{}", sent.stderr);
+    assert!(
+        sent.stderr.contains(&kept[0].display().to_string()),
+        "{}",
+        sent.stderr
+    );
     assert!(raws(&mock).is_empty());
     // The intake is back: the kept queue is delivered by a send that names it.
     mock.set_faults(FaultConfig::default());
@@ -323,8 +349,7 @@ oversize = "split"
     assert!(ok, "{}", fwd.log());
     fwd.wait_drained().await;
     let got = raws(&mock);
-    let (xs, rest): (Vec<String>, Vec<String>) =
-        got.into_iter().partition(|e| e.starts_with('x'));
+    let (xs, rest): (Vec<String>, Vec<String>) = got.into_iter().partition(|e| e.starts_with('x'));
     let mut want = first.clone();
     want.push("bad \u{FFFD} end".into());
     want.push("no newline at the end".into());
@@ -341,12 +366,18 @@ oversize = "split"
     let client = reqwest::Client::new();
     let acked = send_events(&client, &fwd.url(), KEY, 0, 5, 5).await;
     assert_eq!(acked.len(), 5);
-    let ok = wait_until_async(DEADLINE, || async { mock.events().len() >= 1002 + xs.len() + 5 })
-        .await;
+    let ok = wait_until_async(DEADLINE, || async {
+        mock.events().len() >= 1002 + xs.len() + 5
+    })
+    .await;
     assert!(ok, "{}", fwd.log());
     assert_eq!(fwd.terminate().code(), Some(0), "{}", fwd.log());
     assert!(!fwd.log().contains(KEY), "the intake key was logged");
-    assert!(fwd.log().contains("standard input is read to its end"), "{}", fwd.log());
+    assert!(
+        fwd.log().contains("standard input is read to its end"),
+        "{}",
+        fwd.log()
+    );
 }
 
 /// A full queue stops the reading of stdin: the pipe fills and its writer blocks, nothing is
@@ -398,7 +429,12 @@ intake_key_env = "STDIN_TEST_KEY"
         mock.stats().accepted_events >= LINES as u64
     })
     .await;
-    assert!(all, "{} of {LINES}:\n{}", mock.stats().accepted_events, fwd.log());
+    assert!(
+        all,
+        "{} of {LINES}:\n{}",
+        mock.stats().accepted_events,
+        fwd.log()
+    );
     writer.join().unwrap();
     let mut seen = vec![0u32; LINES];
     for e in mock.events() {
@@ -408,4 +444,68 @@ intake_key_env = "STDIN_TEST_KEY"
     let missing = seen.iter().filter(|&&c| c == 0).count();
     let twice = seen.iter().filter(|&&c| c > 1).count();
     assert_eq!((missing, twice), (0, 0), "lines missing / sent twice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_stopped_by_its_timeout_before_the_end_of_its_input_is_not_a_success() {
+    let mock = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = mock.url();
+    let tmp = dir.path().to_owned();
+    let sent = tokio::task::spawn_blocking(move || {
+        send_with(&["--intake-url", &url, "--timeout", "1"], None, &tmp)
+    })
+    .await
+    .unwrap();
+    assert_eq!(sent.code, Some(3), "{}", sent.stderr);
+    assert!(
+        sent.stderr
+            .contains("the timeout passed before the end of the input"),
+        "{}",
+        sent.stderr
+    );
+}
+
+/// On a terminal `send` shows a progress bar and a summary (`script` gives it a pseudo
+/// terminal); the test is skipped where util-linux's `script` is missing.
+#[tokio::test(flavor = "multi_thread")]
+async fn send_on_a_terminal_shows_a_progress_bar() {
+    let Some(script) = find_program("script", &["/usr/bin/script"]) else {
+        eprintln!("skipped: no `script` program for a pseudo terminal");
+        return;
+    };
+    let mock = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lines.log");
+    let want = lines("tty", 500);
+    std::fs::write(&file, bytes_of(&want)).unwrap();
+    let command = format!(
+        "{} send --intake-key-env SEND_KEY --intake-url {} {}",
+        binary(),
+        mock.url(),
+        file.display()
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(script)
+            .args(["-qec", &command, "/dev/null"])
+            .env("SEND_KEY", KEY)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("script")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("events acknowledged"),
+        "no progress bar: {text}"
+    );
+    assert!(
+        text.contains("500 events read, 500 acknowledged by the intake"),
+        "{text}"
+    );
+    assert!(!text.contains(KEY), "the intake key was printed");
+    assert_once(&raws(&mock), &want);
 }
