@@ -84,6 +84,35 @@ impl Appender {
         }
     }
 
+    /// Appends the events of `frames` for `key` with `checkpoints` (one atomic commit) and
+    /// returns once they are durable, with what they were (for the source's counters);
+    /// `Err` only if `stop` comes first.
+    pub async fn append_frames(
+        &self,
+        frames: &[Frame],
+        key: &IntakeKey,
+        checkpoints: &[Checkpoint],
+        full_waits: &AtomicU64,
+        stop: &CancellationToken,
+    ) -> Result<Tally, Stopped> {
+        let mut invalid_utf8 = 0;
+        self.append(
+            || {
+                let (events, invalid) = events(frames, key);
+                invalid_utf8 = invalid;
+                events
+            },
+            checkpoints,
+            full_waits,
+            stop,
+        )
+        .await?;
+        Ok(Tally {
+            invalid_utf8,
+            ..Tally::of(frames)
+        })
+    }
+
     /// Logs once when appends start failing (full queue, or an error) and once when they work
     /// again: one line per state change, not per try.
     fn wait_state(&self, waiting: bool, error: Option<&QueueError>) {
@@ -138,9 +167,12 @@ pub struct Tally {
     pub bytes: u64,
     pub truncated: u64,
     pub pieces: u64,
+    /// Events that were not valid UTF-8 (replaced).
+    pub invalid_utf8: u64,
 }
 
 impl Tally {
+    /// What `frames` are (`invalid_utf8` is known only once they are events: 0 here).
     pub fn of(frames: &[Frame]) -> Tally {
         let mut t = Tally {
             events: frames.len() as u64,

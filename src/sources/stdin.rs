@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{IntakeKey, StdinSourceConfig};
 use crate::queue::Queue;
-use crate::sources::durable::{self, Appender, Stopped, Tally};
+use crate::sources::durable::{Appender, Stopped};
 use crate::sources::syslog::framing::{Frame, FrameDecoder, Oversize};
 
 /// The most bytes of one read of the input.
@@ -145,34 +145,29 @@ impl LineReader {
         if frames.is_empty() {
             return Ok(());
         }
-        let mut invalid_utf8 = 0;
         let stored = self
             .appender
-            .append(
-                || {
-                    let (events, invalid) = durable::events(frames, &self.intake_key);
-                    invalid_utf8 = invalid;
-                    events
-                },
+            .append_frames(
+                frames,
+                &self.intake_key,
                 &[],
                 &self.stats.queue_full_waits,
                 stop,
             )
             .await;
-        if stored.is_err() {
+        let Ok(t) = stored else {
             tracing::warn!(source = %self.appender.name, lines = frames.len(),
                 "stopped while the queue could not take these lines: they were read from the \
                  input but not stored");
-            return stored;
-        }
+            return Err(Stopped);
+        };
         let s = &self.stats;
-        let t = Tally::of(frames);
         s.accepted_events.fetch_add(t.events, Ordering::Relaxed);
         s.line_bytes.fetch_add(t.bytes, Ordering::Relaxed);
         s.truncated_events.fetch_add(t.truncated, Ordering::Relaxed);
         s.split_pieces.fetch_add(t.pieces, Ordering::Relaxed);
         s.invalid_utf8_events
-            .fetch_add(invalid_utf8, Ordering::Relaxed);
+            .fetch_add(t.invalid_utf8, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{FileSourceConfig, IntakeKey, ReadFrom};
 use crate::queue::{Checkpoint, Queue};
-use crate::sources::durable::{self, Appender, Stopped, Tally};
+use crate::sources::durable::{Appender, Stopped};
 use crate::sources::syslog::framing::Frame;
 use position::{FileId, Position};
 use scan::{Found, Patterns};
@@ -66,9 +66,6 @@ crate::stats::stats_table! {
         queue_full_waits: counter, "Times the file source stopped reading: the queue was full";
     }
 }
-
-// `Stopped`: the source was stopped before its events were durable (nothing is lost: the
-// checkpoints did not move either).
 
 /// A file source, ready to [`run`](FileSource::run).
 #[derive(Debug)]
@@ -450,27 +447,23 @@ impl FileSource {
         checkpoints: Vec<Checkpoint>,
         stop: &CancellationToken,
     ) -> Result<(), Stopped> {
-        let mut invalid_utf8 = 0;
-        self.appender
-            .append(
-                || {
-                    let (events, invalid) = durable::events(frames, &self.intake_key);
-                    invalid_utf8 = invalid;
-                    events
-                },
+        let t = self
+            .appender
+            .append_frames(
+                frames,
+                &self.intake_key,
                 &checkpoints,
                 &self.stats.queue_full_waits,
                 stop,
             )
             .await?;
         let s = &self.stats;
-        let t = Tally::of(frames);
         s.accepted_events.fetch_add(t.events, Ordering::Relaxed);
         s.line_bytes.fetch_add(t.bytes, Ordering::Relaxed);
         s.truncated_events.fetch_add(t.truncated, Ordering::Relaxed);
         s.split_pieces.fetch_add(t.pieces, Ordering::Relaxed);
         s.invalid_utf8_events
-            .fetch_add(invalid_utf8, Ordering::Relaxed);
+            .fetch_add(t.invalid_utf8, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -15,7 +15,7 @@ use super::framing::Frame;
 use super::SyslogSourceStats;
 use crate::config::IntakeKey;
 use crate::queue::Queue;
-use crate::sources::durable::{self, Appender, Tally};
+use crate::sources::durable::{Appender, Tally};
 
 pub use crate::sources::durable::Stopped;
 
@@ -56,42 +56,40 @@ impl Store {
         if frames.is_empty() {
             return Ok(());
         }
-        let mut invalid_utf8 = 0;
         let stored = self
             .appender
-            .append(
-                || {
-                    let (events, invalid) = durable::events(frames, &self.intake_key);
-                    invalid_utf8 = invalid;
-                    events
-                },
+            .append_frames(
+                frames,
+                &self.intake_key,
                 &[],
                 &self.stats.queue_full_waits,
                 stop,
             )
             .await;
         match stored {
-            Ok(()) => self.stored(frames, invalid_utf8),
+            Ok(t) => self.stored(&t),
             // What was read from the socket and is not durable is lost with the connection:
             // said, never silent.
-            Err(Stopped) => tracing::warn!(
-                source = %self.name,
-                messages = frames.len(),
-                "the source stopped while the queue could not take its messages: they were \
-                 read from the socket but not stored"
-            ),
+            Err(Stopped) => {
+                tracing::warn!(
+                    source = %self.name,
+                    messages = frames.len(),
+                    "the source stopped while the queue could not take its messages: they were \
+                     read from the socket but not stored"
+                );
+                return Err(Stopped);
+            }
         }
-        stored
+        Ok(())
     }
 
-    fn stored(&self, frames: &[Frame], invalid_utf8: u64) {
+    fn stored(&self, t: &Tally) {
         let s = &self.stats;
-        let t = Tally::of(frames);
         s.accepted_events.fetch_add(t.events, Ordering::Relaxed);
         s.message_bytes.fetch_add(t.bytes, Ordering::Relaxed);
         s.truncated_events.fetch_add(t.truncated, Ordering::Relaxed);
         s.split_pieces.fetch_add(t.pieces, Ordering::Relaxed);
         s.invalid_utf8_events
-            .fetch_add(invalid_utf8, Ordering::Relaxed);
+            .fetch_add(t.invalid_utf8, Ordering::Relaxed);
     }
 }
