@@ -509,3 +509,41 @@ async fn send_on_a_terminal_shows_a_progress_bar() {
     assert!(!text.contains(KEY), "the intake key was printed");
     assert_once(&raws(&mock), &want);
 }
+
+/// SIGINT (or SIGTERM) stops a `send` that waits for an intake that is down: exit 3 with the
+/// count, the queue kept, not a death by the signal.
+#[tokio::test(flavor = "multi_thread")]
+async fn send_interrupted_says_how_many_are_still_queued() {
+    let mock = refusing_intake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(binary())
+        .args(["send", "--intake-key-env", "SEND_KEY", "--intake-url"])
+        .arg(mock.url())
+        .env("SEND_KEY", KEY)
+        .env("TMPDIR", dir.path())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn send");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(&bytes_of(&lines("int", 40))).unwrap();
+    drop(stdin);
+    // A request refused: the lines are in the queue (and the signal handlers installed).
+    let tried = wait_until_async(DEADLINE, || async { mock.stats().requests > 0 }).await;
+    assert!(tried, "no request reached the intake");
+    signal(child.id(), "INT");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().expect("wait"))
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("interrupted: 40 events still queued"),
+        "{stderr}"
+    );
+    let kept = entries(dir.path());
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(stderr.contains(&kept[0].display().to_string()), "{stderr}");
+}
