@@ -547,3 +547,45 @@ async fn send_interrupted_says_how_many_are_still_queued() {
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert!(stderr.contains(&kept[0].display().to_string()), "{stderr}");
 }
+
+/// A forwarder whose standard input is still open (a `tail -f` that never ends) stops on
+/// SIGTERM as any other: the blocked read does not hold the process.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forwarder_reading_an_open_stdin_stops_cleanly() {
+    let mock = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &mock.url(),
+        "",
+        "\n[[source]]\ntype = \"stdin\"\nintake_key_env = \"STDIN_TEST_KEY\"\n",
+    );
+    let mut fwd = Forwarder::start_with_stdin(&cfg, &[("STDIN_TEST_KEY", KEY)], Stdio::piped());
+    let mut stdin = fwd.take_stdin().expect("stdin pipe");
+    stdin.write_all(&bytes_of(&lines("open", 10))).unwrap();
+    let ok = wait_until_async(DEADLINE, || async { mock.events().len() >= 10 }).await;
+    assert!(ok, "{}", fwd.log());
+    assert_eq!(fwd.terminate().code(), Some(0), "{}", fwd.log());
+    assert_once(&raws(&mock), &lines("open", 10));
+    drop(stdin);
+}
+
+/// `--config` brings the intake's settings, never the forwarder's queue directory.
+#[tokio::test(flavor = "multi_thread")]
+async fn send_takes_the_intake_from_the_config_but_not_its_queue() {
+    let mock = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &mock.url(), "", "");
+    let sent = send_async(
+        vec!["--config".into(), cfg.display().to_string()],
+        bytes_of(&lines("cfg", 25)),
+        dir.path().to_owned(),
+    )
+    .await;
+    assert_eq!(sent.code, Some(0), "{}", sent.stderr);
+    assert_once(&raws(&mock), &lines("cfg", 25));
+    assert!(
+        !dir.path().join("queue").exists(),
+        "send used the configuration's queue"
+    );
+}

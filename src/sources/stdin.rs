@@ -2,9 +2,9 @@
 //! makes the lines durable, until its end. The `send` command reads its files with the same
 //! [`LineReader`].
 //!
-//! A pipe has no acknowledgement and cannot be read again: what the promise covers is that a
-//! line is read from the pipe only once the lines before it are durable (at most two reads of
-//! [`READ_BYTES`] wait in memory). A full queue stops the reading, the pipe fills and its
+//! A pipe has no acknowledgement and cannot be read again: what the promise covers is that the
+//! pipe is read at most three reads of [`READ_BYTES`] ahead of what is durable (the batch
+//! being stored, one read waiting in the channel, one in the reader thread). A full queue stops the reading, the pipe fills and its
 //! writer blocks: back-pressure, never a drop. At the end of the input the source finishes
 //! (the gauge `ended` says so) and the forwarder keeps running, delivering what it holds and
 //! serving its other sources, until it is stopped: `tail -f x | sekoia-forwarder run` is a
