@@ -228,6 +228,10 @@ fn private_queue_dir() -> PathBuf {
 
 /// Runs `send`; `progress`: show a progress bar (on a terminal).
 pub async fn run(args: SendArgs, mut config: Config, progress: bool) -> anyhow::Result<Report> {
+    // --timeout counts from the start, the opening of the queue included.
+    let deadline = args
+        .timeout
+        .map(|t| tokio::time::Instant::now() + Duration::from_secs(t));
     if let Some(url) = &args.intake_url {
         config.intake.url = url.clone();
     }
@@ -284,10 +288,9 @@ pub async fn run(args: SendArgs, mut config: Config, progress: bool) -> anyhow::
     });
 
     let mut input_error = None;
-    let deadline = args.timeout.map(Duration::from_secs);
     let ended = tokio::select! {
         () = signals.wait() => Ended::Interrupted,
-        () = sleep_or_never(deadline) => Ended::TimedOut,
+        () = sleep_until_or_never(deadline) => Ended::TimedOut,
         why = queue.writer_stopped() => Ended::WriterGone(why),
         () = read_and_drain(&reader, inputs, &queue, &mut input_error) => Ended::Done,
     };
@@ -356,9 +359,9 @@ async fn read_and_drain(
     }
 }
 
-async fn sleep_or_never(time: Option<Duration>) {
-    match time {
-        Some(t) => tokio::time::sleep(t).await,
+async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
 }

@@ -589,6 +589,17 @@ listen = "127.0.0.1:10080"
     }
 
     #[test]
+    fn a_key_that_cannot_travel_in_a_header_is_refused_without_being_said() {
+        for bad in ["with space-0123456789", "clé-0123456789", &"k".repeat(257)] {
+            let err = resolve_intake_key(Some(&IntakeKey(bad.to_owned())), None, None).unwrap_err();
+            assert!(err.contains("visible ASCII"), "{err}");
+            assert!(!err.contains(bad), "the key is in the error: {err}");
+        }
+        let ok = resolve_intake_key(Some(&IntakeKey(" good-key \n".into())), None, None);
+        assert_eq!(ok, Ok(IntakeKey("good-key".into())));
+    }
+
+    #[test]
     fn default_is_valid() {
         Config::default().validate().unwrap();
     }
