@@ -36,6 +36,7 @@ fn check_accepts_the_shipped_configurations() {
     for file in [
         "examples/quickstart.toml",
         "examples/syslog.toml",
+        "examples/stdin.toml",
         "packaging/config.toml",
     ] {
         let out = Command::new(binary())
