@@ -89,23 +89,16 @@ fn load(config: Option<&PathBuf>) -> anyhow::Result<Config> {
     })
 }
 
-/// Runs `command`; the process's exit code.
+/// Runs `command`; the process's exit code (only `send` has more to say than 0 or an error).
 fn run(command: Command) -> anyhow::Result<u8> {
     match command {
-        // Its exit code says more than success or failure.
         Command::Send(args) => send(args),
-        other => run_other(other).map(|()| 0),
-    }
-}
-
-fn run_other(command: Command) -> anyhow::Result<()> {
-    match command {
-        Command::Send(args) => send(args).map(|_| ()),
         Command::Run { config, ready_file } => {
             let config = load(config.as_ref())?;
             init_logging(&config.log);
             let readiness = sekoia_forwarder::ready::Readiness::new(ready_file);
-            runtime()?.block_on(sekoia_forwarder::app::run(config, readiness))
+            runtime()?.block_on(sekoia_forwarder::app::run(config, readiness))?;
+            Ok(0)
         }
         Command::Check { config } => {
             let c = Config::load(&config)?;
@@ -116,23 +109,27 @@ fn run_other(command: Command) -> anyhow::Result<()> {
                 c.queue.path.display(),
                 c.intake.url
             );
-            Ok(())
+            Ok(0)
         }
         Command::Status { config, json } => {
             let config = load(config.as_ref())?;
-            sekoia_forwarder::admin::print_status(&config, json)
+            sekoia_forwarder::admin::print_status(&config, json)?;
+            Ok(0)
         }
         Command::DeadLetters { config, json } => {
             let config = load(config.as_ref())?;
-            sekoia_forwarder::admin::print_dead_letters(&config, json)
+            sekoia_forwarder::admin::print_dead_letters(&config, json)?;
+            Ok(0)
         }
         Command::Salvage { config, generation } => {
             let config = load(config.as_ref())?;
-            salvage(&config, generation)
+            salvage(&config, generation)?;
+            Ok(0)
         }
         Command::MockIntake(opts) => {
             init_logging(&LogConfig::default());
-            runtime()?.block_on(sekoia_forwarder::mock_intake::run_cli(opts))
+            runtime()?.block_on(sekoia_forwarder::mock_intake::run_cli(opts))?;
+            Ok(0)
         }
     }
 }
