@@ -31,6 +31,7 @@ use crate::intake_api::redact_key;
 use crate::queue::{DeadLetter, Queue, QueueError, QueueStatus, ReadOnlyQueue, StatsSnapshot};
 use crate::sources::file::{FileSourceSnapshot, FileSourceStats};
 use crate::sources::http::{HttpSourceSnapshot, HttpSourceStats};
+use crate::sources::stdin::{StdinSourceSnapshot, StdinSourceStats};
 use crate::sources::syslog::{SyslogSourceSnapshot, SyslogSourceStats};
 use crate::stats;
 
@@ -45,6 +46,8 @@ pub struct Observed {
     pub syslog_sources: Vec<(String, Arc<SyslogSourceStats>)>,
     /// One per file source, labelled by its `paths` (comma-separated).
     pub file_sources: Vec<(String, Arc<FileSourceStats>)>,
+    /// The stdin source, if configured, labelled `stdin`.
+    pub stdin_sources: Vec<(String, Arc<StdinSourceStats>)>,
 }
 
 /// What the admin endpoints answer from: the running parts once the queue is open, and
@@ -96,6 +99,9 @@ pub struct StatusReport {
     /// One per file source, by its `paths` (in `listen`, comma-separated).
     #[serde(default)]
     pub file_sources: Vec<SourceReport<FileSourceSnapshot>>,
+    /// The stdin source, if configured (`listen` is `stdin`).
+    #[serde(default)]
+    pub stdin_sources: Vec<SourceReport<StdinSourceSnapshot>>,
 }
 
 /// One source in `/status`: where it listens, and its counters.
@@ -128,6 +134,7 @@ impl Observed {
             http_sources: source_reports(&self.http_sources, HttpSourceStats::snapshot),
             syslog_sources: source_reports(&self.syslog_sources, SyslogSourceStats::snapshot),
             file_sources: source_reports(&self.file_sources, FileSourceStats::snapshot),
+            stdin_sources: source_reports(&self.stdin_sources, StdinSourceStats::snapshot),
         }
     }
 }
@@ -304,6 +311,12 @@ impl Collector for Observed {
             "paths",
             &self.file_sources,
             FileSourceStats::snapshot,
+        )?;
+        encode_sources(
+            &mut encoder,
+            "input",
+            &self.stdin_sources,
+            StdinSourceStats::snapshot,
         )
     }
 }
@@ -334,6 +347,7 @@ pub fn print_status(config: &Config, json: bool) -> anyhow::Result<()> {
             http_sources: Vec::new(),
             syslog_sources: Vec::new(),
             file_sources: Vec::new(),
+            stdin_sources: Vec::new(),
         },
         None => fetch(config, "status")?,
     };

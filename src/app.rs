@@ -26,6 +26,7 @@ use crate::queue::Queue;
 use crate::ready::{Readiness, ReadyInfo, ReadySource};
 use crate::sources::file::FileSource;
 use crate::sources::http::HttpSource;
+use crate::sources::stdin::StdinSource;
 use crate::sources::syslog::SyslogSource;
 
 const SOURCE_GRACE: Duration = Duration::from_secs(10);
@@ -77,6 +78,7 @@ pub async fn run(config: Config, readiness: Readiness) -> anyhow::Result<()> {
     let mut http_sources = Vec::new();
     let mut syslog_sources = Vec::new();
     let mut file_sources = Vec::new();
+    let mut stdin_sources = Vec::new();
     for source in &config.sources {
         match source {
             SourceConfig::Http(http) => {
@@ -107,6 +109,12 @@ pub async fn run(config: Config, readiness: Readiness) -> anyhow::Result<()> {
                 file_sources.push((src.label().to_owned(), src.stats()));
                 sources.spawn(src.run(sources_stop.clone()));
             }
+            SourceConfig::Stdin(stdin) => {
+                // It finishes at the end of the input; the forwarder goes on until stopped.
+                let src = StdinSource::new(stdin, queue.clone())?;
+                stdin_sources.push(("stdin".to_owned(), src.stats()));
+                sources.spawn(src.run(sources_stop.clone()));
+            }
         }
     }
 
@@ -118,6 +126,7 @@ pub async fn run(config: Config, readiness: Readiness) -> anyhow::Result<()> {
         http_sources,
         syslog_sources,
         file_sources,
+        stdin_sources,
     });
     let delivery = tokio::spawn(delivery.run(DELIVERY_GRACE));
     readiness.ready(&ready);
@@ -179,8 +188,8 @@ pub async fn run(config: Config, readiness: Readiness) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT, listened to from the start.
-struct Signals {
+/// SIGTERM and SIGINT, listened to from the start (also by `send`).
+pub(crate) struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
@@ -188,7 +197,7 @@ struct Signals {
 }
 
 impl Signals {
-    fn install() -> anyhow::Result<Signals> {
+    pub(crate) fn install() -> anyhow::Result<Signals> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
@@ -201,7 +210,7 @@ impl Signals {
         Ok(Signals {})
     }
 
-    async fn wait(mut self) {
+    pub(crate) async fn wait(mut self) {
         #[cfg(unix)]
         tokio::select! {
             _ = self.term.recv() => tracing::info!("SIGTERM received"),

@@ -15,6 +15,7 @@
 //! - [`ready`]: tells a supervisor or a script that the forwarder is up (systemd notify, a
 //!   ready file).
 //! - [`app`]: wires it all together and stops it cleanly.
+//! - [`send`]: the one-shot `send` command (lines of files or stdin, delivered, then exit).
 //!
 //! Start reading at `docs/architecture.md`.
 
@@ -28,5 +29,6 @@ pub mod intake_api;
 pub mod mock_intake;
 pub mod queue;
 pub mod ready;
+pub mod send;
 pub mod sources;
 pub mod stats;

@@ -57,6 +57,10 @@ enum Command {
         /// Only this generation (its number); all moved-aside generations without it.
         generation: Option<u64>,
     },
+    /// Send the lines of FILEs (or of the standard input) to the intake once, then exit: 0 when
+    /// the intake acknowledged every event, 3 when some are still queued (--timeout,
+    /// interrupted), 4 when the intake refused some for good (dead letters), 1 on an error.
+    Send(sekoia_forwarder::send::SendArgs),
     /// Run a mock of the Sekoia intake, to try a pipeline offline.
     MockIntake(sekoia_forwarder::mock_intake::MockCliOptions),
 }
@@ -69,8 +73,8 @@ fn main() -> ExitCode {
     #[cfg(feature = "failpoints")]
     let _scenario = fail::FailScenario::setup();
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    match run(cli.command) {
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -85,13 +89,16 @@ fn load(config: Option<&PathBuf>) -> anyhow::Result<Config> {
     })
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+/// Runs `command`; the process's exit code (only `send` has more to say than 0 or an error).
+fn run(command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Send(args) => send(args),
         Command::Run { config, ready_file } => {
             let config = load(config.as_ref())?;
             init_logging(&config.log);
             let readiness = sekoia_forwarder::ready::Readiness::new(ready_file);
-            runtime()?.block_on(sekoia_forwarder::app::run(config, readiness))
+            runtime()?.block_on(sekoia_forwarder::app::run(config, readiness))?;
+            Ok(0)
         }
         Command::Check { config } => {
             let c = Config::load(&config)?;
@@ -102,25 +109,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 c.queue.path.display(),
                 c.intake.url
             );
-            Ok(())
+            Ok(0)
         }
         Command::Status { config, json } => {
             let config = load(config.as_ref())?;
-            sekoia_forwarder::admin::print_status(&config, json)
+            sekoia_forwarder::admin::print_status(&config, json)?;
+            Ok(0)
         }
         Command::DeadLetters { config, json } => {
             let config = load(config.as_ref())?;
-            sekoia_forwarder::admin::print_dead_letters(&config, json)
+            sekoia_forwarder::admin::print_dead_letters(&config, json)?;
+            Ok(0)
         }
         Command::Salvage { config, generation } => {
             let config = load(config.as_ref())?;
-            salvage(&config, generation)
+            salvage(&config, generation)?;
+            Ok(0)
         }
         Command::MockIntake(opts) => {
             init_logging(&LogConfig::default());
-            runtime()?.block_on(sekoia_forwarder::mock_intake::run_cli(opts))
+            runtime()?.block_on(sekoia_forwarder::mock_intake::run_cli(opts))?;
+            Ok(0)
         }
     }
+}
+
+/// The `send` command; its exit code.
+fn send(args: sekoia_forwarder::send::SendArgs) -> anyhow::Result<u8> {
+    use std::io::IsTerminal;
+    let mut config = load(args.config.as_ref())?;
+    // Quiet unless asked: a script wants the outcome, not the forwarder's info lines.
+    if std::env::var_os("RUST_LOG").is_none() && args.config.is_none() {
+        config.log.level = "warn".into();
+    }
+    init_logging(&config.log);
+    let terminal = std::io::stderr().is_terminal();
+    let report = runtime()?.block_on(sekoia_forwarder::send::run(args, config, terminal))?;
+    let code = report.exit_code();
+    // Said on success only to a person; a failure is always said.
+    if code != 0 || terminal {
+        eprintln!("{}", report.summary());
+    }
+    Ok(code)
 }
 
 /// Events appended to the queue per request while salvaging.

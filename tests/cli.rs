@@ -37,6 +37,7 @@ fn check_accepts_the_shipped_configurations() {
         "examples/quickstart.toml",
         "examples/syslog.toml",
         "examples/file.toml",
+        "examples/stdin.toml",
         "packaging/config.toml",
     ] {
         let out = Command::new(binary())

@@ -13,9 +13,11 @@ use serde::Deserialize;
 use crate::intake_api;
 
 mod file;
+mod stdin;
 mod syslog;
 pub use file::{FileSourceConfig, ReadFrom};
-pub use syslog::{IntakeKey, Listen, SyslogSourceConfig};
+pub use stdin::{check_max_event_bytes, StdinSourceConfig};
+pub use syslog::{resolve_intake_key, IntakeKey, Listen, SyslogSourceConfig};
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -184,6 +186,8 @@ pub enum SourceConfig {
     Syslog(SyslogSourceConfig),
     /// Files tailed, with their positions checkpointed in the queue.
     File(FileSourceConfig),
+    /// The standard input, one event per line, read to its end.
+    Stdin(StdinSourceConfig),
 }
 
 /// `[[source]] type = "http"`.
@@ -411,6 +415,16 @@ impl Config {
             "intake.auth_retry_secs",
             "expected at least 1",
         )?;
+        // The process has one standard input: two sources would share its lines by chance.
+        check(
+            self.sources
+                .iter()
+                .filter(|s| matches!(s, SourceConfig::Stdin(_)))
+                .count()
+                <= 1,
+            "source.type",
+            "expected at most one source of type \"stdin\"",
+        )?;
         for source in &self.sources {
             match source {
                 SourceConfig::Http(h) => {
@@ -447,6 +461,7 @@ impl Config {
                 }
                 SourceConfig::Syslog(s) => s.validate()?,
                 SourceConfig::File(f) => f.validate()?,
+                SourceConfig::Stdin(s) => s.validate()?,
             }
         }
         Ok(())
@@ -549,6 +564,39 @@ listen = "127.0.0.1:10080"
             err.contains("line 2") && err.contains("`zstd`, `lz4`, `none`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_stdin_source_needs_one_key_and_there_is_at_most_one() {
+        let stdin = "[[source]]\ntype = \"stdin\"\nintake_key_env = \"K\"\n";
+        let c = Config::parse(stdin, Path::new("f.toml")).unwrap();
+        assert!(matches!(&c.sources[..], [SourceConfig::Stdin(s)] if s.max_event_bytes == 250_000));
+        let twice = Config::parse(&format!("{stdin}{stdin}"), Path::new("f.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(twice.contains("at most one"), "{twice}");
+        let keyless = Config::parse("[[source]]\ntype = \"stdin\"\n", Path::new("f.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(keyless.contains("exactly one of intake_key"), "{keyless}");
+        let long = Config::parse(
+            &format!("{stdin}max_event_bytes = 300000\noversize = \"split\"\n"),
+            Path::new("f.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(long.contains("line 4") && long.contains("250000"), "{long}");
+    }
+
+    #[test]
+    fn a_key_that_cannot_travel_in_a_header_is_refused_without_being_said() {
+        for bad in ["with space-0123456789", "clé-0123456789", &"k".repeat(257)] {
+            let err = resolve_intake_key(Some(&IntakeKey(bad.to_owned())), None, None).unwrap_err();
+            assert!(err.contains("visible ASCII"), "{err}");
+            assert!(!err.contains(bad), "the key is in the error: {err}");
+        }
+        let ok = resolve_intake_key(Some(&IntakeKey(" good-key \n".into())), None, None);
+        assert_eq!(ok, Ok(IntakeKey("good-key".into())));
     }
 
     #[test]

@@ -165,6 +165,14 @@ pub fn resolve_intake_key(
     if key.is_empty() {
         return Err("the intake key is empty".to_owned());
     }
+    // It travels in an HTTP header: a key that could never be sent is refused at start, not
+    // found out by every batch.
+    if key.len() > intake_api::MAX_KEY_BYTES || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "the intake key is not an intake key (expected visible ASCII, at most {} bytes)",
+            intake_api::MAX_KEY_BYTES
+        ));
+    }
     Ok(IntakeKey(key.to_owned()))
 }
 

@@ -116,6 +116,12 @@ impl Forwarder {
     }
 
     pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Forwarder {
+        Forwarder::start_with_stdin(config, env, Stdio::null())
+    }
+
+    /// Starts the binary with `stdin` as its standard input (`Stdio::piped()`: then
+    /// [`Forwarder::take_stdin`] writes to it).
+    pub fn start_with_stdin(config: &Path, env: &[(&str, &str)], stdin: Stdio) -> Forwarder {
         // What the forwarder writes once it is up (`run --ready-file`): a file of an earlier
         // run of this configuration (killed, so it could not remove it) must not be taken for
         // this one's.
@@ -131,7 +137,7 @@ impl Forwarder {
             .arg("--ready-file")
             .arg(&ready_file)
             .env("RUST_LOG", "info,sekoia_forwarder=debug")
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in env {
@@ -178,6 +184,11 @@ impl Forwarder {
         fwd.admin = ready.admin.expect("the admin listener is off");
         fwd.ready = Some(ready);
         fwd
+    }
+
+    /// The pipe to its standard input, if it was started with one.
+    pub fn take_stdin(&mut self) -> Option<std::process::ChildStdin> {
+        self.child.as_mut().and_then(|c| c.stdin.take())
     }
 
     /// Its `/metrics` text.

@@ -22,17 +22,17 @@
 //!   [`multiline`]: joining lines into events.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{FileSourceConfig, IntakeKey, ReadFrom};
-use crate::intake_api::IncomingEvent;
-use crate::queue::{Checkpoint, Queue, QueueError};
-use crate::sources::syslog::framing::{Cut, Frame};
+use crate::queue::{Checkpoint, Queue};
+use crate::sources::durable::{Appender, Stopped};
+use crate::sources::syslog::framing::Frame;
 use position::{FileId, Position};
 use scan::{Found, Patterns};
 use tail::{Cutting, Read, Tail};
@@ -44,10 +44,6 @@ pub mod tail;
 
 /// Bytes read over all files before the events are stored: one commit covers them.
 const ROUND_BYTES: usize = 1 << 20;
-/// How often a full queue is looked at again.
-const FULL_POLL: Duration = Duration::from_millis(50);
-/// Pause after an error of the queue that is not "full".
-const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 crate::stats::stats_table! {
     /// Counters of one file source (`paths` label in `/metrics`).
@@ -71,11 +67,6 @@ crate::stats::stats_table! {
     }
 }
 
-/// The source was stopped before its events were durable (nothing is lost: the checkpoints
-/// did not move either).
-#[derive(Debug)]
-struct Stopped;
-
 /// A file source, ready to [`run`](FileSource::run).
 #[derive(Debug)]
 pub struct FileSource {
@@ -89,8 +80,7 @@ pub struct FileSource {
     label: String,
     /// The checkpoint that says this source ran before ([`ReadFrom`] is for its first start).
     marker: Vec<u8>,
-    /// Whether the last append found the queue full or failing (logged when this changes).
-    waiting: AtomicBool,
+    appender: Appender,
 }
 
 impl FileSource {
@@ -117,12 +107,16 @@ impl FileSource {
                 multiline,
             },
             stats: Arc::default(),
-            label,
+            label: label.clone(),
             marker,
             intake_key,
+            appender: Appender::new(
+                queue.clone(),
+                format!("file source {label}"),
+                "the files wait",
+            ),
             queue,
             config,
-            waiting: AtomicBool::new(false),
         })
     }
 
@@ -453,86 +447,24 @@ impl FileSource {
         checkpoints: Vec<Checkpoint>,
         stop: &CancellationToken,
     ) -> Result<(), Stopped> {
-        loop {
-            let (events, invalid_utf8) = self.events(frames);
-            match self
-                .queue
-                .append_with_checkpoints(events, checkpoints.clone())
-                .await
-            {
-                Ok(()) => {
-                    self.stored(frames, invalid_utf8);
-                    return Ok(());
-                }
-                Err(QueueError::Closed) => return Err(Stopped),
-                Err(QueueError::Full) => {
-                    self.wait_state(true, None);
-                    self.stats.queue_full_waits.fetch_add(1, Ordering::Relaxed);
-                    pause(FULL_POLL, stop).await?;
-                    while self.queue.is_full() {
-                        pause(FULL_POLL, stop).await?;
-                    }
-                }
-                Err(e) => {
-                    self.wait_state(true, Some(&e));
-                    pause(ERROR_PAUSE, stop).await?;
-                }
-            }
-        }
-    }
-
-    fn events(&self, frames: &[Frame]) -> (Vec<IncomingEvent>, u64) {
-        let mut invalid_utf8 = 0;
-        let events = frames
-            .iter()
-            .map(|frame| IncomingEvent {
-                intake_key: self.intake_key.0.clone(),
-                timestamp: None,
-                raw: crate::sources::syslog::text(&frame.message).unwrap_or_else(|lossy| {
-                    invalid_utf8 += 1;
-                    lossy
-                }),
-            })
-            .collect();
-        (events, invalid_utf8)
-    }
-
-    fn stored(&self, frames: &[Frame], invalid_utf8: u64) {
+        let t = self
+            .appender
+            .append_frames(
+                frames,
+                &self.intake_key,
+                &checkpoints,
+                &self.stats.queue_full_waits,
+                stop,
+            )
+            .await?;
         let s = &self.stats;
-        s.accepted_events
-            .fetch_add(frames.len() as u64, Ordering::Relaxed);
-        let bytes: usize = frames.iter().map(|f| f.message.len()).sum();
-        s.line_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        for frame in frames {
-            match frame.cut {
-                Cut::Whole => {}
-                Cut::Truncated { .. } => {
-                    s.truncated_events.fetch_add(1, Ordering::Relaxed);
-                }
-                Cut::Piece => {
-                    s.split_pieces.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
+        s.accepted_events.fetch_add(t.events, Ordering::Relaxed);
+        s.line_bytes.fetch_add(t.bytes, Ordering::Relaxed);
+        s.truncated_events.fetch_add(t.truncated, Ordering::Relaxed);
+        s.split_pieces.fetch_add(t.pieces, Ordering::Relaxed);
         s.invalid_utf8_events
-            .fetch_add(invalid_utf8, Ordering::Relaxed);
-        self.wait_state(false, None);
-    }
-
-    /// One log line when appends start failing and one when they work again.
-    fn wait_state(&self, waiting: bool, error: Option<&QueueError>) {
-        if self.waiting.swap(waiting, Ordering::Relaxed) == waiting {
-            return;
-        }
-        match (waiting, error) {
-            (true, None) => {
-                tracing::warn!(source = %self.label, "queue full: the file source stops reading until there is room")
-            }
-            (true, Some(e)) => {
-                tracing::error!(source = %self.label, error = %e, "cannot store file events; reading stops and the append is retried")
-            }
-            (false, _) => tracing::info!(source = %self.label, "file source reading again"),
-        }
+            .fetch_add(t.invalid_utf8, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -541,11 +473,4 @@ impl FileSource {
 struct Round {
     frames: Vec<Frame>,
     read_any: bool,
-}
-
-async fn pause(time: Duration, stop: &CancellationToken) -> Result<(), Stopped> {
-    tokio::select! {
-        () = stop.cancelled() => Err(Stopped),
-        () = tokio::time::sleep(time) => Ok(()),
-    }
 }

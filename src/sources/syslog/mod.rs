@@ -26,7 +26,6 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Listen, SyslogSourceConfig};
 use crate::queue::Queue;
 use crate::sources::server::{self, Acceptor, ConnectionTimeouts};
-pub(crate) use store::text;
 use store::Store;
 use stream::{Handshake, NoHandshake, Reading};
 use tls::Tls;
