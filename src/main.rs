@@ -259,7 +259,7 @@ fn salvage(config: &Config, generation: Option<u64>) -> anyhow::Result<()> {
                 &mut || {
                     let dead = std::mem::take(&mut *pending.borrow_mut());
                     found = dead.len();
-                    rt.block_on(queue.restore_dead_letters(dead))
+                    rt.block_on(queue.add_dead_letters(dead))
                 },
             )?;
             if outcome.opened {

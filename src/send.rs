@@ -68,7 +68,8 @@ pub struct SendArgs {
     /// Largest event; a longer line is cut as --oversize says.
     #[arg(long, value_name = "BYTES", default_value_t = crate::intake_api::MAX_EVENT_BYTES)]
     pub max_event_bytes: usize,
-    /// What becomes of a line longer than --max-event-bytes: `truncate` or `split`.
+    /// What becomes of a line longer than --max-event-bytes: `truncate`, `split` or
+    /// `dead-letter` (kept in the queue's dead letters, not sent: exit 4).
     #[arg(long, value_name = "HOW", default_value = "truncate", value_parser = parse_oversize)]
     pub oversize: Oversize,
 }
@@ -77,7 +78,8 @@ fn parse_oversize(text: &str) -> Result<Oversize, String> {
     match text {
         "truncate" => Ok(Oversize::Truncate),
         "split" => Ok(Oversize::Split),
-        _ => Err("expected truncate or split".into()),
+        "dead-letter" | "dead_letter" => Ok(Oversize::DeadLetter),
+        _ => Err("expected truncate, split or dead-letter".into()),
     }
 }
 

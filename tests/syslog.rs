@@ -207,6 +207,62 @@ async fn long_messages_are_truncated_or_split_never_dropped() {
     }
 }
 
+/// `oversize = "dead_letter"`: a message over the limit is not sent; its first bytes (marked
+/// with its length) are kept in the dead letters with the reason, and counted; the messages
+/// around it flow on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_message_can_be_kept_as_a_dead_letter_instead() {
+    let mock = start_mock().await;
+    let (fwd, _dir) = syslog_forwarder(&mock, "oversize = \"dead_letter\"");
+    let port = fwd.syslog("tcp").port();
+    let message = format!("<13>{} end", "D".repeat(300_000));
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.write_all(b"9 <13>first").unwrap();
+    tcp.write_all(format!("{} {message}", message.len()).as_bytes())
+        .unwrap();
+    tcp.write_all(b"6 <13>ok").unwrap();
+    drop(tcp);
+    let events = wait_for_texts(&mock, &fwd, &["<13>first".to_owned(), "<13>ok".to_owned()]).await;
+    assert_eq!(events.len(), 2, "only the short messages are sent");
+    let letters: serde_json::Value = reqwest::get(format!("http://{}/dead-letters", fwd.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let letters = letters.as_array().expect("a list of dead letters");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter["status"], 413, "{letter}");
+    let reason = letter["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("{} bytes", message.len())),
+        "{reason}"
+    );
+    let kept = letter["event"].as_str().unwrap();
+    assert!(kept.starts_with("<13>DDDD"), "{}", &kept[..40]);
+    assert!(kept.len() <= 250_000);
+    assert!(
+        kept.ends_with(&format!(
+            "[truncated by sekoia-forwarder: {} bytes]",
+            message.len()
+        )),
+        "{}",
+        &kept[kept.len() - 80..]
+    );
+    let status = fwd.status().await;
+    let tcp_source = status["syslog_sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["listen"].as_str().unwrap().starts_with("tcp://"))
+        .unwrap()
+        .clone();
+    assert_eq!(tcp_source["dead_lettered_events"], 1, "{tcp_source}");
+    assert_eq!(tcp_source["accepted_events"], 2, "{tcp_source}");
+    assert_eq!(status["queue"]["dead_letters"], 1, "{status}");
+}
+
 #[test]
 fn a_syslog_source_without_a_key_does_not_start() {
     let dir = tempfile::tempdir().unwrap();

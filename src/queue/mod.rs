@@ -666,10 +666,11 @@ impl Queue {
         self.insert_raw_chunk(lane, seq, &chunk.encode_compressed(record::Codec::Lz4));
     }
 
-    /// Stores dead letters read back from a moved-aside meta database (`salvage`): an
-    /// acknowledgement for no generation (`u64::MAX` is never one) records only its dead
-    /// letters, durably, like any other.
-    pub async fn restore_dead_letters(&self, dead: Vec<DeadLetter>) -> Result<(), QueueError> {
+    /// Stores dead letters that no queued chunk holds: read back from a moved-aside meta
+    /// database (`salvage`), or events a source keeps aside instead of sending (over-long
+    /// messages, `oversize = "dead_letter"`). An acknowledgement for no generation
+    /// (`u64::MAX` is never one) records only its dead letters, durably, like any other.
+    pub async fn add_dead_letters(&self, dead: Vec<DeadLetter>) -> Result<(), QueueError> {
         let ack = Ack {
             gen: u64::MAX,
             dead,

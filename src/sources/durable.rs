@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::syslog::framing::{Cut, Frame};
+use super::syslog::framing::{Cut, Frame, Oversize};
 use crate::config::IntakeKey;
 use crate::intake_api::IncomingEvent;
-use crate::queue::{Checkpoint, Queue, QueueError};
+use crate::queue::{now_ms, Checkpoint, DeadLetter, Queue, QueueError};
 
 /// How often a full queue is looked at again.
 const FULL_POLL: Duration = Duration::from_millis(50);
@@ -47,22 +47,54 @@ impl Appender {
         }
     }
 
-    /// Appends the events `events()` gives (called again for each try: an append consumes
-    /// them) with `checkpoints`, in one atomic commit, and returns once they are durable;
-    /// `full_waits` counts the times the queue was full. `Err` only if `stop` comes first.
-    pub async fn append(
+    /// Appends the events of `frames` for `key` with `checkpoints` (one atomic commit) and
+    /// returns once they are durable, with what they were (for the source's counters);
+    /// `Err` only if `stop` comes first. With [`Oversize::DeadLetter`], the frames cut for
+    /// being over the limit are stored as dead letters instead, first, in a commit of their
+    /// own: a checkpoint moves only with the events, so a crash between the two makes their
+    /// lines be read again and the dead letters kept twice, never lost.
+    pub async fn append_frames(
         &self,
-        mut events: impl FnMut() -> Vec<IncomingEvent>,
+        frames: &[Frame],
+        key: &IntakeKey,
+        oversize: Oversize,
         checkpoints: &[Checkpoint],
         full_waits: &AtomicU64,
         stop: &CancellationToken,
-    ) -> Result<(), Stopped> {
+    ) -> Result<Tally, Stopped> {
+        let Prepared {
+            events,
+            dead,
+            tally,
+        } = prepare(frames, key, oversize);
+        if !dead.is_empty() {
+            self.until_stored(full_waits, stop, || {
+                self.queue.add_dead_letters(dead.clone())
+            })
+            .await?;
+        }
+        self.until_stored(full_waits, stop, || {
+            self.queue
+                .append_with_checkpoints(events.clone(), checkpoints.to_vec())
+        })
+        .await?;
+        Ok(tally)
+    }
+
+    /// Runs `attempt` until it succeeds, waiting while the queue is full and retrying its
+    /// errors; `Err` only if `stop` comes first (or the queue is closed).
+    async fn until_stored<F, Fut>(
+        &self,
+        full_waits: &AtomicU64,
+        stop: &CancellationToken,
+        mut attempt: F,
+    ) -> Result<(), Stopped>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), QueueError>>,
+    {
         loop {
-            match self
-                .queue
-                .append_with_checkpoints(events(), checkpoints.to_vec())
-                .await
-            {
+            match attempt().await {
                 Ok(()) => {
                     self.wait_state(false, None);
                     return Ok(());
@@ -82,35 +114,6 @@ impl Appender {
                 }
             }
         }
-    }
-
-    /// Appends the events of `frames` for `key` with `checkpoints` (one atomic commit) and
-    /// returns once they are durable, with what they were (for the source's counters);
-    /// `Err` only if `stop` comes first.
-    pub async fn append_frames(
-        &self,
-        frames: &[Frame],
-        key: &IntakeKey,
-        checkpoints: &[Checkpoint],
-        full_waits: &AtomicU64,
-        stop: &CancellationToken,
-    ) -> Result<Tally, Stopped> {
-        let mut invalid_utf8 = 0;
-        self.append(
-            || {
-                let (events, invalid) = events(frames, key);
-                invalid_utf8 = invalid;
-                events
-            },
-            checkpoints,
-            full_waits,
-            stop,
-        )
-        .await?;
-        Ok(Tally {
-            invalid_utf8,
-            ..Tally::of(frames)
-        })
     }
 
     /// Logs once when appends start failing (full queue, or an error) and once when they work
@@ -142,52 +145,73 @@ async fn pause(time: Duration, stop: &CancellationToken) -> Result<(), Stopped> 
     }
 }
 
-/// The events of `frames` for `key`, and how many of them were not valid UTF-8 (replaced,
-/// [`text`]).
-pub fn events(frames: &[Frame], key: &IntakeKey) -> (Vec<IncomingEvent>, u64) {
-    let mut invalid_utf8 = 0;
-    let events = frames
-        .iter()
-        .map(|frame| IncomingEvent {
-            intake_key: key.0.clone(),
-            timestamp: None,
-            raw: text(&frame.message).unwrap_or_else(|lossy| {
-                invalid_utf8 += 1;
-                lossy
-            }),
-        })
-        .collect();
-    (events, invalid_utf8)
+/// The status a dead letter of an over-long frame is kept with: what the intake answers an
+/// event over its limit.
+pub const OVERSIZE_STATUS: u16 = 413;
+
+/// Frames made into what the queue stores.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    pub events: Vec<IncomingEvent>,
+    pub dead: Vec<DeadLetter>,
+    pub tally: Tally,
 }
 
 /// What the counters of a line-reading source add for frames made durable.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Tally {
+    /// Events to send (lines, messages, pieces of split ones).
     pub events: u64,
+    /// Their bytes, as stored.
     pub bytes: u64,
     pub truncated: u64,
     pub pieces: u64,
-    /// Events that were not valid UTF-8 (replaced).
+    /// Frames (sent or dead-lettered) that were not valid UTF-8 (replaced, [`text`]).
     pub invalid_utf8: u64,
+    /// Over-long frames kept as dead letters instead of sent (`oversize = "dead_letter"`).
+    pub dead_lettered: u64,
 }
 
-impl Tally {
-    /// What `frames` are (`invalid_utf8` is known only once they are events: 0 here).
-    pub fn of(frames: &[Frame]) -> Tally {
-        let mut t = Tally {
-            events: frames.len() as u64,
-            ..Tally::default()
-        };
-        for frame in frames {
-            t.bytes += frame.message.len() as u64;
-            match frame.cut {
-                Cut::Whole => {}
-                Cut::Truncated { .. } => t.truncated += 1,
-                Cut::Piece => t.pieces += 1,
+/// `frames` as events of `key`; with [`Oversize::DeadLetter`], a frame cut for being over
+/// the limit (its first bytes, marked with how long it was) is a dead letter instead.
+pub fn prepare(frames: &[Frame], key: &IntakeKey, oversize: Oversize) -> Prepared {
+    let mut out = Prepared::default();
+    let now = now_ms();
+    for frame in frames {
+        let raw = text(&frame.message).unwrap_or_else(|lossy| {
+            out.tally.invalid_utf8 += 1;
+            lossy
+        });
+        match (frame.cut, oversize) {
+            (Cut::Truncated { total }, Oversize::DeadLetter) => {
+                out.tally.dead_lettered += 1;
+                out.dead.push(DeadLetter {
+                    intake_key: key.0.clone(),
+                    timestamp: None,
+                    received_at_ms: now,
+                    event: raw,
+                    status: OVERSIZE_STATUS,
+                    reason: format!(
+                        "not sent by sekoia-forwarder: {total} bytes, over max_event_bytes \
+                         (oversize = \"dead_letter\"); its first bytes are kept"
+                    ),
+                    dead_at_ms: now,
+                });
+                continue;
             }
+            (Cut::Truncated { .. }, _) => out.tally.truncated += 1,
+            (Cut::Piece, _) => out.tally.pieces += 1,
+            (Cut::Whole, _) => {}
         }
-        t
+        out.tally.events += 1;
+        out.tally.bytes += frame.message.len() as u64;
+        out.events.push(IncomingEvent {
+            intake_key: key.0.clone(),
+            timestamp: None,
+            raw,
+        });
     }
+    out
 }
 
 /// A message as the intake gets it: JSON carries text, so bytes that are not UTF-8 are
@@ -196,5 +220,46 @@ pub fn text(message: &[u8]) -> Result<String, String> {
     match std::str::from_utf8(message) {
         Ok(text) => Ok(text.to_owned()),
         Err(_) => Err(String::from_utf8_lossy(message).into_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn frame(text: &[u8], cut: Cut) -> Frame {
+        Frame {
+            message: Bytes::copy_from_slice(text),
+            cut,
+        }
+    }
+
+    #[test]
+    fn a_truncated_frame_is_a_dead_letter_only_when_asked() {
+        let key = IntakeKey("k".into());
+        let frames = [
+            frame(b"whole", Cut::Whole),
+            frame(b"long [truncated]", Cut::Truncated { total: 9000 }),
+            frame(b"bad \xff", Cut::Whole),
+        ];
+        let sent = prepare(&frames, &key, Oversize::Truncate);
+        assert_eq!(sent.events.len(), 3);
+        assert!(sent.dead.is_empty());
+        assert_eq!(sent.tally.truncated, 1);
+        assert_eq!(sent.tally.invalid_utf8, 1);
+        let kept = prepare(&frames, &key, Oversize::DeadLetter);
+        assert_eq!(kept.events.len(), 2);
+        assert_eq!(kept.tally.events, 2);
+        assert_eq!(kept.tally.dead_lettered, 1);
+        assert_eq!(kept.tally.truncated, 0);
+        assert_eq!(kept.dead[0].status, OVERSIZE_STATUS);
+        assert_eq!(kept.dead[0].event, "long [truncated]");
+        assert!(
+            kept.dead[0].reason.contains("9000 bytes"),
+            "{}",
+            kept.dead[0].reason
+        );
+        assert_eq!(kept.events[1].raw, "bad \u{fffd}");
     }
 }

@@ -40,6 +40,8 @@ crate::stats::stats_table! {
         truncated_events: counter,
             "Lines over max_event_bytes stored truncated (oversize = truncate)";
         split_pieces: counter, "Events made of lines over max_event_bytes (oversize = split)";
+        dead_lettered_events: counter,
+            "Lines over max_event_bytes kept as dead letters, not sent (oversize = dead_letter)";
         invalid_utf8_events: counter,
             "Lines read from the standard input that were not valid UTF-8 (replaced)";
         read_errors: counter, "Errors reading the standard input (it is then taken as ended)";
@@ -150,6 +152,7 @@ impl LineReader {
             .append_frames(
                 frames,
                 &self.intake_key,
+                self.oversize,
                 &[],
                 &self.stats.queue_full_waits,
                 stop,
@@ -166,6 +169,8 @@ impl LineReader {
         s.line_bytes.fetch_add(t.bytes, Ordering::Relaxed);
         s.truncated_events.fetch_add(t.truncated, Ordering::Relaxed);
         s.split_pieces.fetch_add(t.pieces, Ordering::Relaxed);
+        s.dead_lettered_events
+            .fetch_add(t.dead_lettered, Ordering::Relaxed);
         s.invalid_utf8_events
             .fetch_add(t.invalid_utf8, Ordering::Relaxed);
         Ok(())

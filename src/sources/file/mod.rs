@@ -54,6 +54,8 @@ crate::stats::stats_table! {
         truncated_events: counter,
             "Lines over max_event_bytes stored truncated (oversize = truncate)";
         split_pieces: counter, "Events made of lines over max_event_bytes (oversize = split)";
+        dead_lettered_events: counter,
+            "Lines over max_event_bytes kept as dead letters, not sent (oversize = dead_letter)";
         invalid_utf8_events: counter, "Events read from files that were not valid UTF-8";
         files_opened: counter, "Files the file source began to read";
         files_released: counter,
@@ -452,6 +454,7 @@ impl FileSource {
             .append_frames(
                 frames,
                 &self.intake_key,
+                self.config.oversize,
                 &checkpoints,
                 &self.stats.queue_full_waits,
                 stop,
@@ -462,6 +465,8 @@ impl FileSource {
         s.line_bytes.fetch_add(t.bytes, Ordering::Relaxed);
         s.truncated_events.fetch_add(t.truncated, Ordering::Relaxed);
         s.split_pieces.fetch_add(t.pieces, Ordering::Relaxed);
+        s.dead_lettered_events
+            .fetch_add(t.dead_lettered, Ordering::Relaxed);
         s.invalid_utf8_events
             .fetch_add(t.invalid_utf8, Ordering::Relaxed);
         Ok(())

@@ -29,6 +29,9 @@ pub enum Oversize {
     Truncate,
     /// Send it as several events of at most the limit each, in order.
     Split,
+    /// Do not send it: keep its first bytes, marked as `Truncate` marks them, in the dead
+    /// letters (the decoder cuts it as `Truncate` does; the source keeps it aside).
+    DeadLetter,
 }
 
 /// One message out of the stream.
@@ -290,7 +293,7 @@ impl FrameDecoder {
     fn take_long(&mut self, bytes: Bytes) {
         let head_room = self.max - MARK_ROOM + 4;
         match (&mut self.assembly, self.oversize) {
-            (Assembly::Empty, Oversize::Truncate) => {
+            (Assembly::Empty, Oversize::Truncate | Oversize::DeadLetter) => {
                 let keep = bytes.len().min(head_room);
                 self.assembly = Assembly::Truncating {
                     head: BytesMut::from(&bytes[..keep]),

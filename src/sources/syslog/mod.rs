@@ -50,6 +50,8 @@ crate::stats::stats_table! {
             "Syslog messages over max_event_bytes stored truncated (oversize = truncate)";
         split_pieces: counter,
             "Events made of syslog messages over max_event_bytes (oversize = split)";
+        dead_lettered_events: counter,
+            "Syslog messages over max_event_bytes kept as dead letters, not sent (oversize = dead_letter)";
         /// Their invalid bytes were replaced by U+FFFD.
         invalid_utf8_events: counter, "Syslog messages that were not valid UTF-8";
         /// The connection was then read line by line.
@@ -110,7 +112,7 @@ impl SyslogSource {
         .context("cannot learn the address the syslog source listens on")?;
         let name = format!("{}://{addr}", listen.scheme());
         tracing::info!(listen = %name, "syslog source listening");
-        let store = Store::new(queue, intake_key, Arc::default(), name);
+        let store = Store::new(queue, intake_key, config.oversize, Arc::default(), name);
         Ok(SyslogSource {
             socket,
             addr,

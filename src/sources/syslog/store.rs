@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::framing::Frame;
+use super::framing::{Frame, Oversize};
 use super::SyslogSourceStats;
 use crate::config::IntakeKey;
 use crate::queue::Queue;
@@ -24,6 +24,7 @@ pub use crate::sources::durable::Stopped;
 pub struct Store {
     pub queue: Queue,
     intake_key: IntakeKey,
+    oversize: Oversize,
     pub stats: Arc<SyslogSourceStats>,
     /// The source's name in logs: `syslog source tcp://127.0.0.1:10514`.
     pub name: String,
@@ -34,6 +35,7 @@ impl Store {
     pub fn new(
         queue: Queue,
         intake_key: IntakeKey,
+        oversize: Oversize,
         stats: Arc<SyslogSourceStats>,
         name: String,
     ) -> Store {
@@ -45,6 +47,7 @@ impl Store {
             ),
             queue,
             intake_key,
+            oversize,
             stats,
             name,
         }
@@ -61,6 +64,7 @@ impl Store {
             .append_frames(
                 frames,
                 &self.intake_key,
+                self.oversize,
                 &[],
                 &self.stats.queue_full_waits,
                 stop,
@@ -89,6 +93,8 @@ impl Store {
         s.message_bytes.fetch_add(t.bytes, Ordering::Relaxed);
         s.truncated_events.fetch_add(t.truncated, Ordering::Relaxed);
         s.split_pieces.fetch_add(t.pieces, Ordering::Relaxed);
+        s.dead_lettered_events
+            .fetch_add(t.dead_lettered, Ordering::Relaxed);
         s.invalid_utf8_events
             .fetch_add(t.invalid_utf8, Ordering::Relaxed);
     }
