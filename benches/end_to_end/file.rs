@@ -44,6 +44,12 @@ path = "{queue}"
 [intake]
 url = "{intake_url}"
 
+# The test harness learns the admin address from the ready file, which lists listening
+# sources: an idle HTTP source gives it one.
+[[source]]
+type = "http"
+listen = "127.0.0.1:0"
+
 [[source]]
 type = "file"
 paths = ["{log}"]

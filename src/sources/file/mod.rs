@@ -225,7 +225,8 @@ impl FileSource {
         Ok(())
     }
 
-    /// Reads every file once (from a rotating first one, up to [`ROUND_BYTES`] in all).
+    /// Reads every file (from a rotating first one; a busy one until its reads come back short),
+    /// up to [`ROUND_BYTES`] in all.
     async fn read_round(&self, tails: &mut BTreeMap<FileId, Tail>, turn: usize) -> Round {
         let mut round = Round::default();
         let now = Instant::now();
@@ -236,15 +237,27 @@ impl FileSource {
             let Some(tail) = tails.get_mut(&ids[(turn + i) % n]) else {
                 continue;
             };
-            if bytes < ROUND_BYTES {
+            // A busy file is read on while its reads come back full, up to the round's
+            // budget: with one read a round, a single busy file made commits of ~1,300 lines
+            // (a commit, with its fsync, per 256 KiB).
+            while bytes < ROUND_BYTES {
                 match tail.read().await {
                     Ok(Read::Bytes(got)) => {
                         bytes += got;
                         round.read_any = true;
+                        if got < tail::READ_BYTES {
+                            break;
+                        }
                     }
-                    Ok(Read::End) => {}
-                    Ok(Read::Truncated) => self.truncated(tail, now, &mut round.frames),
-                    Err(e) => self.read_error(tail, &e),
+                    Ok(Read::End) => break,
+                    Ok(Read::Truncated) => {
+                        self.truncated(tail, now, &mut round.frames);
+                        break;
+                    }
+                    Err(e) => {
+                        self.read_error(tail, &e);
+                        break;
+                    }
                 }
             }
             tail.take(now, &mut round.frames);
