@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::IntakeConfig;
 use crate::intake_api::redact_key;
-use crate::queue::{Ack, Lane, Position, Queue, QueueError, ReadLimits, ReadSpan};
+use crate::queue::{Ack, BatchDate, Lane, Position, Queue, QueueError, ReadLimits, ReadSpan};
 use batch::BatchBuilder;
 use client::{Headers, IntakeClient, Outcome};
 
@@ -292,6 +292,7 @@ async fn read_lane(
     let limits = ReadLimits {
         max_events: ctx.config.batch_max_events,
         max_bytes: ctx.config.batch_max_bytes,
+        reception_tolerance_ms: ctx.config.reception_tolerance_ms(),
     };
     let read = tokio::task::spawn_blocking(move || {
         let mut builder = BatchBuilder::default();
@@ -317,21 +318,23 @@ async fn read_on(
     let limits = ReadLimits {
         max_events: ctx.config.batch_max_events.saturating_sub(span.events),
         max_bytes: ctx.config.batch_max_bytes.saturating_sub(span.bytes),
+        reception_tolerance_ms: ctx.config.reception_tolerance_ms(),
     };
     let read = tokio::task::spawn_blocking(move || {
-        let date = builder.timestamp().map(str::to_owned);
-        let more = queue.read_on(
-            lane,
-            span.next,
-            limits,
-            date.as_deref(),
-            &mut |seq, chunk| builder.push(seq, chunk),
-        )?;
+        let timestamp = builder.timestamp().map(str::to_owned);
+        let date = BatchDate {
+            timestamp: timestamp.as_deref(),
+            received_at_ms: builder.received_at_ms(),
+        };
+        let more = queue.read_on(lane, span.next, limits, date, &mut |seq, chunk| {
+            builder.push(seq, chunk)
+        })?;
         span.chunks += more.chunks;
         span.events += more.events;
         span.bytes += more.bytes;
         span.next = more.next;
         span.sealed = more.sealed;
+        span.cut = more.cut;
         span.undecodable = more.undecodable;
         Ok::<_, QueueError>((span, builder))
     })
@@ -339,9 +342,10 @@ async fn read_on(
     Ok(read)
 }
 
-/// How much longer a partial batch whose events have waited `age` may wait for more, if any.
+/// How much longer a partial batch whose events have waited `age` may wait for more, if any:
+/// none once nothing more can join it (a sealed generation, a chunk of another date after it).
 fn linger_left(config: &IntakeConfig, read: &ReadSpan, age: Duration) -> Option<Duration> {
-    if read.sealed {
+    if read.sealed || read.cut {
         return None;
     }
     if read.events >= config.batch_max_events || read.bytes >= config.batch_max_bytes / 2 {
