@@ -553,6 +553,30 @@ mod tests {
         assert_eq!(ack.dead[0].received_at_ms, 1_617_651_212_023);
     }
 
+    /// A chunk as the first release wrote it (v1, pinned bytes: every release stored the
+    /// reception time): it decodes, and its events are sent dated by that time. Queues written
+    /// before `event_time` existed need no conversion.
+    #[test]
+    fn a_chunk_of_the_first_release_is_dated_by_its_reception() {
+        let at: u64 = 1_617_651_211_123;
+        let mut stored = vec![1, 1, 0, 0, 0, 2, 0, 0, 0, 1, b'K', 0, 0xFD];
+        stored.extend_from_slice(&at.to_le_bytes());
+        stored.extend_from_slice(&[1, 2, b'a', b'b']);
+        let mut scratch = Vec::new();
+        let view = ChunkView::decode(&stored, &mut scratch).unwrap();
+        assert_eq!(
+            (view.intake_key, view.timestamp, view.received_at_ms),
+            ("K", None, at)
+        );
+        let mut builder = BatchBuilder::default();
+        builder.push(0, &view);
+        let batch = builder.finish(0, 0);
+        assert_eq!(
+            batch.event_date(EventTime::Reception).as_deref(),
+            Some("2021-04-05T19:33:31.123Z")
+        );
+    }
+
     /// Partial progress removes finished chunks and rewrites the others with what is left,
     /// each with its own reception time; dead letters carry the event as it was queued.
     #[test]

@@ -500,6 +500,57 @@ mod tests {
         assert_eq!(reads(), appends, "each chunk read once");
     }
 
+    /// A backlog of events received seconds apart (an outage) goes one request per tolerance
+    /// window, each dated by its first event's reception, and a batch cut by the tolerance is
+    /// sent at once: it does not linger (here a minute) for events that can never join it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_batch_cut_by_reception_time_goes_without_lingering() {
+        let (mock, _dir, queue) = mock_and_queue(QueueConfig::default()).await;
+        let key = "reception-cut-test-key-01";
+        let start = now_ms() - 10_000;
+        for (i, at) in [start, start + 400, start + 2_000, start + 4_000]
+            .into_iter()
+            .enumerate()
+        {
+            let event = IncomingEvent {
+                intake_key: key.into(),
+                timestamp: None,
+                raw: format!("received at +{} ms ({i})", at - start),
+            };
+            queue.append_received_at(vec![event], at).await.unwrap();
+        }
+        let config = IntakeConfig {
+            linger_ms: 60_000,
+            ..IntakeConfig::default()
+        };
+        let began = Instant::now();
+        let running = Running::with(&queue, &mock, config);
+        // The first three events in two cut batches; the last one lingers (nothing after it
+        // cut its batch), up to the minute.
+        let delivered = mock
+            .wait_for(|e| e.len() >= 3, Duration::from_secs(30))
+            .await;
+        let took = began.elapsed();
+        running.stop().await;
+        assert!(delivered, "got {:?}", mock.events());
+        assert!(took < Duration::from_secs(30), "lingered: {took:?}");
+        let got: Vec<(String, Option<String>)> = mock
+            .events()
+            .into_iter()
+            .map(|e| (e.raw, e.timestamp))
+            .collect();
+        let date = |ms| crate::intake_api::reception_date(ms);
+        assert_eq!(
+            got,
+            [
+                ("received at +0 ms (0)".to_owned(), date(start)),
+                ("received at +400 ms (1)".to_owned(), date(start)),
+                ("received at +2000 ms (2)".to_owned(), date(start + 2_000)),
+            ]
+        );
+        assert_eq!(mock.stats().accepted_requests, 2);
+    }
+
     /// A lane created after `lanes_changed()` was called wakes the waiter, even if the wait is
     /// first polled later: `Delivery::run` reads the lane list in between, and a lane created
     /// then would otherwise have no delivery task until another new key came.
