@@ -70,6 +70,11 @@ async fn events_queued_through_an_outage_arrive_with_their_reception_time() {
     let all: Vec<String> = first.iter().chain(&second).cloned().collect();
     wait_delivered_from(&fwd, &mock, &all).await;
     fwd.wait_drained().await;
+    let status = fwd.status().await;
+    assert_eq!(
+        status["delivery"]["reception_dated_events"], 400,
+        "{status}"
+    );
     let rounds = [
         (&first, first_from, first_to),
         (&second, second_from, second_to),
@@ -129,6 +134,13 @@ async fn intake_mode_sends_no_date_and_senders_dates_are_kept() {
         all.extend(dated.iter().cloned());
         all.push(in_array.clone());
         wait_delivered_from(&fwd, &mock, &all).await;
+        fwd.wait_drained().await;
+        let status = fwd.status().await;
+        let dated_by_reception = if mode == "intake" { 0 } else { 20 };
+        assert_eq!(
+            status["delivery"]["reception_dated_events"], dated_by_reception,
+            "{mode}: {status}"
+        );
         for e in mock.events() {
             if dated.contains(&e.raw) {
                 assert_eq!(e.timestamp.as_deref(), Some(OWN), "{mode}: {e:?}");

@@ -387,6 +387,11 @@ async fn prepare(ctx: &Ctx, progress: &mut Progress, key: &str) -> Option<Header
         .headers(&progress.batch.intake_key, date.as_deref())
     {
         Ok(headers) => {
+            if progress.batch.timestamp.is_none() && date.is_some() {
+                ctx.stats
+                    .reception_dated_events
+                    .fetch_add(events as u64, Ordering::Relaxed);
+            }
             if let Some(why) = headers.date_left_out {
                 ctx.stats
                     .undated_events

@@ -42,6 +42,8 @@ crate::stats::stats_table! {
         redirects: counter, "Redirects (3xx) answered by the intake: never followed, retried";
         undated_events: counter,
             "Events sent without their event date, which could not be sent as a header";
+        reception_dated_events: counter,
+            "Events without a date of their own sent dated by their reception (event_time = reception)";
         in_flight: gauge, "Requests on the wire";
     }
 }
