@@ -161,7 +161,8 @@ impl Batch {
     /// middle or a mean: it is known when the batch begins, before linger decides how many
     /// chunks follow, so every request of the batch (retries, the halves of a 413 or 400)
     /// carries the same date, and that date is the true reception time of real events; no
-    /// event is dated more than the tolerance before it was received, and none after. A
+    /// event is dated more than the tolerance before it was received, and none after (but
+    /// for a wall clock stepped back within the batch). A
     /// chunk whose reception time is unknown (0) goes without a date, as with `"intake"`.
     pub fn event_date(&self, event_time: EventTime) -> Option<Cow<'_, str>> {
         if let Some(ts) = &self.timestamp {
