@@ -310,6 +310,8 @@ fn read_generation(
         date.map(|d| (d.timestamp.map(str::to_owned), d.received_at_ms));
     let mut scratch = Vec::new();
     let mut undecodable = Vec::new();
+    // A chunk whose kept body was taken, then not read (it cannot join the batch).
+    let mut given_back = None;
     for item in db.range(range) {
         let (key, value) = item?;
         let (_, seq) =
@@ -339,6 +341,7 @@ fn read_generation(
         if compressed {
             fresh.count_read(kept.is_some());
         }
+        let from_fresh = kept.is_some();
         let view = match kept {
             Some(view) => Ok(view),
             None => header.and_then(|_| ChunkView::decode(&value, &mut scratch)),
@@ -364,6 +367,11 @@ fn read_generation(
                     limits.reception_tolerance_ms,
                 ) {
                     span.cut = true;
+                    // The chunk begins the next batch: a body taken from the kept ones goes
+                    // back for that read, which would otherwise decompress it from the store.
+                    if from_fresh {
+                        given_back = Some(seq);
+                    }
                     break;
                 }
             }
@@ -377,6 +385,9 @@ fn read_generation(
         if span.events >= limits.max_events || span.bytes >= limits.max_bytes {
             break;
         }
+    }
+    if let Some(seq) = given_back {
+        fresh.insert([((gen, lane, seq), std::mem::take(&mut scratch))]);
     }
     Ok((span, undecodable))
 }

@@ -257,3 +257,31 @@ fn a_batch_date_admits_what_one_request_can_carry() {
     assert!(!dated.admits(None, 5_000, Some(1000)));
     assert!(!dated.admits(Some("2024-01-01T00:00:01Z"), 5_000, Some(1000)));
 }
+
+/// A chunk that a read stops at (it cannot join the batch) begins the next one: if its body
+/// was kept in memory (`fresh.rs`), the read that stopped at it gives it back, so that the next
+/// read takes it from memory too instead of decompressing it.
+#[tokio::test]
+async fn a_chunk_a_read_stops_at_keeps_its_body_for_the_next_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(&with_delivery_cache(dir.path(), 8 << 20)).unwrap();
+    for at in [10_000, 20_000] {
+        q.append_received_at(events("K", 5, 100), at).await.unwrap();
+    }
+    let limits = ReadLimits {
+        max_events: usize::MAX,
+        max_bytes: usize::MAX,
+        reception_tolerance_ms: Some(1000),
+    };
+    let mut from = Position::default();
+    for want in [10_000, 20_000] {
+        let mut received = Vec::new();
+        let span = q
+            .read_with(0, from, limits, &mut |_, c| received.push(c.received_at_ms))
+            .unwrap();
+        assert_eq!(received, [want]);
+        from = span.next;
+    }
+    let (from_memory, decompressed) = q.fresh_reads();
+    assert_eq!(decompressed, 0, "{from_memory} from memory");
+}
