@@ -150,6 +150,7 @@ fn drain(c: &mut Criterion) {
                     let limits = ReadLimits {
                         max_events: 10_000,
                         max_bytes: 5 << 20,
+                        reception_tolerance_ms: Some(1000),
                     };
                     loop {
                         let mut body = Vec::new();

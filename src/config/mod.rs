@@ -131,7 +131,29 @@ pub struct IntakeConfig {
     pub auth_retry_secs: u64,
     /// Compression of request bodies: `none` or `gzip` (the intake accepts gzip bodies).
     pub compression: Compression,
+    /// The date sent with events that have none of their own: the forwarder's reception
+    /// time (`reception`) or nothing, so that the intake dates them when they reach it
+    /// (`intake`): after an outage, that is when the link came back.
+    pub event_time: EventTime,
+    /// With `event_time = "reception"`: a batch holds only events received within this many
+    /// milliseconds of its first (one request carries one date), and is cut there.
+    pub event_time_tolerance_ms: u64,
 }
+
+/// `[intake] event_time`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventTime {
+    /// Events without a date of their own are sent with the time the forwarder received them.
+    #[default]
+    Reception,
+    /// They are sent without a date: the intake uses the time it receives them.
+    Intake,
+}
+
+/// Longest `event_time_tolerance_ms`: an hour. Beyond it the date sent says little of when
+/// an event happened, and `event_time = "intake"` says so plainly.
+pub const MAX_EVENT_TIME_TOLERANCE_MS: u64 = 3_600_000;
 
 /// `[intake] compression`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -154,6 +176,8 @@ impl Default for IntakeConfig {
             backoff_max_ms: 60_000,
             auth_retry_secs: 300,
             compression: Compression::None,
+            event_time: EventTime::Reception,
+            event_time_tolerance_ms: 1000,
         }
     }
 }
@@ -173,6 +197,15 @@ impl IntakeConfig {
     }
     pub fn auth_retry(&self) -> Duration {
         Duration::from_secs(self.auth_retry_secs)
+    }
+    /// How far apart the reception times of one batch's undated events may be; `None` when
+    /// they are sent undated (`event_time = "intake"`), so that reception times do not cut
+    /// batches.
+    pub fn reception_tolerance_ms(&self) -> Option<u64> {
+        match self.event_time {
+            EventTime::Reception => Some(self.event_time_tolerance_ms),
+            EventTime::Intake => None,
+        }
     }
 }
 
@@ -425,6 +458,11 @@ impl Config {
             "source.type",
             "expected at most one source of type \"stdin\"",
         )?;
+        check(
+            i.event_time_tolerance_ms <= MAX_EVENT_TIME_TOLERANCE_MS,
+            "intake.event_time_tolerance_ms",
+            "expected 0 to 3600000 (an hour)",
+        )?;
         for source in &self.sources {
             match source {
                 SourceConfig::Http(h) => {
@@ -597,6 +635,35 @@ listen = "127.0.0.1:10080"
         }
         let ok = resolve_intake_key(Some(&IntakeKey(" good-key \n".into())), None, None);
         assert_eq!(ok, Ok(IntakeKey("good-key".into())));
+    }
+
+    #[test]
+    fn event_time_is_reception_or_intake_with_a_bounded_tolerance() {
+        let parse = |text: &str| Config::parse(text, Path::new("f.toml"));
+        let default = Config::default().intake;
+        assert_eq!(default.event_time, EventTime::Reception);
+        assert_eq!(default.event_time_tolerance_ms, 1000);
+        assert_eq!(default.reception_tolerance_ms(), Some(1000));
+        let c = parse("[intake]\nevent_time = \"intake\"\n").unwrap();
+        assert_eq!(c.intake.event_time, EventTime::Intake);
+        assert_eq!(c.intake.reception_tolerance_ms(), None);
+        let c =
+            parse("[intake]\nevent_time = \"reception\"\nevent_time_tolerance_ms = 0\n").unwrap();
+        assert_eq!(c.intake.reception_tolerance_ms(), Some(0));
+        let err = parse("[intake]\nevent_time = \"sender\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2") && err.contains("`reception` or `intake`"),
+            "{err}"
+        );
+        let err = parse("[intake]\nevent_time_tolerance_ms = 3600001\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2") && err.contains("intake.event_time_tolerance_ms"),
+            "{err}"
+        );
     }
 
     #[test]

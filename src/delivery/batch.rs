@@ -19,6 +19,7 @@
 //!   reception); an intake key that cannot be a header cannot be sent at all, so the batch is
 //!   dead-lettered at once, with status 0 and a reason that says so.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
@@ -29,8 +30,9 @@ use bytes::Bytes;
 use super::client::{Headers, Outcome, MAX_REQUEST_BODY};
 use super::retry::Retry;
 use super::Ctx;
+use crate::config::EventTime;
 use crate::crash_point;
-use crate::intake_api::redact_key;
+use crate::intake_api::{reception_date, redact_key};
 use crate::queue::{now_ms, Ack, Chunk, ChunkView, DeadLetter};
 
 /// Where each event of the batch stands.
@@ -58,7 +60,11 @@ pub struct Batch {
     /// The queue generation the chunks were read from.
     pub gen: u64,
     pub intake_key: String,
+    /// The sender's event date of every event of the batch, if they have one.
     pub timestamp: Option<String>,
+    /// When the batch's first chunk was received (ms since the Unix epoch; 0: unknown): the
+    /// date its undated events are sent with ([`Batch::event_date`]).
+    received_at_ms: u64,
     /// `[e0,e1,...]`: the events as JSON strings.
     body: Bytes,
     /// Where each event's JSON string ends in `body` (it starts after the `[` or the comma
@@ -72,6 +78,7 @@ pub struct Batch {
 pub struct BatchBuilder {
     intake_key: String,
     timestamp: Option<String>,
+    received_at_ms: u64,
     body: Vec<u8>,
     ends: Vec<usize>,
     chunks: Vec<ChunkSpan>,
@@ -83,6 +90,7 @@ impl BatchBuilder {
         if self.chunks.is_empty() {
             chunk.intake_key.clone_into(&mut self.intake_key);
             self.timestamp = chunk.timestamp.map(str::to_owned);
+            self.received_at_ms = chunk.received_at_ms;
             self.body.reserve(chunk.payload_bytes() * 2);
             self.body.push(b'[');
         }
@@ -112,6 +120,12 @@ impl BatchBuilder {
         self.timestamp.as_deref()
     }
 
+    /// When the batch's first chunk was received: the chunks read on after it must have been
+    /// received within the tolerance of it (`queue::BatchDate::admits`).
+    pub fn received_at_ms(&self) -> u64 {
+        self.received_at_ms
+    }
+
     pub fn finish(mut self, lane: u32, gen: u64) -> Batch {
         if self.body.is_empty() {
             self.body.push(b'[');
@@ -127,6 +141,7 @@ impl BatchBuilder {
             gen,
             intake_key: self.intake_key,
             timestamp: self.timestamp,
+            received_at_ms: self.received_at_ms,
             body: Bytes::from(self.body),
             ends: self.ends,
             chunks: self.chunks,
@@ -137,6 +152,26 @@ impl BatchBuilder {
 impl Batch {
     fn len(&self) -> usize {
         self.ends.len()
+    }
+
+    /// The `X-SEKOIAIO-EVENT-TIMESTAMP` of the batch's requests: the sender's date if the
+    /// events have one; else, with `event_time = "reception"`, the reception time of the
+    /// batch's first chunk (every chunk of the batch was received within
+    /// `event_time_tolerance_ms` of it: the read cut the batch there). The first, not a
+    /// middle or a mean: it is known when the batch begins, before linger decides how many
+    /// chunks follow, so every request of the batch (retries, the halves of a 413 or 400)
+    /// carries the same date, and that date is the true reception time of real events; no
+    /// event is dated more than the tolerance before it was received, and none after (but
+    /// for a wall clock stepped back within the batch). A
+    /// chunk whose reception time is unknown (0) goes without a date, as with `"intake"`.
+    pub fn event_date(&self, event_time: EventTime) -> Option<Cow<'_, str>> {
+        if let Some(ts) = &self.timestamp {
+            return Some(Cow::Borrowed(ts));
+        }
+        match event_time {
+            EventTime::Reception => reception_date(self.received_at_ms).map(Cow::Owned),
+            EventTime::Intake => None,
+        }
     }
 
     /// Where event `i`'s JSON string is in the body.
@@ -347,17 +382,23 @@ pub async fn deliver(ctx: Arc<Ctx>, batch: Batch) {
 async fn prepare(ctx: &Ctx, progress: &mut Progress, key: &str) -> Option<Headers> {
     let lane = progress.batch.lane;
     let events = progress.batch.len();
-    let failure = match ctx.client.headers(
-        &progress.batch.intake_key,
-        progress.batch.timestamp.as_deref(),
-    ) {
+    let date = progress.batch.event_date(ctx.config.event_time);
+    let failure = match ctx
+        .client
+        .headers(&progress.batch.intake_key, date.as_deref())
+    {
         Ok(headers) => {
+            if progress.batch.timestamp.is_none() && date.is_some() {
+                ctx.stats
+                    .reception_dated_events
+                    .fetch_add(events as u64, Ordering::Relaxed);
+            }
             if let Some(why) = headers.date_left_out {
                 ctx.stats
                     .undated_events
                     .fetch_add(events as u64, Ordering::Relaxed);
                 tracing::warn!(lane, intake_key = %key, events,
-                    date_bytes = progress.batch.timestamp.as_ref().map_or(0, String::len),
+                    date_bytes = date.as_ref().map_or(0, |d| d.len()),
                     "the events' date cannot be sent as a header ({why}); they are sent without \
                      it, and the intake dates them at reception");
             }
@@ -471,6 +512,75 @@ mod tests {
         for (i, want) in events.iter().enumerate() {
             assert_eq!(&batch.event(i), want);
         }
+    }
+
+    /// The date of a batch's requests: the sender's when the events have one, whatever
+    /// `event_time` says; else the first chunk's reception time with `"reception"`, nothing
+    /// with `"intake"` or when the reception time is unknown (0).
+    #[test]
+    fn the_event_date_is_the_senders_else_the_first_reception_time() {
+        let batch = batch();
+        for mode in [EventTime::Reception, EventTime::Intake] {
+            assert_eq!(
+                batch.event_date(mode).as_deref(),
+                Some("2024-01-01T00:00:00Z")
+            );
+        }
+        let undated = |first: u64| {
+            let mut builder = BatchBuilder::default();
+            for (seq, at) in [(1, first), (2, first + 900)] {
+                builder.push(
+                    seq,
+                    &ChunkView {
+                        timestamp: None,
+                        ..view(at, vec!["e"])
+                    },
+                );
+            }
+            builder.finish(0, 0)
+        };
+        let batch = undated(1_617_651_211_123);
+        assert_eq!(
+            batch.event_date(EventTime::Reception).as_deref(),
+            Some("2021-04-05T19:33:31.123Z"),
+            "the first chunk's, not the second's"
+        );
+        assert_eq!(batch.event_date(EventTime::Intake), None);
+        assert_eq!(undated(0).event_date(EventTime::Reception), None);
+        // What a partial delivery writes back keeps the sender's date (none), not the one sent.
+        let mut progress = Progress::new(undated(1_617_651_211_123));
+        progress.settle(&(0..1), Fate::Delivered);
+        let ack = progress.take_ack();
+        assert_eq!(ack.remove, [1]);
+        let mut progress = Progress::new(undated(1_617_651_211_123));
+        progress.bury(1, 400, "refused");
+        let ack = progress.take_ack();
+        assert_eq!(ack.dead[0].timestamp, None);
+        assert_eq!(ack.dead[0].received_at_ms, 1_617_651_212_023);
+    }
+
+    /// A chunk as the first release wrote it (v1, pinned bytes: every release stored the
+    /// reception time): it decodes, and its events are sent dated by that time. Queues written
+    /// before `event_time` existed need no conversion.
+    #[test]
+    fn a_chunk_of_the_first_release_is_dated_by_its_reception() {
+        let at: u64 = 1_617_651_211_123;
+        let mut stored = vec![1, 1, 0, 0, 0, 2, 0, 0, 0, 1, b'K', 0, 0xFD];
+        stored.extend_from_slice(&at.to_le_bytes());
+        stored.extend_from_slice(&[1, 2, b'a', b'b']);
+        let mut scratch = Vec::new();
+        let view = ChunkView::decode(&stored, &mut scratch).unwrap();
+        assert_eq!(
+            (view.intake_key, view.timestamp, view.received_at_ms),
+            ("K", None, at)
+        );
+        let mut builder = BatchBuilder::default();
+        builder.push(0, &view);
+        let batch = builder.finish(0, 0);
+        assert_eq!(
+            batch.event_date(EventTime::Reception).as_deref(),
+            Some("2021-04-05T19:33:31.123Z")
+        );
     }
 
     /// Partial progress removes finished chunks and rewrites the others with what is left,

@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::IntakeConfig;
 use crate::intake_api::redact_key;
-use crate::queue::{Ack, Lane, Position, Queue, QueueError, ReadLimits, ReadSpan};
+use crate::queue::{Ack, BatchDate, Lane, Position, Queue, QueueError, ReadLimits, ReadSpan};
 use batch::BatchBuilder;
 use client::{Headers, IntakeClient, Outcome};
 
@@ -42,6 +42,8 @@ crate::stats::stats_table! {
         redirects: counter, "Redirects (3xx) answered by the intake: never followed, retried";
         undated_events: counter,
             "Events sent without their event date, which could not be sent as a header";
+        reception_dated_events: counter,
+            "Events without a date of their own sent dated by their reception (event_time = reception)";
         in_flight: gauge, "Requests on the wire";
     }
 }
@@ -292,6 +294,7 @@ async fn read_lane(
     let limits = ReadLimits {
         max_events: ctx.config.batch_max_events,
         max_bytes: ctx.config.batch_max_bytes,
+        reception_tolerance_ms: ctx.config.reception_tolerance_ms(),
     };
     let read = tokio::task::spawn_blocking(move || {
         let mut builder = BatchBuilder::default();
@@ -317,21 +320,23 @@ async fn read_on(
     let limits = ReadLimits {
         max_events: ctx.config.batch_max_events.saturating_sub(span.events),
         max_bytes: ctx.config.batch_max_bytes.saturating_sub(span.bytes),
+        reception_tolerance_ms: ctx.config.reception_tolerance_ms(),
     };
     let read = tokio::task::spawn_blocking(move || {
-        let date = builder.timestamp().map(str::to_owned);
-        let more = queue.read_on(
-            lane,
-            span.next,
-            limits,
-            date.as_deref(),
-            &mut |seq, chunk| builder.push(seq, chunk),
-        )?;
+        let timestamp = builder.timestamp().map(str::to_owned);
+        let date = BatchDate {
+            timestamp: timestamp.as_deref(),
+            received_at_ms: builder.received_at_ms(),
+        };
+        let more = queue.read_on(lane, span.next, limits, date, &mut |seq, chunk| {
+            builder.push(seq, chunk)
+        })?;
         span.chunks += more.chunks;
         span.events += more.events;
         span.bytes += more.bytes;
         span.next = more.next;
         span.sealed = more.sealed;
+        span.cut = more.cut;
         span.undecodable = more.undecodable;
         Ok::<_, QueueError>((span, builder))
     })
@@ -339,9 +344,10 @@ async fn read_on(
     Ok(read)
 }
 
-/// How much longer a partial batch whose events have waited `age` may wait for more, if any.
+/// How much longer a partial batch whose events have waited `age` may wait for more, if any:
+/// none once nothing more can join it (a sealed generation, a chunk of another date after it).
 fn linger_left(config: &IntakeConfig, read: &ReadSpan, age: Duration) -> Option<Duration> {
-    if read.sealed {
+    if read.sealed || read.cut {
         return None;
     }
     if read.events >= config.batch_max_events || read.bytes >= config.batch_max_bytes / 2 {
@@ -494,6 +500,57 @@ mod tests {
         assert_eq!(got, want, "every event once, in order");
         assert_eq!(mock.stats().accepted_requests, 1, "one batch");
         assert_eq!(reads(), appends, "each chunk read once");
+    }
+
+    /// A backlog of events received seconds apart (an outage) goes one request per tolerance
+    /// window, each dated by its first event's reception, and a batch cut by the tolerance is
+    /// sent at once: it does not linger (here a minute) for events that can never join it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_batch_cut_by_reception_time_goes_without_lingering() {
+        let (mock, _dir, queue) = mock_and_queue(QueueConfig::default()).await;
+        let key = "reception-cut-test-key-01";
+        let start = now_ms() - 10_000;
+        for (i, at) in [start, start + 400, start + 2_000, start + 4_000]
+            .into_iter()
+            .enumerate()
+        {
+            let event = IncomingEvent {
+                intake_key: key.into(),
+                timestamp: None,
+                raw: format!("received at +{} ms ({i})", at - start),
+            };
+            queue.append_received_at(vec![event], at).await.unwrap();
+        }
+        let config = IntakeConfig {
+            linger_ms: 60_000,
+            ..IntakeConfig::default()
+        };
+        let began = Instant::now();
+        let running = Running::with(&queue, &mock, config);
+        // The first three events in two cut batches; the last one lingers (nothing after it
+        // cut its batch), up to the minute.
+        let delivered = mock
+            .wait_for(|e| e.len() >= 3, Duration::from_secs(30))
+            .await;
+        let took = began.elapsed();
+        running.stop().await;
+        assert!(delivered, "got {:?}", mock.events());
+        assert!(took < Duration::from_secs(30), "lingered: {took:?}");
+        let got: Vec<(String, Option<String>)> = mock
+            .events()
+            .into_iter()
+            .map(|e| (e.raw, e.timestamp))
+            .collect();
+        let date = |ms| crate::intake_api::reception_date(ms);
+        assert_eq!(
+            got,
+            [
+                ("received at +0 ms (0)".to_owned(), date(start)),
+                ("received at +400 ms (1)".to_owned(), date(start)),
+                ("received at +2000 ms (2)".to_owned(), date(start + 2_000)),
+            ]
+        );
+        assert_eq!(mock.stats().accepted_requests, 2);
     }
 
     /// A lane created after `lanes_changed()` was called wakes the waiter, even if the wait is

@@ -555,6 +555,21 @@ pub fn normalize_date(sent: &str) -> Result<String, DateError> {
     }
 }
 
+/// The event date of events received at `received_at_ms` (ms since the Unix epoch, UTC):
+/// RFC 3339 in UTC with milliseconds (`2026-12-02T14:39:16.123Z`, the form of Logstash's
+/// `@timestamp`, which Sekoia's own guides send), what the forwarder sends in
+/// `X-SEKOIAIO-EVENT-TIMESTAMP` for events without a date of their own. `None` for 0 (a
+/// reception time not known) or a time chrono cannot represent.
+pub fn reception_date(received_at_ms: u64) -> Option<String> {
+    use chrono::{DateTime, SecondsFormat};
+    if received_at_ms == 0 {
+        return None;
+    }
+    let ms = i64::try_from(received_at_ms).ok()?;
+    let date = DateTime::from_timestamp_millis(ms)?;
+    Some(date.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
 /// Where an event date was given, for the message that refuses it.
 #[derive(Debug, Clone, Copy)]
 enum DateSource {
@@ -992,6 +1007,23 @@ mod tests {
             normalize_date(&long),
             Err(DateError::TooLong(MAX_DATE_BYTES + 1))
         );
+    }
+
+    #[test]
+    fn reception_dates_are_rfc3339_utc_with_milliseconds() {
+        assert_eq!(
+            reception_date(1_617_651_211_123).as_deref(),
+            Some("2021-04-05T19:33:31.123Z")
+        );
+        assert_eq!(
+            reception_date(1_617_651_211_000).as_deref(),
+            Some("2021-04-05T19:33:31.000Z")
+        );
+        assert_eq!(reception_date(0), None, "unknown");
+        assert_eq!(reception_date(u64::MAX), None);
+        // What the intake (and the mock, and the HTTP source) take as a date, the same instant.
+        let sent = reception_date(1_617_651_211_123).unwrap();
+        assert_eq!(normalize_date(&sent).as_deref(), Ok(sent.as_str()));
     }
 
     #[test]

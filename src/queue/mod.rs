@@ -47,7 +47,7 @@ pub use generation::CorruptNote;
 use generation::Generation;
 pub(crate) use open::check_format;
 use open::{load, prepare_dir, Loaded};
-pub use read::{Position, ReadBatch, ReadLimits, ReadSpan, StoredChunk};
+pub use read::{BatchDate, Position, ReadBatch, ReadLimits, ReadSpan, StoredChunk};
 pub use read_only::ReadOnlyQueue;
 pub use record::{Chunk, ChunkView, DeadLetter};
 
@@ -453,12 +453,36 @@ impl Queue {
         events: Vec<IncomingEvent>,
         checkpoints: Vec<Checkpoint>,
     ) -> Result<(), QueueError> {
+        self.append_at(events, checkpoints, now_ms()).await
+    }
+
+    /// [`Queue::append`] with the reception time given rather than read from the clock: for
+    /// benchmarks and tools that rebuild the queue an outage leaves (events received over
+    /// hours, `benches/end_to_end/event_time.rs`). The forwarder itself never calls it.
+    #[doc(hidden)]
+    pub async fn append_received_at(
+        &self,
+        events: Vec<IncomingEvent>,
+        received_at_ms: u64,
+    ) -> Result<(), QueueError> {
+        self.append_at(events, Vec::new(), received_at_ms).await
+    }
+
+    /// Appends `events` received at `received_at_ms` (wall clock, ms since the Unix epoch):
+    /// the reception time stored with their chunks, which delivery sends as their event date
+    /// when they have none of their own (`event_time = "reception"`).
+    async fn append_at(
+        &self,
+        events: Vec<IncomingEvent>,
+        checkpoints: Vec<Checkpoint>,
+        received_at_ms: u64,
+    ) -> Result<(), QueueError> {
         self.shared.failed()?;
         if self.is_full() {
             return Err(QueueError::Full);
         }
         self.admit_keys(&events)?;
-        let groups = chunk_events(events, self.chunk_bytes, now_ms(), &self.shared);
+        let groups = chunk_events(events, self.chunk_bytes, received_at_ms, &self.shared);
         let (done, wait) = oneshot::channel();
         self.ops
             .send(writer::Op::Append {

@@ -41,6 +41,46 @@ pub struct ReadSpan {
     /// Read from a sealed generation: nothing more will be appended after these chunks in it,
     /// so waiting for a fuller batch (linger) would wait for nothing.
     pub sealed: bool,
+    /// The read stopped at a chunk that cannot join the batch (another event date, or
+    /// received too long after the batch's first chunk: [`BatchDate::admits`]). Every later
+    /// chunk of the lane comes after that one, so the batch is complete: waiting for more
+    /// (linger) would wait for nothing. (A backlog of events received over hours would
+    /// otherwise linger at every batch.)
+    pub cut: bool,
+}
+
+/// The date every chunk of one batch shares, since one request carries one
+/// `X-SEKOIAIO-EVENT-TIMESTAMP`: the sender's event date, or, for events without one, the
+/// reception time of the batch's first chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchDate<'a> {
+    /// The sender's event date of the batch's chunks.
+    pub timestamp: Option<&'a str>,
+    /// When the batch's first chunk was received (ms since the Unix epoch; 0: unknown).
+    pub received_at_ms: u64,
+}
+
+impl BatchDate<'_> {
+    /// Whether a chunk of event date `timestamp` received at `received_at_ms` may join the
+    /// batch: the same sender's date and, for undated events when reception times are sent
+    /// (`tolerance`: `event_time_tolerance_ms`, `None` with `event_time = "intake"`), received
+    /// within `tolerance` ms of the batch's first chunk, either side of it (a wall clock
+    /// stepped back must cut a batch too, or its events would be dated by a time far from
+    /// theirs). Chunks with a date of their own keep it: their reception time does not matter.
+    pub fn admits(
+        &self,
+        timestamp: Option<&str>,
+        received_at_ms: u64,
+        tolerance: Option<u64>,
+    ) -> bool {
+        if self.timestamp != timestamp {
+            return false;
+        }
+        match (timestamp, tolerance) {
+            (None, Some(tolerance)) => self.received_at_ms.abs_diff(received_at_ms) <= tolerance,
+            _ => true,
+        }
+    }
 }
 
 /// What [`Queue::read`] found: the chunks, owned.
@@ -59,7 +99,8 @@ impl ReadBatch {
 impl Queue {
     /// Reads chunks of `lane` from `from` on, in order and from one generation: at least one
     /// chunk if there is any, then more while they fit in `max_events` and `max_bytes`
-    /// (payload) and share the first chunk's event date (one request carries one date). Each
+    /// (payload) and share the first chunk's event date (one request carries one date:
+    /// [`BatchDate::admits`], with `limits.reception_tolerance_ms`). Each
     /// chunk is handed to `reader` as a [`ChunkView`] that borrows the stored bytes: nothing is
     /// copied that the reader does not copy.
     ///
@@ -132,8 +173,8 @@ impl Queue {
     }
 
     /// Reads on for a batch already begun with [`Queue::read_with`]: from `from`, in its
-    /// generation only, chunks of event date `date` only, within `limits` (what the batch has
-    /// left) from the first chunk on. So a batch that waits for more events (linger) reads
+    /// generation only, chunks that `date` (the batch's) admits only, within `limits` (what
+    /// the batch has left) from the first chunk on. So a batch that waits for more events (linger) reads
     /// each chunk once instead of reading them all again; an empty span if the generation is
     /// gone or damaged (the batch then goes as it is: `sealed`).
     pub fn read_on(
@@ -141,7 +182,7 @@ impl Queue {
         lane: u32,
         from: Position,
         limits: ReadLimits,
-        date: Option<&str>,
+        date: BatchDate<'_>,
         reader: &mut dyn FnMut(u64, &ChunkView<'_>),
     ) -> Result<ReadSpan, QueueError> {
         let (gens, active) = self.shared.gens_snapshot();
@@ -196,6 +237,7 @@ impl Queue {
         let limits = ReadLimits {
             max_events,
             max_bytes,
+            reception_tolerance_ms: None,
         };
         let span = self.read_with(lane, from, limits, &mut |seq, view| {
             chunks.push(StoredChunk {
@@ -218,11 +260,15 @@ impl Queue {
     }
 }
 
-/// How much one read may cover (payload bytes).
+/// How much one read may cover (payload bytes), and how far apart the reception times of
+/// its undated events may be.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadLimits {
     pub max_events: usize,
     pub max_bytes: usize,
+    /// `event_time_tolerance_ms` when undated events are sent with their reception time;
+    /// `None` (`event_time = "intake"`): reception times do not cut a read.
+    pub reception_tolerance_ms: Option<u64>,
 }
 
 /// Where one generation's read starts.
@@ -233,15 +279,15 @@ struct Start {
 }
 
 /// Reads the undelivered chunks of a lane from `from` on in one generation's database;
-/// chunks whose bodies `fresh` still keeps are not decompressed. `date`: the event date of
-/// the batch this read continues (`None`: a new batch, whose first chunk sets it). Returns
+/// chunks whose bodies `fresh` still keeps are not decompressed. `date`: the date of the
+/// batch this read continues (`None`: a new batch, whose first chunk sets it). Returns
 /// the span and the sequence numbers of the undecodable chunks skipped.
 fn read_generation(
     db: &sled::Db,
     fresh: &FreshBodies,
     from: Start,
     limits: ReadLimits,
-    date: Option<Option<&str>>,
+    date: Option<BatchDate<'_>>,
     reader: &mut dyn FnMut(u64, &ChunkView<'_>),
 ) -> Result<(ReadSpan, Vec<u64>), QueueError> {
     let Start {
@@ -259,10 +305,13 @@ fn read_generation(
         next: Position { gen, seq: start },
         ..Default::default()
     };
-    // The event date of the batch's first chunk: one request carries one date.
-    let mut date: Option<Option<String>> = date.map(|d| d.map(str::to_owned));
+    // The date of the batch's first chunk: one request carries one date.
+    let mut date: Option<(Option<String>, u64)> =
+        date.map(|d| (d.timestamp.map(str::to_owned), d.received_at_ms));
     let mut scratch = Vec::new();
     let mut undecodable = Vec::new();
+    // A chunk whose kept body was taken, then not read (it cannot join the batch).
+    let mut given_back = None;
     for item in db.range(range) {
         let (key, value) = item?;
         let (_, seq) =
@@ -292,6 +341,7 @@ fn read_generation(
         if compressed {
             fresh.count_read(kept.is_some());
         }
+        let from_fresh = kept.is_some();
         let view = match kept {
             Some(view) => Ok(view),
             None => header.and_then(|_| ChunkView::decode(&value, &mut scratch)),
@@ -306,9 +356,26 @@ fn read_generation(
             }
         };
         match &date {
-            Some(d) if d.as_deref() != view.timestamp => break,
-            Some(_) => {}
-            None => date = Some(view.timestamp.map(str::to_owned)),
+            Some((timestamp, received_at_ms)) => {
+                let first = BatchDate {
+                    timestamp: timestamp.as_deref(),
+                    received_at_ms: *received_at_ms,
+                };
+                if !first.admits(
+                    view.timestamp,
+                    view.received_at_ms,
+                    limits.reception_tolerance_ms,
+                ) {
+                    span.cut = true;
+                    // The chunk begins the next batch: a body taken from the kept ones goes
+                    // back for that read, which would otherwise decompress it from the store.
+                    if from_fresh {
+                        given_back = Some(seq);
+                    }
+                    break;
+                }
+            }
+            None => date = Some((view.timestamp.map(str::to_owned), view.received_at_ms)),
         }
         span.chunks += 1;
         span.events += view.events.len();
@@ -318,6 +385,9 @@ fn read_generation(
         if span.events >= limits.max_events || span.bytes >= limits.max_bytes {
             break;
         }
+    }
+    if let Some(seq) = given_back {
+        fresh.insert([((gen, lane, seq), std::mem::take(&mut scratch))]);
     }
     Ok((span, undecodable))
 }

@@ -84,9 +84,14 @@ async fn read_on_continues_a_batch_within_its_generation_date_and_limits() {
     let all = ReadLimits {
         max_events: usize::MAX,
         max_bytes: usize::MAX,
+        reception_tolerance_ms: None,
     };
-    let read_on = |from: Position, limits: ReadLimits, date: Option<&str>| {
+    let read_on = |from: Position, limits: ReadLimits, timestamp: Option<&str>| {
         let mut got = Vec::new();
+        let date = BatchDate {
+            timestamp,
+            received_at_ms: 0,
+        };
         let span = q
             .read_on(0, from, limits, date, &mut |_, c| {
                 got.extend(c.events.iter().map(|e| e.to_string()))
@@ -107,7 +112,7 @@ async fn read_on_continues_a_batch_within_its_generation_date_and_limits() {
     q.append(more.clone()).await.unwrap();
     let one_event = ReadLimits {
         max_events: 1,
-        max_bytes: usize::MAX,
+        ..all
     };
     let (_, got) = read_on(first.span.next, one_event, None);
     assert!(got.is_empty(), "the first chunk must fit too: {got:?}");
@@ -136,4 +141,147 @@ async fn read_on_continues_a_batch_within_its_generation_date_and_limits() {
         "read_on never crosses into the next generation"
     );
     assert!(span.sealed, "so the batch goes as it is");
+}
+
+/// One request carries one date: with reception times sent (a tolerance), a read of undated
+/// events stops at the first chunk received more than the tolerance after the batch's first,
+/// or before it (a clock stepped back), and says it was cut there (so that the batch does not
+/// linger for what can never join it). The tolerance is inclusive. Without one
+/// (`event_time = "intake"`), reception times do not cut; chunks with a date of their own keep
+/// theirs, whenever they were received.
+#[tokio::test]
+async fn reception_times_cut_a_read_beyond_the_tolerance() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(&config(dir.path())).unwrap();
+    let appends: [(u64, Option<&str>); 9] = [
+        (10_000, None),
+        (10_600, None),
+        (11_000, None), // exactly the tolerance after the first: admitted
+        (11_001, None), // cut: a new batch
+        (12_000, None),
+        (9_000, None), // the clock stepped back by 3 s: cut
+        (9_500, None),
+        (30_000, Some("2024-01-01T00:00:00Z")), // a date of its own: cut
+        (90_000, Some("2024-01-01T00:00:00Z")), // same date, a minute later: joins
+    ];
+    for (i, (at, timestamp)) in appends.iter().enumerate() {
+        let mut batch = events("K", 2, 50);
+        for e in &mut batch {
+            e.timestamp = timestamp.map(str::to_owned);
+            e.raw = format!("append {i} {}", e.raw);
+        }
+        q.append_received_at(batch, *at).await.unwrap();
+    }
+    let reads = |tolerance: Option<u64>| {
+        let limits = ReadLimits {
+            max_events: usize::MAX,
+            max_bytes: usize::MAX,
+            reception_tolerance_ms: tolerance,
+        };
+        let mut from = Position::default();
+        let mut batches: Vec<(Vec<u64>, bool)> = Vec::new();
+        loop {
+            let mut received = Vec::new();
+            let span = q
+                .read_with(0, from, limits, &mut |_, c| received.push(c.received_at_ms))
+                .unwrap();
+            if span.chunks == 0 {
+                return batches;
+            }
+            batches.push((received, span.cut));
+            from = span.next;
+        }
+    };
+    assert_eq!(
+        reads(Some(1000)),
+        [
+            (vec![10_000, 10_600, 11_000], true),
+            (vec![11_001, 12_000], true),
+            (vec![9_000, 9_500], true),
+            (vec![30_000, 90_000], false),
+        ]
+    );
+    assert_eq!(
+        reads(None),
+        [
+            (
+                vec![10_000, 10_600, 11_000, 11_001, 12_000, 9_000, 9_500],
+                true
+            ),
+            (vec![30_000, 90_000], false),
+        ],
+        "event_time = \"intake\": only the sender's dates cut"
+    );
+    // read_on continues a batch by the same rule, from its first chunk's reception time.
+    let first = q.read(0, Position::default(), 1, usize::MAX).unwrap();
+    assert_eq!(first.chunks.len(), 1);
+    let limits = ReadLimits {
+        max_events: usize::MAX,
+        max_bytes: usize::MAX,
+        reception_tolerance_ms: Some(1000),
+    };
+    let date = BatchDate {
+        timestamp: None,
+        received_at_ms: 10_000,
+    };
+    let mut received = Vec::new();
+    let span = q
+        .read_on(0, first.span.next, limits, date, &mut |_, c| {
+            received.push(c.received_at_ms)
+        })
+        .unwrap();
+    assert_eq!(received, [10_600, 11_000]);
+    assert!(span.cut);
+}
+
+/// The rule itself, chunk by chunk.
+#[test]
+fn a_batch_date_admits_what_one_request_can_carry() {
+    let undated = BatchDate {
+        timestamp: None,
+        received_at_ms: 5_000,
+    };
+    assert!(undated.admits(None, 5_000, Some(0)));
+    assert!(!undated.admits(None, 5_001, Some(0)));
+    assert!(undated.admits(None, 6_000, Some(1000)));
+    assert!(undated.admits(None, 4_000, Some(1000)));
+    assert!(!undated.admits(None, 3_999, Some(1000)));
+    assert!(!undated.admits(None, 6_001, Some(1000)));
+    assert!(undated.admits(None, u64::MAX, None));
+    assert!(!undated.admits(Some("2024-01-01T00:00:00Z"), 5_000, None));
+    let dated = BatchDate {
+        timestamp: Some("2024-01-01T00:00:00Z"),
+        received_at_ms: 5_000,
+    };
+    assert!(dated.admits(Some("2024-01-01T00:00:00Z"), 999_999, Some(1000)));
+    assert!(!dated.admits(None, 5_000, Some(1000)));
+    assert!(!dated.admits(Some("2024-01-01T00:00:01Z"), 5_000, Some(1000)));
+}
+
+/// A chunk that a read stops at (it cannot join the batch) begins the next one: if its body
+/// was kept in memory (`fresh.rs`), the read that stopped at it gives it back, so that the next
+/// read takes it from memory too instead of decompressing it.
+#[tokio::test]
+async fn a_chunk_a_read_stops_at_keeps_its_body_for_the_next_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(&with_delivery_cache(dir.path(), 8 << 20)).unwrap();
+    for at in [10_000, 20_000] {
+        q.append_received_at(events("K", 5, 100), at).await.unwrap();
+    }
+    let limits = ReadLimits {
+        max_events: usize::MAX,
+        max_bytes: usize::MAX,
+        reception_tolerance_ms: Some(1000),
+    };
+    let mut from = Position::default();
+    for want in [10_000, 20_000] {
+        let mut received = Vec::new();
+        let span = q
+            .read_with(0, from, limits, &mut |_, c| received.push(c.received_at_ms))
+            .unwrap();
+        assert_eq!(received, [want]);
+        from = span.next;
+    }
+    let (from_memory, decompressed) = q.fresh_reads();
+    assert_eq!(decompressed, 0, "{from_memory} from memory");
 }
