@@ -589,3 +589,59 @@ async fn send_takes_the_intake_from_the_config_but_not_its_queue() {
         "send used the configuration's queue"
     );
 }
+
+/// kill -9 of a forwarder reading its standard input, with the intake refusing everything (so
+/// nothing was delivered, and no delivery retry can explain a duplicate): a restart without
+/// the stdin source delivers every line the source had counted durable before the kill, as
+/// a prefix of the input (the source stores lines in order), each once.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_while_reading_stdin_loses_nothing_it_made_durable() {
+    let mock = refusing_intake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let stdin_source = "\n[[source]]\ntype = \"stdin\"\nintake_key_env = \"STDIN_TEST_KEY\"\n";
+    let cfg = write_config(dir.path(), &mock.url(), "", stdin_source);
+    let mut fwd = Forwarder::start_with_stdin(&cfg, &[("STDIN_TEST_KEY", KEY)], Stdio::piped());
+    let mut stdin = fwd.take_stdin().expect("stdin pipe");
+    const LINES: usize = 200_000;
+    let writer = std::thread::spawn(move || {
+        let mut out = std::io::BufWriter::new(&mut stdin);
+        for i in 0..LINES {
+            // The pipe breaks at the kill: the writer stops there.
+            if writeln!(out, "crash line {i:07} {}", "c".repeat(60)).is_err() {
+                return;
+            }
+        }
+        let _ = out.flush();
+    });
+    let some = wait_until_async(DEADLINE, || async {
+        fwd.status().await["stdin_sources"][0]["accepted_events"].as_u64() >= Some(20_000)
+    })
+    .await;
+    assert!(some, "the stdin source stored too little:\n{}", fwd.log());
+    let durable = fwd.status().await["stdin_sources"][0]["accepted_events"]
+        .as_u64()
+        .unwrap() as usize;
+    fwd.kill9();
+    writer.join().unwrap();
+    // The same queue, no stdin source, the intake back.
+    let cfg = write_config(dir.path(), &mock.url(), "", "");
+    mock.set_faults(FaultConfig::default());
+    let fwd = Forwarder::start(&cfg);
+    fwd.wait_drained().await;
+    let mut seen = vec![0u32; LINES];
+    for e in mock.events() {
+        let n: usize = e.raw["crash line ".len().."crash line ".len() + 7]
+            .parse()
+            .unwrap();
+        seen[n] += 1;
+    }
+    let delivered = seen.iter().filter(|&&c| c > 0).count();
+    assert!(
+        delivered >= durable,
+        "{delivered} lines delivered, {durable} were durable before the kill"
+    );
+    assert!(
+        seen[..delivered].iter().all(|&c| c == 1) && seen[delivered..].iter().all(|&c| c == 0),
+        "not a prefix of the input, each once"
+    );
+}
