@@ -354,7 +354,7 @@ pub fn print_status(config: &Config, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_text(&report);
+        print!("{}", status_text(&report));
     }
     Ok(())
 }
@@ -403,31 +403,38 @@ fn fetch<T: serde::de::DeserializeOwned>(config: &Config, what: &str) -> anyhow:
     })
 }
 
-fn print_text(r: &StatusReport) {
+/// What `status` prints (without `--json`).
+pub fn status_text(r: &StatusReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let q = &r.queue;
-    println!("queue        {}", q.path.display());
-    println!(
+    let _ = writeln!(out, "queue        {}", q.path.display());
+    let _ = writeln!(
+        out,
         "backlog      {} events, {} bytes of payload",
         q.events, q.bytes
     );
-    println!(
+    let _ = writeln!(
+        out,
         "disk         {} bytes (limit {}){}",
         q.disk_bytes,
         q.max_bytes,
         if q.full { ", FULL" } else { "" }
     );
-    println!(
+    let _ = writeln!(
+        out,
         "generations  {} sled databases, {} open",
         q.generations, q.open_generations
     );
-    println!("dead letters {}", q.dead_letters);
+    let _ = writeln!(out, "dead letters {}", q.dead_letters);
     for n in &q.corrupt_generations {
         let events = n.events.map_or("unknown".to_owned(), |e| e.to_string());
         let what = match n.generation {
             Some(_) => format!("{events} events; see `sekoia-forwarder salvage`"),
             None => "the meta database (lane map rebuilt; its dead letters stay there)".into(),
         };
-        println!(
+        let _ = writeln!(
+            out,
             "DAMAGED      {} moved aside: {what}; {} bytes on disk ({})",
             n.dir.display(),
             n.disk_bytes,
@@ -435,16 +442,77 @@ fn print_text(r: &StatusReport) {
         );
     }
     for l in &q.lanes {
-        println!(
+        let _ = writeln!(
+            out,
             "  lane {:>3}  key {:<8} {:>10} events {:>14} bytes",
             l.lane, l.intake_key, l.events, l.bytes
         );
     }
     let d = &r.delivery;
     if d.requests > 0 {
-        println!(
+        let _ = writeln!(
+            out,
             "delivery     {} requests, {} events acknowledged, {} retries, {} in flight",
             d.requests, d.acked_events, d.retries, d.in_flight
+        );
+    }
+    sources_text(r, &mut out);
+    out
+}
+
+/// One line per source of a running forwarder (a stopped queue has none): what it made
+/// durable, and what an operator looks for first when events do not arrive.
+fn sources_text(r: &StatusReport, out: &mut String) {
+    use std::fmt::Write;
+    for s in &r.http_sources {
+        let _ = writeln!(
+            out,
+            "source       http {}: {} events accepted",
+            s.listen, s.stats.accepted_events
+        );
+    }
+    for s in &r.syslog_sources {
+        let t = &s.stats;
+        let _ = writeln!(
+            out,
+            "source       syslog {}: {} events, {} truncated, {} split pieces, {} dead-lettered, \
+             {} invalid UTF-8, {} open connections, {} datagrams dropped by the kernel",
+            s.listen,
+            t.accepted_events,
+            t.truncated_events,
+            t.split_pieces,
+            t.dead_lettered_events,
+            t.invalid_utf8_events,
+            t.open_connections,
+            t.kernel_dropped_datagrams
+        );
+    }
+    for s in &r.file_sources {
+        let t = &s.stats;
+        let _ = writeln!(
+            out,
+            "source       file {}: {} events, {} files read, {} waiting, {} truncated, \
+             {} dead-lettered, {} invalid UTF-8, {} read errors",
+            s.listen,
+            t.accepted_events,
+            t.open_files,
+            t.files_waiting,
+            t.truncated_events,
+            t.dead_lettered_events,
+            t.invalid_utf8_events,
+            t.read_errors
+        );
+    }
+    for s in &r.stdin_sources {
+        let t = &s.stats;
+        let _ = writeln!(
+            out,
+            "source       stdin: {} events, {} truncated, {} dead-lettered, {} invalid UTF-8{}",
+            t.accepted_events,
+            t.truncated_events,
+            t.dead_lettered_events,
+            t.invalid_utf8_events,
+            if t.ended > 0 { ", input ended" } else { "" }
         );
     }
 }

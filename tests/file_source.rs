@@ -103,6 +103,17 @@ async fn lines_of_existing_and_new_files_arrive_once_in_order() {
     assert_eq!(stats["accepted_events"], 250, "{stats}");
     assert_eq!(stats["files_opened"], 2, "{stats}");
     assert!(!fwd.log().contains(KEY), "the intake key was logged");
+    // `status` (text) has a line for the source, from what the running forwarder reports.
+    let report: sekoia_forwarder::admin::StatusReport =
+        serde_json::from_value(fwd.status().await).unwrap();
+    let text = sekoia_forwarder::admin::status_text(&report);
+    assert!(
+        text.lines().any(|l| l.starts_with("source       file ")
+            && l.contains(&pattern)
+            && l.contains(": 250 events, 2 files read")),
+        "{text}"
+    );
+    assert!(text.contains("source       http "), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
