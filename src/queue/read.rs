@@ -47,6 +47,10 @@ pub struct ReadSpan {
     /// (linger) would wait for nothing. (A backlog of events received over hours would
     /// otherwise linger at every batch.)
     pub cut: bool,
+    /// The read stopped at a chunk that would take the batch past its limits: the batch is
+    /// as full as chunks make it (a chunk of 81 events never fills a batch of 10,000 to the
+    /// event), and lingering would wait for room that never comes.
+    pub full: bool,
 }
 
 /// The date every chunk of one batch shares, since one request carries one
@@ -325,6 +329,7 @@ fn read_generation(
             if span.events + h.events as usize > limits.max_events
                 || span.bytes + h.payload_bytes as usize > limits.max_bytes
             {
+                span.full = true;
                 break;
             }
         }
