@@ -73,9 +73,15 @@ impl Appender {
             })
             .await?;
         }
+        // The first try takes the events as prepared; a retry (the queue was full) makes them
+        // again from the frames, so that the common case copies no event twice.
+        let mut events = Some(events);
         self.until_stored(full_waits, stop, || {
+            let events = events
+                .take()
+                .unwrap_or_else(|| prepare(frames, key, oversize).events);
             self.queue
-                .append_with_checkpoints(events.clone(), checkpoints.to_vec())
+                .append_with_checkpoints(events, checkpoints.to_vec())
         })
         .await?;
         Ok(tally)
