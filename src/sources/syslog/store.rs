@@ -1,8 +1,8 @@
 //! From messages to durable events: what every syslog transport shares.
 //!
 //! Syslog has no acknowledgement (UDP none at all, TCP and TLS only a byte stream), so the
-//! promise is about what reached the queue: a transport reads its next messages only once the
-//! last ones are durable. When the queue is full it stops reading and waits; the kernel's
+//! promise is about what reached the queue: a transport reads at most one batch ahead of what
+//! the queue has made durable. When the queue is full it stops reading and waits; the kernel's
 //! flow control then pushes back on a TCP sender, and a UDP sender's datagrams pile up in the
 //! socket buffer, then are dropped by the kernel and counted.
 

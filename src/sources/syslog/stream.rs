@@ -1,16 +1,19 @@
 //! Syslog over TCP and TLS: one task per connection, on the protected connection server.
 //!
 //! A connection is read as fast as the queue makes its messages durable and no faster: the
-//! messages already in the read buffer (up to a batch) are appended together, and the socket
-//! is not read again until they are durable. So a full queue stops the reading, the kernel's
-//! receive window closes, and the sender is pushed back instead of its messages being dropped.
+//! messages already in the read buffer (up to a batch) are appended together, and while they
+//! are made durable at most one more batch is read, which waits for them. So a full queue
+//! stops the reading, the kernel's receive window closes, and the sender is pushed back
+//! instead of its messages being dropped.
 //!
 //! Limits (`super::super::server`): at most `max_connections` at once (the next wait in the
 //! kernel's backlog), a connection silent for `idle_timeout_secs` is closed, and so is one
 //! whose message (or TLS handshake) takes longer than `message_timeout_secs` from its first
-//! byte. Memory per connection is bounded: a read buffer, at most one batch, and at most
+//! byte. Memory per connection is bounded: a read buffer, at most two batches, and at most
 //! `max_event_bytes` of a message that is being cut.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -21,7 +24,7 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::framing::{Frame, FrameDecoder, Oversize};
-use super::store::Store;
+use super::store::{Stopped, Store};
 use crate::sources::server::{ConnectionTimeouts, Limit, Slot, Watchdog};
 
 /// Most messages appended at once from one connection.
@@ -115,7 +118,16 @@ fn limit_reason(limit: Limit) -> &'static str {
     }
 }
 
+/// A batch being made durable, with its frames handed back for reuse once it is; it holds
+/// the connection's [`Handling`] meanwhile (no time limit while the queue makes them durable).
+type Storing<'a> = Pin<Box<dyn Future<Output = (Result<(), Stopped>, Vec<Frame>)> + Send + 'a>>;
+
 /// Reads and stores messages until the stream ends; says why it ended.
+///
+/// One batch is made durable while the next is read (a single connection's rate would
+/// otherwise be bounded by the commit latency), and no more: a batch is started only once the
+/// one before it is durable, so order is kept, and the reading stops at a full batch until
+/// then, so that a full queue still stops the reading.
 async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     store: &Store,
@@ -126,21 +138,44 @@ async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
     let decoder = FrameDecoder::new(reading.max_event_bytes, reading.oversize);
     let mut frames = FramedRead::with_capacity(stream, decoder, READ_BUFFER);
     let mut batch = Vec::new();
+    let mut spare = Vec::new();
+    let mut storing: Option<Storing<'_>> = None;
+    let mut ended: Option<&'static str> = None;
     let mut framing_errors = 0;
     loop {
-        let next = tokio::select! {
-            biased;
-            () = stop.cancelled() => return "the source stopped",
-            next = frames.next() => next,
-        };
-        let ended = match next {
-            None => Some("the sender closed it"),
-            Some(Err(_)) => Some("a read failed"),
-            Some(Ok(frame)) => {
-                batch.push(frame);
-                more_ready(&mut frames, &mut batch)
+        if storing.is_none() && !batch.is_empty() {
+            let next = std::mem::replace(&mut batch, std::mem::take(&mut spare));
+            storing = Some(start_storing(store, stop, activity, next));
+        }
+        if ended.is_some() || batch_full(&batch) {
+            match storing.take() {
+                Some(s) => match s.await {
+                    (Ok(()), done) => spare = reuse(done),
+                    (Err(Stopped), _) => return NOT_STORED,
+                },
+                None => break,
             }
-        };
+            continue;
+        }
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => ended = Some("the source stopped"),
+            (stored, done) = finish(&mut storing) => {
+                storing = None;
+                if stored.is_err() {
+                    return NOT_STORED;
+                }
+                spare = reuse(done);
+            }
+            next = frames.next() => match next {
+                None => ended = Some("the sender closed it"),
+                Some(Err(_)) => ended = Some("a read failed"),
+                Some(Ok(frame)) => {
+                    batch.push(frame);
+                    ended = more_ready(&mut frames, &mut batch);
+                }
+            },
+        }
         let errors = frames.decoder().framing_errors();
         if errors > framing_errors {
             store
@@ -149,21 +184,53 @@ async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
                 .fetch_add(errors - framing_errors, Ordering::Relaxed);
             framing_errors = errors;
         }
-        {
-            // No time limit while the queue makes them durable.
-            let _handling = activity.handling();
-            if store.store(&batch, stop).await.is_err() {
-                return "the source stopped before the messages were stored";
-            }
-        }
-        batch.clear();
-        if let Some(ended) = ended {
-            // Our side of the close: a TLS sender gets the close_notify it must get back
-            // (RFC 5425, 4.4), a TCP sender a FIN.
-            let _ = frames.get_mut().shutdown().await;
-            return ended;
-        }
     }
+    let ended = ended.unwrap_or("the sender closed it");
+    if !stop.is_cancelled() {
+        // Our side of the close: a TLS sender gets the close_notify it must get back
+        // (RFC 5425, 4.4), a TCP sender a FIN.
+        let _ = frames.get_mut().shutdown().await;
+    }
+    ended
+}
+
+/// Why a connection ends whose messages could not be stored (the source stopped while the
+/// queue was full; `Store::store` has said so).
+const NOT_STORED: &str = "the source stopped before the messages were stored";
+
+fn start_storing<'a>(
+    store: &'a Store,
+    stop: &'a CancellationToken,
+    activity: &crate::sources::server::Activity,
+    frames: Vec<Frame>,
+) -> Storing<'a> {
+    let handling = activity.handling();
+    Box::pin(async move {
+        let _handling = handling;
+        let stored = store.store(&frames, stop).await;
+        (stored, frames)
+    })
+}
+
+/// The batch in flight, once durable; never, if there is none.
+async fn finish(storing: &mut Option<Storing<'_>>) -> (Result<(), Stopped>, Vec<Frame>) {
+    match storing {
+        Some(s) => s.await,
+        None => std::future::pending().await,
+    }
+}
+
+fn reuse(mut frames: Vec<Frame>) -> Vec<Frame> {
+    frames.clear();
+    frames
+}
+
+fn batch_full(batch: &[Frame]) -> bool {
+    batch.len() >= BATCH_EVENTS || batch_bytes(batch) >= BATCH_BYTES
+}
+
+fn batch_bytes(batch: &[Frame]) -> usize {
+    batch.iter().map(|f| f.message.len()).sum()
 }
 
 /// Takes the messages that are ready without waiting, up to a batch; `Some` if the stream
@@ -172,7 +239,7 @@ fn more_ready<S: AsyncRead + Unpin>(
     frames: &mut FramedRead<S, FrameDecoder>,
     batch: &mut Vec<Frame>,
 ) -> Option<&'static str> {
-    let mut bytes: usize = batch.iter().map(|f| f.message.len()).sum();
+    let mut bytes = batch_bytes(batch);
     while batch.len() < BATCH_EVENTS && bytes < BATCH_BYTES {
         match frames.next().now_or_never() {
             Some(Some(Ok(frame))) => {
