@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::syslog::{resolve_intake_key, IntakeKey, KEY_CHOICE};
-use crate::intake_api;
+use super::reading::{self, check, IntakeKey, ReadingSource};
 use crate::sources::syslog::framing::Oversize;
 
 /// `[[source]] type = "file"`.
@@ -33,7 +32,7 @@ pub struct FileSourceConfig {
     #[serde(default)]
     pub intake_key_file: Option<PathBuf>,
     /// Largest event; a longer line (or multi-line event) is cut as `oversize` says.
-    #[serde(default = "default_max_event_bytes")]
+    #[serde(default = "reading::default_max_event_bytes")]
     pub max_event_bytes: usize,
     #[serde(default)]
     pub oversize: Oversize,
@@ -68,9 +67,6 @@ pub enum ReadFrom {
     Beginning,
 }
 
-fn default_max_event_bytes() -> usize {
-    intake_api::MAX_EVENT_BYTES
-}
 fn default_multiline_timeout_ms() -> u64 {
     1000
 }
@@ -87,15 +83,9 @@ fn default_max_open_files() -> usize {
     1024
 }
 
-impl FileSourceConfig {
-    pub fn resolve_intake_key(&self) -> Result<IntakeKey, String> {
-        resolve_intake_key(
-            self.intake_key.as_ref(),
-            self.intake_key_env.as_deref(),
-            self.intake_key_file.as_deref(),
-        )
-    }
+super::reading::reading_source!(FileSourceConfig);
 
+impl FileSourceConfig {
     pub fn scan_interval(&self) -> Duration {
         Duration::from_millis(self.scan_interval_ms)
     }
@@ -120,23 +110,7 @@ impl FileSourceConfig {
 
     /// Checks what types alone cannot; the error is `(key, what is expected)`.
     pub(super) fn validate(&self) -> Result<(), (String, String)> {
-        let check = |ok: bool, key: &str, msg: &str| {
-            if ok {
-                Ok(())
-            } else {
-                Err((format!("source.{key}"), msg.to_owned()))
-            }
-        };
-        let keys = [
-            self.intake_key.is_some(),
-            self.intake_key_env.is_some(),
-            self.intake_key_file.is_some(),
-        ];
-        check(
-            keys.iter().filter(|&&k| k).count() == 1,
-            "intake_key",
-            KEY_CHOICE,
-        )?;
+        self.check_key_and_size()?;
         check(
             !self.paths.is_empty(),
             "paths",
@@ -154,11 +128,6 @@ impl FileSourceConfig {
             self.paths.iter().all(|p| p.starts_with('/')),
             "paths",
             "expected absolute paths (the forwarder's working directory is not yours)",
-        )?;
-        check(
-            (256..=intake_api::MAX_EVENT_BYTES).contains(&self.max_event_bytes),
-            "max_event_bytes",
-            "expected 256 to 250000 (the intake refuses larger events)",
         )?;
         if let Err(e) = self.multiline_regex() {
             return Err((

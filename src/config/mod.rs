@@ -13,11 +13,13 @@ use serde::Deserialize;
 use crate::intake_api;
 
 mod file;
+mod reading;
 mod stdin;
 mod syslog;
 pub use file::{FileSourceConfig, ReadFrom};
-pub use stdin::{check_max_event_bytes, StdinSourceConfig};
-pub use syslog::{resolve_intake_key, IntakeKey, Listen, SyslogSourceConfig};
+pub use reading::{check_max_event_bytes, resolve_intake_key, IntakeKey, KeyFields, ReadingSource};
+pub use stdin::StdinSourceConfig;
+pub use syslog::{Listen, SyslogSourceConfig};
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::intake_api;
+use super::reading::{self, check, IntakeKey, ReadingSource};
 use crate::sources::syslog::framing::Oversize;
 
 /// `[[source]] type = "syslog"`.
@@ -26,7 +26,7 @@ pub struct SyslogSourceConfig {
     #[serde(default)]
     pub intake_key_file: Option<PathBuf>,
     /// Largest event; a longer message is cut as `oversize` says.
-    #[serde(default = "default_max_event_bytes")]
+    #[serde(default = "reading::default_max_event_bytes")]
     pub max_event_bytes: usize,
     #[serde(default)]
     pub oversize: Oversize,
@@ -53,9 +53,6 @@ pub struct SyslogSourceConfig {
     pub tls_client_ca: Option<PathBuf>,
 }
 
-fn default_max_event_bytes() -> usize {
-    intake_api::MAX_EVENT_BYTES
-}
 fn default_max_connections() -> usize {
     1024
 }
@@ -69,6 +66,8 @@ fn default_receive_buffer_bytes() -> usize {
     4 << 20
 }
 
+super::reading::reading_source!(SyslogSourceConfig);
+
 impl SyslogSourceConfig {
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
@@ -77,40 +76,9 @@ impl SyslogSourceConfig {
         Duration::from_secs(self.message_timeout_secs)
     }
 
-    /// The key, read from where the configuration says. The error names the place, never
-    /// the key.
-    pub fn resolve_intake_key(&self) -> Result<IntakeKey, String> {
-        resolve_intake_key(
-            self.intake_key.as_ref(),
-            self.intake_key_env.as_deref(),
-            self.intake_key_file.as_deref(),
-        )
-    }
-
     /// Checks what types alone cannot; the error is `(key, what is expected)`.
     pub(super) fn validate(&self) -> Result<(), (String, String)> {
-        let given = [
-            self.intake_key.is_some(),
-            self.intake_key_env.is_some(),
-            self.intake_key_file.is_some(),
-        ];
-        let check = |ok: bool, key: &str, msg: &str| {
-            if ok {
-                Ok(())
-            } else {
-                Err((format!("source.{key}"), msg.to_owned()))
-            }
-        };
-        check(
-            given.iter().filter(|&&g| g).count() == 1,
-            "intake_key",
-            KEY_CHOICE,
-        )?;
-        check(
-            (256..=intake_api::MAX_EVENT_BYTES).contains(&self.max_event_bytes),
-            "max_event_bytes",
-            "expected 256 to 250000 (the intake refuses larger events)",
-        )?;
+        self.check_key_and_size()?;
         check(
             self.max_connections >= 1,
             "max_connections",
@@ -141,39 +109,6 @@ impl SyslogSourceConfig {
         )?;
         Ok(())
     }
-}
-
-pub(super) const KEY_CHOICE: &str =
-    "expected exactly one of intake_key, intake_key_env, intake_key_file";
-
-/// A source's intake key, from `intake_key`, `intake_key_env` or `intake_key_file` (exactly
-/// one given). The error names the place, never the key.
-pub fn resolve_intake_key(
-    key: Option<&IntakeKey>,
-    env: Option<&str>,
-    file: Option<&std::path::Path>,
-) -> Result<IntakeKey, String> {
-    let key = match (key, env, file) {
-        (Some(key), None, None) => key.0.clone(),
-        (None, Some(var), None) => std::env::var(var)
-            .map_err(|_| format!("the environment variable {var} (intake_key_env) is not set"))?,
-        (None, None, Some(file)) => std::fs::read_to_string(file)
-            .map_err(|e| format!("cannot read intake_key_file {}: {e}", file.display()))?,
-        _ => return Err(KEY_CHOICE.to_owned()),
-    };
-    let key = key.trim();
-    if key.is_empty() {
-        return Err("the intake key is empty".to_owned());
-    }
-    // It travels in an HTTP header: a key that could never be sent is refused at start, not
-    // found out by every batch.
-    if key.len() > intake_api::MAX_KEY_BYTES || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!(
-            "the intake key is not an intake key (expected visible ASCII, at most {} bytes)",
-            intake_api::MAX_KEY_BYTES
-        ));
-    }
-    Ok(IntakeKey(key.to_owned()))
 }
 
 /// Where a syslog source listens, and over what.
@@ -222,16 +157,5 @@ impl TryFrom<String> for Listen {
             "tls" => Ok(Listen::Tls(addr)),
             _ => Err(expected()),
         }
-    }
-}
-
-/// An intake key: shown redacted in `Debug`, so that a logged configuration never holds it.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct IntakeKey(pub String);
-
-impl std::fmt::Debug for IntakeKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "IntakeKey({})", crate::intake_api::redact_key(&self.0))
     }
 }

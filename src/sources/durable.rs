@@ -7,6 +7,7 @@
 //! that fills, a file that simply waits). Nothing is dropped; a stop is the only way out.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -25,12 +26,53 @@ const ERROR_PAUSE: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct Stopped;
 
+/// The counters a line-reading source keeps of what it made durable: implemented for each
+/// source's stats by [`line_counters!`], so that the three sources count alike.
+pub trait LineCounters: std::fmt::Debug + Send + Sync {
+    fn counted(&self, tally: &Tally);
+    /// Times the source stopped reading because the queue was full.
+    fn queue_full_waits(&self) -> &AtomicU64;
+}
+
+/// Implements [`LineCounters`] for a source's stats table whose counters have the usual names
+/// (`accepted_events`, `truncated_events`, `split_pieces`, `dead_lettered_events`,
+/// `invalid_utf8_events`, `queue_full_waits`), `$bytes` naming its byte counter.
+macro_rules! line_counters {
+    ($stats:ty, $bytes:ident) => {
+        impl $crate::sources::durable::LineCounters for $stats {
+            fn counted(&self, t: &$crate::sources::durable::Tally) {
+                use std::sync::atomic::Ordering::Relaxed;
+                self.accepted_events.fetch_add(t.events, Relaxed);
+                self.$bytes.fetch_add(t.bytes, Relaxed);
+                self.truncated_events.fetch_add(t.truncated, Relaxed);
+                self.split_pieces.fetch_add(t.pieces, Relaxed);
+                self.dead_lettered_events
+                    .fetch_add(t.dead_lettered, Relaxed);
+                self.invalid_utf8_events.fetch_add(t.invalid_utf8, Relaxed);
+            }
+            fn queue_full_waits(&self) -> &std::sync::atomic::AtomicU64 {
+                &self.queue_full_waits
+            }
+        }
+    };
+}
+pub(crate) use line_counters;
+
+/// Whose events a source's lines are, and what becomes of one over the limit.
+#[derive(Debug, Clone)]
+pub struct Lines {
+    pub key: IntakeKey,
+    pub oversize: Oversize,
+    pub counters: Arc<dyn LineCounters>,
+}
+
 /// Appends one source's events, waiting out a full queue.
 #[derive(Debug)]
 pub struct Appender {
     pub queue: Queue,
     /// The source's name in logs: `syslog source tcp://127.0.0.1:10514`, `stdin source`.
     pub name: String,
+    lines: Lines,
     /// What a full queue means for this source's writers, said when reading stops.
     full_hint: &'static str,
     /// Whether the last append found the queue full or failing (logged when this changes).
@@ -38,13 +80,41 @@ pub struct Appender {
 }
 
 impl Appender {
-    pub fn new(queue: Queue, name: String, full_hint: &'static str) -> Appender {
+    pub fn new(queue: Queue, name: String, lines: Lines, full_hint: &'static str) -> Appender {
         Appender {
             queue,
             name,
+            lines,
             full_hint,
             waiting: AtomicBool::new(false),
         }
+    }
+
+    /// Stores `frames` as the source's events with `checkpoints` (one atomic commit), counts
+    /// them, and returns once they are durable; `Err` only if `stop` comes first (nothing of
+    /// them was stored, the checkpoints did not move).
+    pub async fn store(
+        &self,
+        frames: &[Frame],
+        checkpoints: &[Checkpoint],
+        stop: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        if frames.is_empty() && checkpoints.is_empty() {
+            return Ok(());
+        }
+        let l = &self.lines;
+        let tally = self
+            .append_frames(
+                frames,
+                &l.key,
+                l.oversize,
+                checkpoints,
+                l.counters.queue_full_waits(),
+                stop,
+            )
+            .await?;
+        l.counters.counted(&tally);
+        Ok(())
     }
 
     /// Appends the events of `frames` for `key` with `checkpoints` (one atomic commit) and
@@ -53,7 +123,7 @@ impl Appender {
     /// being over the limit are stored as dead letters instead, first, in a commit of their
     /// own: a checkpoint moves only with the events, so a crash between the two makes their
     /// lines be read again and the dead letters kept twice, never lost.
-    pub async fn append_frames(
+    async fn append_frames(
         &self,
         frames: &[Frame],
         key: &IntakeKey,

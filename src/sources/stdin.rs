@@ -23,9 +23,9 @@ use tokio::sync::mpsc;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{IntakeKey, StdinSourceConfig};
+use crate::config::{IntakeKey, ReadingSource, StdinSourceConfig};
 use crate::queue::Queue;
-use crate::sources::durable::{Appender, Stopped};
+use crate::sources::durable::{Appender, Lines, Stopped};
 use crate::sources::syslog::framing::{Frame, FrameDecoder, Oversize};
 
 /// The most bytes of one read of the input.
@@ -51,6 +51,8 @@ crate::stats::stats_table! {
     }
 }
 
+crate::sources::durable::line_counters!(StdinSourceStats, line_bytes);
+
 /// How a [`LineReader::read_to_end`] ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum End {
@@ -64,7 +66,6 @@ pub enum End {
 #[derive(Debug)]
 pub struct LineReader {
     appender: Appender,
-    intake_key: IntakeKey,
     max: usize,
     oversize: Oversize,
     stats: Arc<StdinSourceStats>,
@@ -79,12 +80,17 @@ impl LineReader {
         oversize: Oversize,
         name: String,
     ) -> LineReader {
+        let stats: Arc<StdinSourceStats> = Arc::default();
+        let lines = Lines {
+            key: intake_key,
+            oversize,
+            counters: stats.clone(),
+        };
         LineReader {
-            appender: Appender::new(queue, name, "the writer of the input blocks"),
-            intake_key,
+            appender: Appender::new(queue, name, lines, "the writer of the input blocks"),
             max,
             oversize,
-            stats: Arc::default(),
+            stats,
         }
     }
 
@@ -144,36 +150,14 @@ impl LineReader {
 
     /// Stores `frames`, waiting out a full queue; `Err` if `stop` comes first.
     async fn store(&self, frames: &[Frame], stop: &CancellationToken) -> Result<(), Stopped> {
-        if frames.is_empty() {
-            return Ok(());
-        }
-        let stored = self
-            .appender
-            .append_frames(
-                frames,
-                &self.intake_key,
-                self.oversize,
-                &[],
-                &self.stats.queue_full_waits,
-                stop,
-            )
-            .await;
-        let Ok(t) = stored else {
-            tracing::warn!(source = %self.appender.name, lines = frames.len(),
+        self.appender
+            .store(frames, &[], stop)
+            .await
+            .inspect_err(|_| {
+                tracing::warn!(source = %self.appender.name, lines = frames.len(),
                 "stopped while the queue could not take these lines: they were read from the \
                  input but not stored");
-            return Err(Stopped);
-        };
-        let s = &self.stats;
-        s.accepted_events.fetch_add(t.events, Ordering::Relaxed);
-        s.line_bytes.fetch_add(t.bytes, Ordering::Relaxed);
-        s.truncated_events.fetch_add(t.truncated, Ordering::Relaxed);
-        s.split_pieces.fetch_add(t.pieces, Ordering::Relaxed);
-        s.dead_lettered_events
-            .fetch_add(t.dead_lettered, Ordering::Relaxed);
-        s.invalid_utf8_events
-            .fetch_add(t.invalid_utf8, Ordering::Relaxed);
-        Ok(())
+            })
     }
 }
 

@@ -29,9 +29,9 @@ use std::time::Instant;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{FileSourceConfig, IntakeKey, ReadFrom};
+use crate::config::{FileSourceConfig, ReadFrom, ReadingSource};
 use crate::queue::{Checkpoint, Queue};
-use crate::sources::durable::{Appender, Stopped};
+use crate::sources::durable::{Appender, Lines, Stopped};
 use crate::sources::syslog::framing::Frame;
 use position::{FileId, Position};
 use scan::{Found, Patterns};
@@ -69,12 +69,13 @@ crate::stats::stats_table! {
     }
 }
 
+crate::sources::durable::line_counters!(FileSourceStats, line_bytes);
+
 /// A file source, ready to [`run`](FileSource::run).
 #[derive(Debug)]
 pub struct FileSource {
     config: FileSourceConfig,
     queue: Queue,
-    intake_key: IntakeKey,
     patterns: Patterns,
     cutting: Cutting,
     stats: Arc<FileSourceStats>,
@@ -99,6 +100,7 @@ impl FileSource {
             )),
             None => None,
         };
+        let stats: Arc<FileSourceStats> = Arc::default();
         let mut marker = b"file-source/".to_vec();
         marker.extend_from_slice(config.paths.join("\n").as_bytes());
         Ok(FileSource {
@@ -108,13 +110,17 @@ impl FileSource {
                 oversize: config.oversize,
                 multiline,
             },
-            stats: Arc::default(),
+            stats: stats.clone(),
             label: label.clone(),
             marker,
-            intake_key,
             appender: Appender::new(
                 queue.clone(),
                 format!("file source {label}"),
+                Lines {
+                    key: intake_key,
+                    oversize: config.oversize,
+                    counters: stats,
+                },
                 "the files wait",
             ),
             queue,
@@ -455,34 +461,14 @@ impl FileSource {
     }
 
     /// Stores `frames` with `checkpoints`, waiting out a full queue; `Err` if `stop` comes
-    /// first (nothing was stored: the checkpoints did not move).
+    /// first (nothing was stored: the checkpoints did not move, the lines are read again).
     async fn store(
         &self,
         frames: &[Frame],
         checkpoints: Vec<Checkpoint>,
         stop: &CancellationToken,
     ) -> Result<(), Stopped> {
-        let t = self
-            .appender
-            .append_frames(
-                frames,
-                &self.intake_key,
-                self.config.oversize,
-                &checkpoints,
-                &self.stats.queue_full_waits,
-                stop,
-            )
-            .await?;
-        let s = &self.stats;
-        s.accepted_events.fetch_add(t.events, Ordering::Relaxed);
-        s.line_bytes.fetch_add(t.bytes, Ordering::Relaxed);
-        s.truncated_events.fetch_add(t.truncated, Ordering::Relaxed);
-        s.split_pieces.fetch_add(t.pieces, Ordering::Relaxed);
-        s.dead_lettered_events
-            .fetch_add(t.dead_lettered, Ordering::Relaxed);
-        s.invalid_utf8_events
-            .fetch_add(t.invalid_utf8, Ordering::Relaxed);
-        Ok(())
+        self.appender.store(frames, &checkpoints, stop).await
     }
 }
 

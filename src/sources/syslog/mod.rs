@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Listen, SyslogSourceConfig};
+use crate::config::{Listen, ReadingSource, SyslogSourceConfig};
 use crate::queue::Queue;
 use crate::sources::server::{self, Acceptor, ConnectionTimeouts};
 use store::Store;
@@ -68,6 +68,8 @@ crate::stats::stats_table! {
             "UDP datagrams the kernel dropped for this socket (its receive buffer was full)";
     }
 }
+
+crate::sources::durable::line_counters!(SyslogSourceStats, message_bytes);
 
 /// What a syslog source listens with.
 #[derive(Debug)]

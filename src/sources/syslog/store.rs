@@ -6,7 +6,6 @@
 //! flow control then pushes back on a TCP sender, and a UDP sender's datagrams pile up in the
 //! socket buffer, then are dropped by the kernel and counted.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -15,7 +14,7 @@ use super::framing::{Frame, Oversize};
 use super::SyslogSourceStats;
 use crate::config::IntakeKey;
 use crate::queue::Queue;
-use crate::sources::durable::{Appender, Tally};
+use crate::sources::durable::{Appender, Lines};
 
 pub use crate::sources::durable::Stopped;
 
@@ -23,8 +22,6 @@ pub use crate::sources::durable::Stopped;
 #[derive(Debug)]
 pub struct Store {
     pub queue: Queue,
-    intake_key: IntakeKey,
-    oversize: Oversize,
     pub stats: Arc<SyslogSourceStats>,
     /// The source's name in logs: `syslog source tcp://127.0.0.1:10514`.
     pub name: String,
@@ -39,15 +36,19 @@ impl Store {
         stats: Arc<SyslogSourceStats>,
         name: String,
     ) -> Store {
+        let lines = Lines {
+            key: intake_key,
+            oversize,
+            counters: stats.clone(),
+        };
         Store {
             appender: Appender::new(
                 queue.clone(),
                 name.clone(),
+                lines,
                 "TCP senders are pushed back, UDP datagrams wait in the socket buffer",
             ),
             queue,
-            intake_key,
-            oversize,
             stats,
             name,
         }
@@ -56,46 +57,18 @@ impl Store {
     /// Appends `frames` as events and returns once they are durable, waiting as long as the
     /// queue is full; `Err` only if `stop` comes first (they were not stored).
     pub async fn store(&self, frames: &[Frame], stop: &CancellationToken) -> Result<(), Stopped> {
-        if frames.is_empty() {
-            return Ok(());
-        }
-        let stored = self
-            .appender
-            .append_frames(
-                frames,
-                &self.intake_key,
-                self.oversize,
-                &[],
-                &self.stats.queue_full_waits,
-                stop,
-            )
-            .await;
-        match stored {
-            Ok(t) => self.stored(&t),
-            // What was read from the socket and is not durable is lost with the connection:
-            // said, never silent.
-            Err(Stopped) => {
+        self.appender
+            .store(frames, &[], stop)
+            .await
+            .inspect_err(|_| {
+                // What was read from the socket and is not durable is lost with the connection:
+                // said, never silent.
                 tracing::warn!(
                     source = %self.name,
                     messages = frames.len(),
                     "the source stopped while the queue could not take its messages: they were \
                      read from the socket but not stored"
                 );
-                return Err(Stopped);
-            }
-        }
-        Ok(())
-    }
-
-    fn stored(&self, t: &Tally) {
-        let s = &self.stats;
-        s.accepted_events.fetch_add(t.events, Ordering::Relaxed);
-        s.message_bytes.fetch_add(t.bytes, Ordering::Relaxed);
-        s.truncated_events.fetch_add(t.truncated, Ordering::Relaxed);
-        s.split_pieces.fetch_add(t.pieces, Ordering::Relaxed);
-        s.dead_lettered_events
-            .fetch_add(t.dead_lettered, Ordering::Relaxed);
-        s.invalid_utf8_events
-            .fetch_add(t.invalid_utf8, Ordering::Relaxed);
+            })
     }
 }
