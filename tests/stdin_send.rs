@@ -645,3 +645,75 @@ async fn kill9_while_reading_stdin_loses_nothing_it_made_durable() {
         "not a prefix of the input, each once"
     );
 }
+
+/// `send --queue DIR FILE` killed with SIGKILL while it delivers to a slow intake: a second
+/// `send --queue DIR` delivers what the first left queued. Across both runs the intake gets a
+/// prefix of the file's lines, each at least once; a line arrives twice only from a batch the
+/// first run had on the wire (sent, its answer lost with the process): at most twice, and no
+/// more such lines than `max_in_flight` (4) batches of `batch_max_events` (10,000) hold. (Which
+/// lines those are cannot be told from here: the kernel still hands the intake what the killed
+/// process had written to its sockets.)
+#[tokio::test(flavor = "multi_thread")]
+async fn send_killed_with_sigkill_leaves_its_queue_for_the_next_send() {
+    let mock = start_mock().await;
+    mock.set_faults(FaultConfig {
+        delay_ms: 300,
+        ..FaultConfig::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let queue = dir.path().join("queue");
+    let input = dir.path().join("input.log");
+    const LINES: usize = 60_000;
+    let want = lines("killed", LINES);
+    std::fs::write(&input, bytes_of(&want)).unwrap();
+    let mut child = Command::new(binary())
+        .args(["send", "--intake-key-env", "SEND_KEY", "--intake-url"])
+        .arg(mock.url())
+        .arg("--queue")
+        .arg(&queue)
+        .arg(&input)
+        .env("SEND_KEY", KEY)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn send");
+    let some = wait_until_async(DEADLINE, || async {
+        mock.stats().accepted_events >= 10_000
+    })
+    .await;
+    assert!(some, "send delivered nothing");
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+
+    mock.set_faults(FaultConfig::default());
+    let sent = send_async(
+        vec![
+            "--intake-url".into(),
+            mock.url(),
+            "--queue".into(),
+            queue.display().to_string(),
+            "/dev/null".into(),
+        ],
+        Vec::new(),
+        dir.path().to_path_buf(),
+    )
+    .await;
+    assert_eq!(sent.code, Some(0), "{}", sent.stderr);
+    let mut seen = vec![0u32; LINES];
+    for raw in raws(&mock) {
+        let n: usize = raw["killed line ".len()..].parse().unwrap();
+        seen[n] += 1;
+    }
+    let delivered = seen.iter().filter(|&&c| c > 0).count();
+    assert!(delivered >= 10_000, "{delivered} delivered");
+    assert!(
+        seen[delivered..].iter().all(|&c| c == 0) && seen[..delivered].iter().all(|&c| c > 0),
+        "not a prefix of the file's lines"
+    );
+    let twice = seen.iter().filter(|&&c| c == 2).count();
+    assert!(seen.iter().all(|&c| c <= 2), "a line arrived three times");
+    assert!(twice <= 4 * 10_000, "{twice} lines arrived twice");
+    eprintln!("{delivered} of {LINES} lines delivered, {twice} twice");
+}
