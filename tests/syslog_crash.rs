@@ -84,20 +84,27 @@ async fn accepted(fwd: &Forwarder) -> u64 {
         .unwrap_or_else(|| panic!("no accepted_events in {status}"))
 }
 
+/// Waits until the source has accepted at least `BEFORE_KILL` messages; returns how many it
+/// had (every one of them durable: the count only grows, in the order they were sent).
+async fn wait_accepted(fwd: &Forwarder) -> u64 {
+    let seen_accepted = std::cell::Cell::new(0);
+    let ok = wait_until_async(DEADLINE, || async {
+        seen_accepted.set(accepted(fwd).await);
+        seen_accepted.get() >= BEFORE_KILL
+    })
+    .await;
+    let durable = seen_accepted.get();
+    assert!(ok, "only {durable} messages accepted:\n{}", fwd.log());
+    durable
+}
+
 /// Kills the forwarder once its source has accepted `BEFORE_KILL` messages; restarts it with a
 /// fresh intake and checks what arrives. `first_intake` is the intake during the kill.
 async fn kill_while_streaming(first_intake: MockIntake, octet_counted: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut fwd = start(&config(dir.path(), &first_intake.url(), ""));
     let sender = stream_until_broken(fwd.syslog("tcp"), octet_counted);
-    let seen_accepted = std::cell::Cell::new(0);
-    let ok = wait_until_async(DEADLINE, || async {
-        seen_accepted.set(accepted(&fwd).await);
-        seen_accepted.get() >= BEFORE_KILL
-    })
-    .await;
-    let durable = seen_accepted.get();
-    assert!(ok, "only {durable} messages accepted:\n{}", fwd.log());
+    let durable = wait_accepted(&fwd).await;
     // Nothing may happen between the last look and the kill that would lower the count: it
     // only grows, so every message below `durable` is durable now.
     fwd.kill9();
@@ -204,14 +211,7 @@ async fn a_stop_while_streaming_stores_what_was_read_in_order() {
     let down = refusing_intake().await;
     let mut fwd = start(&config(dir.path(), &down.url(), ""));
     let sender = stream_until_broken(fwd.syslog("tcp"), false);
-    let seen_accepted = std::cell::Cell::new(0);
-    let ok = wait_until_async(DEADLINE, || async {
-        seen_accepted.set(accepted(&fwd).await);
-        seen_accepted.get() >= BEFORE_KILL
-    })
-    .await;
-    let durable = seen_accepted.get();
-    assert!(ok, "only {durable} messages accepted:\n{}", fwd.log());
+    let durable = wait_accepted(&fwd).await;
     let exit = fwd.terminate();
     let first_log = fwd.log();
     assert!(exit.success(), "{exit:?}:\n{first_log}");

@@ -151,7 +151,7 @@ async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
             match storing.take() {
                 Some(s) => match s.await {
                     (Ok(()), done) => spare = reuse(done),
-                    (Err(Stopped), _) => return NOT_STORED,
+                    (Err(Stopped), _) => return not_stored(store, &batch),
                 },
                 None => break,
             }
@@ -163,7 +163,7 @@ async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
             (stored, done) = finish(&mut storing) => {
                 storing = None;
                 if stored.is_err() {
-                    return NOT_STORED;
+                    return not_stored(store, &batch);
                 }
                 spare = reuse(done);
             }
@@ -194,9 +194,20 @@ async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
     ended
 }
 
-/// Why a connection ends whose messages could not be stored (the source stopped while the
-/// queue was full; `Store::store` has said so).
-const NOT_STORED: &str = "the source stopped before the messages were stored";
+/// Ends a connection whose batch in flight could not be stored (the source stopped while the
+/// queue was full; `Store::store` has said so), saying also what was read after it: lost with
+/// the connection too, never silently.
+fn not_stored(store: &Store, read_ahead: &[Frame]) -> &'static str {
+    if !read_ahead.is_empty() {
+        tracing::warn!(
+            source = %store.name,
+            messages = read_ahead.len(),
+            "the source stopped while the queue could not take its messages: they were read \
+             from the socket but not stored"
+        );
+    }
+    "the source stopped before the messages were stored"
+}
 
 fn start_storing<'a>(
     store: &'a Store,
