@@ -287,11 +287,9 @@ fn a_syslog_source_without_a_key_does_not_start() {
 /// A full queue stops the reading: the TCP sender is pushed back by the kernel (its writes
 /// block) instead of losing messages, and once the intake is back every message it wrote
 /// arrives, once.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_full_queue_pushes_a_tcp_sender_back_and_loses_nothing() {
-    let mock = refusing_intake().await;
-    let (mut fwd, dir) = syslog_forwarder(&mock, "");
-    // Restart on a small queue (16 MiB), the least max_bytes takes.
+/// [`syslog_forwarder`] on a small queue (16 MiB, the least `max_bytes` takes).
+fn small_queue_forwarder(mock: &MockIntake, extra: &str) -> (Forwarder, tempfile::TempDir) {
+    let (mut fwd, dir) = syslog_forwarder(mock, extra);
     fwd.terminate();
     let config = dir.path().join("forwarder.toml");
     let text = std::fs::read_to_string(&config)
@@ -299,49 +297,118 @@ async fn a_full_queue_pushes_a_tcp_sender_back_and_loses_nothing() {
         .replace("[queue]\n", "[queue]\nmax_bytes = 16777216\n");
     std::fs::write(&config, text).unwrap();
     let fwd = Forwarder::start_with_env(&config, &[("SYSLOG_TEST_KEY", KEY)]);
-    let addr = fwd.syslog("tcp");
-    // 60,000 lines of ~400 bytes: 24 MB, more than the queue holds.
-    const LINES: usize = 60_000;
-    let pad = "p".repeat(380);
-    let sender = std::thread::spawn(move || {
-        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
-        for i in 0..LINES {
-            writeln!(tcp, "<13>line {i:06} {pad}").unwrap();
-        }
-    });
+    (fwd, dir)
+}
+
+/// Senders of `lines` numbered lines of ~400 bytes each over `connections` TCP connections
+/// (`<13>line CCC NNNNNN ...`).
+fn tcp_senders(
+    addr: std::net::SocketAddr,
+    connections: usize,
+    lines: usize,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let pad = "p".repeat(376);
+    (0..connections)
+        .map(|c| {
+            let pad = pad.clone();
+            std::thread::spawn(move || {
+                let mut tcp = std::io::BufWriter::new(std::net::TcpStream::connect(addr).unwrap());
+                for i in 0..lines {
+                    writeln!(tcp, "<13>line {c:03} {i:06} {pad}").unwrap();
+                }
+            })
+        })
+        .collect()
+}
+
+/// Waits until the queue is full and the TCP source stopped reading for it.
+async fn wait_full(fwd: &Forwarder) {
     let full = wait_until_async(DEADLINE, || async {
         fwd.status().await["queue"]["full"] == true
     })
     .await;
     assert!(full, "the queue never filled:\n{}", fwd.log());
-    assert!(!sender.is_finished(), "the sender was not pushed back");
     let status = fwd.status().await;
     assert!(
         status["syslog_sources"][1]["queue_full_waits"].as_u64() > Some(0),
         "{status}"
     );
-    // The intake is back: the sender gets through, and nothing it wrote is missing.
+}
+
+/// With the intake back, waits for every line of [`tcp_senders`] and asserts each arrived
+/// exactly once.
+async fn all_arrive_once(
+    mock: &MockIntake,
+    fwd: &Forwarder,
+    senders: Vec<std::thread::JoinHandle<()>>,
+    connections: usize,
+    lines: usize,
+) {
     mock.set_faults(FaultConfig::default());
+    let total = (connections * lines) as u64;
     let all = wait_until_async(Duration::from_secs(180), || async {
-        mock.stats().accepted_events >= LINES as u64
+        mock.stats().accepted_events >= total
     })
     .await;
     assert!(
         all,
-        "{} of {LINES}:\n{}",
+        "{} of {total}:\n{}",
         mock.stats().accepted_events,
         fwd.log()
     );
-    sender.join().unwrap();
-    let events = mock.events();
-    let mut seen = vec![0u32; LINES];
-    for e in &events {
-        let n: usize = e.raw[9..15].parse().unwrap();
-        seen[n] += 1;
+    for s in senders {
+        s.join().unwrap();
+    }
+    let mut seen = vec![0u32; connections * lines];
+    for e in &mock.events() {
+        let c: usize = e.raw[9..12].parse().unwrap();
+        let n: usize = e.raw[13..19].parse().unwrap();
+        seen[c * lines + n] += 1;
     }
     let missing = seen.iter().filter(|&&c| c == 0).count();
     let twice = seen.iter().filter(|&&c| c > 1).count();
     assert_eq!((missing, twice), (0, 0), "lines missing / sent twice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_pushes_a_tcp_sender_back_and_loses_nothing() {
+    let mock = refusing_intake().await;
+    let (fwd, _dir) = small_queue_forwarder(&mock, "");
+    // 60,000 lines of ~400 bytes: 24 MB, more than the queue holds.
+    let senders = tcp_senders(fwd.syslog("tcp"), 1, 60_000);
+    wait_full(&fwd).await;
+    assert!(!senders[0].is_finished(), "the sender was not pushed back");
+    // The intake is back: the sender gets through, and nothing it wrote is missing.
+    all_arrive_once(&mock, &fwd, senders, 1, 60_000).await;
+}
+
+/// The connections of a source together hold at most `max_buffered_bytes` of messages read
+/// and not yet durable: with the queue full, 40 connections would each hold two batches (up
+/// to 16 MB together) without it.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_connections_together_hold_at_most_max_buffered_bytes() {
+    const BUDGET: u64 = 1 << 20;
+    let mock = refusing_intake().await;
+    let (fwd, _dir) = small_queue_forwarder(&mock, &format!("max_buffered_bytes = {BUDGET}"));
+    // 40 x 1,500 lines of ~400 bytes: 24 MB, more than the queue holds.
+    let senders = tcp_senders(fwd.syslog("tcp"), 40, 1500);
+    wait_full(&fwd).await;
+    let waited = wait_until_async(DEADLINE, || async {
+        fwd.status().await["syslog_sources"][1]["budget_waits"].as_u64() > Some(0)
+    })
+    .await;
+    let status = fwd.status().await;
+    assert!(waited, "no connection ran out of room: {status}");
+    let held = status["syslog_sources"][1]["buffered_bytes"].as_u64();
+    assert!(held > Some(0) && held <= Some(BUDGET), "{status}");
+    all_arrive_once(&mock, &fwd, senders, 40, 1500).await;
+    let status = fwd.status().await;
+    let s = &status["syslog_sources"][1];
+    assert!(
+        s["buffered_bytes_peak"].as_u64() <= Some(BUDGET),
+        "{status}"
+    );
+    assert_eq!(s["buffered_bytes"].as_u64(), Some(0), "{status}");
 }
 
 /// Bytes that are not UTF-8 are forwarded with U+FFFD in their place (JSON carries text) and

@@ -629,6 +629,26 @@ listen = "127.0.0.1:10080"
     }
 
     #[test]
+    fn a_syslog_budget_holds_at_least_a_batch_and_a_message() {
+        let tcp = "[[source]]\ntype = \"syslog\"\nlisten = \"tcp://127.0.0.1:514\"\n\
+                   intake_key_env = \"K\"\n";
+        let c = Config::parse(tcp, Path::new("f.toml")).unwrap();
+        assert!(
+            matches!(&c.sources[..], [SourceConfig::Syslog(s)] if s.max_buffered_bytes == 64 << 20)
+        );
+        let small = Config::parse(
+            &format!("{tcp}max_buffered_bytes = 65536\n"),
+            Path::new("f.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            small.contains("max_buffered_bytes") && small.contains("1048576"),
+            "{small}"
+        );
+    }
+
+    #[test]
     fn a_key_that_cannot_travel_in_a_header_is_refused_without_being_said() {
         for bad in ["with space-0123456789", "clé-0123456789", &"k".repeat(257)] {
             let err = resolve_intake_key(Some(&IntakeKey(bad.to_owned())), None, None).unwrap_err();

@@ -33,6 +33,10 @@ pub struct SyslogSourceConfig {
     /// TCP/TLS: connections served at once; further connections wait in the kernel's backlog.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// TCP/TLS: most bytes of messages all connections together hold read and not yet durable;
+    /// a connection with no room left stops reading (its sender is pushed back).
+    #[serde(default = "default_max_buffered_bytes")]
+    pub max_buffered_bytes: usize,
     /// TCP/TLS: a connection that sends nothing for that long is closed.
     #[serde(default = "default_idle_timeout_secs")]
     pub idle_timeout_secs: u64,
@@ -55,6 +59,9 @@ pub struct SyslogSourceConfig {
 
 fn default_max_connections() -> usize {
     1024
+}
+fn default_max_buffered_bytes() -> usize {
+    64 << 20
 }
 fn default_idle_timeout_secs() -> u64 {
     300
@@ -83,6 +90,11 @@ impl SyslogSourceConfig {
             self.max_connections >= 1,
             "max_connections",
             "expected at least 1",
+        )?;
+        check(
+            self.max_buffered_bytes >= self.max_event_bytes.max(1 << 20),
+            "max_buffered_bytes",
+            "expected at least 1048576 and at least max_event_bytes",
         )?;
         check(
             self.idle_timeout_secs >= 1,

@@ -9,6 +9,7 @@
 //! is closed, also at a stop; what the kernel had received but the forwarder not yet read
 //! when it stops is lost with the connection, as with any plain syslog receiver.
 //!
+//! - [`budget`]: the bytes all connections together hold read and not yet durable;
 //! - [`framing`]: cutting a TCP/TLS stream into messages (RFC 6587), and long messages;
 //! - [`stream`]: one task per TCP/TLS connection, on the protected connection server;
 //! - [`tls`]: the rustls side of `tls://`;
@@ -30,6 +31,7 @@ use store::Store;
 use stream::{Handshake, NoHandshake, Reading};
 use tls::Tls;
 
+mod budget;
 pub mod framing;
 mod store;
 mod stream;
@@ -57,6 +59,13 @@ crate::stats::stats_table! {
         /// The connection was then read line by line.
         framing_errors: counter, "Octet counts (RFC 6587) that were not numbers";
         queue_full_waits: counter, "Times the syslog source stopped reading: the queue was full";
+        /// Of the TCP/TLS connections together ([`budget`]).
+        buffered_bytes: gauge,
+            "Bytes of syslog messages read from TCP/TLS connections and not yet durable";
+        buffered_bytes_peak: gauge,
+            "Most bytes of syslog messages held read and not yet durable at once since the start";
+        budget_waits: counter,
+            "Times a TCP/TLS connection stopped reading: max_buffered_bytes were held by messages not yet durable";
         connections: counter, "TCP/TLS connections accepted";
         open_connections: gauge, "TCP/TLS connections open now";
         timeouts: counter,
@@ -114,7 +123,9 @@ impl SyslogSource {
         .context("cannot learn the address the syslog source listens on")?;
         let name = format!("{}://{addr}", listen.scheme());
         tracing::info!(listen = %name, "syslog source listening");
-        let store = Store::new(queue, intake_key, config.oversize, Arc::default(), name);
+        let stats = Arc::<SyslogSourceStats>::default();
+        let budget = budget::Budget::new(config.max_buffered_bytes, stats.clone());
+        let store = Store::new(queue, intake_key, config.oversize, stats, budget, name);
         Ok(SyslogSource {
             socket,
             addr,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use super::budget::Budget;
 use super::framing::{Frame, Oversize};
 use super::SyslogSourceStats;
 use crate::config::IntakeKey;
@@ -25,6 +26,8 @@ pub struct Store {
     pub stats: Arc<SyslogSourceStats>,
     /// The source's name in logs: `syslog source tcp://127.0.0.1:10514`.
     pub name: String,
+    /// Room for what the TCP/TLS connections have read and not yet stored.
+    pub budget: Budget,
     appender: Appender,
 }
 
@@ -34,6 +37,7 @@ impl Store {
         intake_key: IntakeKey,
         oversize: Oversize,
         stats: Arc<SyslogSourceStats>,
+        budget: Budget,
         name: String,
     ) -> Store {
         let lines = Lines {
@@ -51,6 +55,7 @@ impl Store {
             queue,
             stats,
             name,
+            budget,
         }
     }
 

@@ -10,7 +10,8 @@
 //! kernel's backlog), a connection silent for `idle_timeout_secs` is closed, and so is one
 //! whose message (or TLS handshake) takes longer than `message_timeout_secs` from its first
 //! byte. Memory per connection is bounded: a read buffer, at most two batches, and at most
-//! `max_event_bytes` of a message that is being cut.
+//! `max_event_bytes` of a message that is being cut; and the messages of all connections
+//! together, read and not yet durable, by `max_buffered_bytes` ([`super::budget`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
+use super::budget::{Budget, Held};
 use super::framing::{Frame, FrameDecoder, Oversize};
 use super::store::{Stopped, Store};
 use crate::sources::server::{ConnectionTimeouts, Limit, Slot, Watchdog};
@@ -137,15 +139,26 @@ async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> &'static str {
     let decoder = FrameDecoder::new(reading.max_event_bytes, reading.oversize);
     let mut frames = FramedRead::with_capacity(stream, decoder, READ_BUFFER);
+    let budget = &store.budget;
     let mut batch = Vec::new();
+    // The room `batch` holds in the source's budget.
+    let mut held = budget.none();
+    // A message read while the budget had no room for it: nothing more is read until it has.
+    let mut waiting: Option<Frame> = None;
     let mut spare = Vec::new();
     let mut storing: Option<Storing<'_>> = None;
     let mut ended: Option<&'static str> = None;
     let mut framing_errors = 0;
     loop {
+        if ended.is_some() {
+            // What was read is stored before the connection closes, room or not (one message
+            // over the budget at most).
+            batch.extend(waiting.take());
+        }
         if storing.is_none() && !batch.is_empty() {
             let next = std::mem::replace(&mut batch, std::mem::take(&mut spare));
-            storing = Some(start_storing(store, stop, activity, next));
+            let room = std::mem::replace(&mut held, budget.none());
+            storing = Some(start_storing(store, stop, activity, next, room));
         }
         if ended.is_some() || batch_full(&batch) {
             match storing.take() {
@@ -163,16 +176,24 @@ async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
             (stored, done) = finish(&mut storing) => {
                 storing = None;
                 if stored.is_err() {
+                    batch.extend(waiting.take());
                     return not_stored(store, &batch);
                 }
                 spare = reuse(done);
             }
-            next = frames.next() => match next {
+            () = room_for(budget, &mut held, waiting.as_ref()) => {
+                batch.extend(waiting.take());
+            }
+            next = frames.next(), if waiting.is_none() => match next {
                 None => ended = Some("the sender closed it"),
                 Some(Err(_)) => ended = Some("a read failed"),
                 Some(Ok(frame)) => {
-                    batch.push(frame);
-                    ended = more_ready(&mut frames, &mut batch);
+                    if budget.try_take(&mut held, frame.message.len()) {
+                        batch.push(frame);
+                        ended = more_ready(&mut frames, &mut batch, budget, &mut held, &mut waiting);
+                    } else {
+                        waiting = Some(frame);
+                    }
                 }
             },
         }
@@ -209,18 +230,29 @@ fn not_stored(store: &Store, read_ahead: &[Frame]) -> &'static str {
     "the source stopped before the messages were stored"
 }
 
+/// Stores `frames`, giving back the room they hold once they are durable (or lost).
 fn start_storing<'a>(
     store: &'a Store,
     stop: &'a CancellationToken,
     activity: &crate::sources::server::Activity,
     frames: Vec<Frame>,
+    room: Held<'a>,
 ) -> Storing<'a> {
     let handling = activity.handling();
     Box::pin(async move {
         let _handling = handling;
         let stored = store.store(&frames, stop).await;
+        drop(room);
         (stored, frames)
     })
+}
+
+/// Waits for room for the message that is waiting, and takes it; never, if none is.
+async fn room_for<'a>(budget: &'a Budget, held: &mut Held<'a>, waiting: Option<&Frame>) {
+    match waiting {
+        Some(frame) => budget.take(held, frame.message.len()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The batch in flight, once durable; never, if there is none.
@@ -244,16 +276,24 @@ fn batch_bytes(batch: &[Frame]) -> usize {
     batch.iter().map(|f| f.message.len()).sum()
 }
 
-/// Takes the messages that are ready without waiting, up to a batch; `Some` if the stream
-/// ended meanwhile.
-fn more_ready<S: AsyncRead + Unpin>(
+/// Takes the messages that are ready without waiting, up to a batch and while the budget has
+/// room (the first message without room is left in `waiting`); `Some` if the stream ended
+/// meanwhile.
+fn more_ready<'a, S: AsyncRead + Unpin>(
     frames: &mut FramedRead<S, FrameDecoder>,
     batch: &mut Vec<Frame>,
+    budget: &'a Budget,
+    held: &mut Held<'a>,
+    waiting: &mut Option<Frame>,
 ) -> Option<&'static str> {
     let mut bytes = batch_bytes(batch);
     while batch.len() < BATCH_EVENTS && bytes < BATCH_BYTES {
         match frames.next().now_or_never() {
             Some(Some(Ok(frame))) => {
+                if !budget.try_take(held, frame.message.len()) {
+                    *waiting = Some(frame);
+                    return None;
+                }
                 bytes += frame.message.len();
                 batch.push(frame);
             }
