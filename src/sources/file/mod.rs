@@ -14,6 +14,9 @@
 //!   truncation is in the copy only: copytruncate itself loses it, as its manual says;
 //! - deletion: like rename (read to its end, let go of: no descriptor is kept for ever).
 //!
+//! One round of reads (up to `ROUND_BYTES` over all files) is made durable while the next is
+//! read, never more: a full queue still stops the reading.
+//!
 //! A file rotated while the forwarder was stopped is found again by its inode in its old
 //! directory and read to its end from its checkpoint. A line not ended by a newline is waited
 //! for (a writer may be writing it), and handed out as it is when its file is let go of.
@@ -153,7 +156,11 @@ impl FileSource {
         let mut marker_pending = first_start;
         let mut next_scan = Instant::now() + self.config.scan_interval();
         let mut turn = 0usize;
-        let mut forgotten: Vec<Checkpoint> = Vec::new();
+        // The round being made durable while the next is read (one at most, so a full queue
+        // still stops the reading); what its checkpoints move and release is done to the tails
+        // only once it is durable.
+        let mut storing: Option<Storing<'_>> = None;
+        let (this, stopped) = (&self, &stop);
         loop {
             if stop.is_cancelled() {
                 break;
@@ -163,11 +170,21 @@ impl FileSource {
                 self.scan(&mut tails, false);
                 next_scan = now + self.config.scan_interval();
             }
-            let round = self.read_round(&mut tails, turn).await;
+            // Files the round in flight lets go of are not read again.
+            let letting_go = storing.as_ref().map(|s| s.released.clone());
+            let (round, stored) = tokio::join!(
+                self.read_round(&mut tails, turn, letting_go.as_deref().unwrap_or_default()),
+                finish(storing.take()),
+            );
+            if let Some(stored) = stored {
+                if !self.durable(&mut tails, stored) {
+                    break;
+                }
+            }
             turn = turn.wrapping_add(1);
             let mut frames = round.frames;
             let released = self.release_done(&mut tails, now, &mut frames);
-            let mut checkpoints = std::mem::take(&mut forgotten);
+            let mut checkpoints = Vec::new();
             let mut moved = Vec::new();
             for tail in tails.values_mut() {
                 match tail.checkpoint() {
@@ -190,26 +207,20 @@ impl FileSource {
                 });
             }
             if !frames.is_empty() || !checkpoints.is_empty() {
-                if self.store(&frames, checkpoints, &stop).await.is_err() {
-                    break;
-                }
                 marker_pending = false;
-                for (id, offset, fp) in moved {
-                    if let Some(tail) = tails.get_mut(&id) {
-                        tail.committed(offset, fp);
-                    }
-                }
-                for id in &released {
-                    if let Some(tail) = tails.remove(id) {
-                        self.stats.files_released.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(source = %self.label, path = %tail.path.display(), "file read to its end and let go of");
-                    }
-                }
-                self.stats
-                    .open_files
-                    .store(tails.len() as u64, Ordering::Relaxed);
+                storing = Some(Storing {
+                    done: Box::pin(async move { this.store(&frames, checkpoints, stopped).await }),
+                    moved,
+                    released,
+                });
             }
             if !round.read_any {
+                // Nothing more to read now: the round in flight is waited for before sleeping.
+                if let Some(stored) = finish(storing.take()).await {
+                    if !self.durable(&mut tails, stored) {
+                        break;
+                    }
+                }
                 let due = tails.values().filter_map(Tail::due).min();
                 let wake = [
                     Some(now + self.config.poll_interval()),
@@ -225,18 +236,55 @@ impl FileSource {
                     () = tokio::time::sleep_until(wake.into()) => {}
                 }
             }
-            forgotten.clear();
+        }
+        // A round in flight at the stop is stored (unless the queue is full: `store` gives up
+        // at the stop), as before the reads were pipelined.
+        if let Some(stored) = finish(storing.take()).await {
+            self.durable(&mut tails, stored);
         }
         tracing::info!(source = %self.label, files = tails.len(), "file source stopped");
         Ok(())
     }
 
-    /// Reads every file (from a rotating first one; a busy one until its reads come back short),
-    /// up to [`ROUND_BYTES`] in all.
-    async fn read_round(&self, tails: &mut BTreeMap<FileId, Tail>, turn: usize) -> Round {
+    /// Once a round is durable: its tails' checkpoints are theirs, and the files it let go of
+    /// are closed. `false` if it could not be stored (the source stopped).
+    fn durable(&self, tails: &mut BTreeMap<FileId, Tail>, stored: Stored) -> bool {
+        let (result, moved, released) = stored;
+        if result.is_err() {
+            return false;
+        }
+        for (id, offset, fp) in moved {
+            if let Some(tail) = tails.get_mut(&id) {
+                tail.committed(offset, fp);
+            }
+        }
+        for id in &released {
+            if let Some(tail) = tails.remove(id) {
+                self.stats.files_released.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(source = %self.label, path = %tail.path.display(), "file read to its end and let go of");
+            }
+        }
+        self.stats
+            .open_files
+            .store(tails.len() as u64, Ordering::Relaxed);
+        true
+    }
+
+    /// Reads every file but those in `skip` (from a rotating first one; a busy one until its
+    /// reads come back short), up to [`ROUND_BYTES`] in all.
+    async fn read_round(
+        &self,
+        tails: &mut BTreeMap<FileId, Tail>,
+        turn: usize,
+        skip: &[FileId],
+    ) -> Round {
         let mut round = Round::default();
         let now = Instant::now();
-        let ids: Vec<FileId> = tails.keys().copied().collect();
+        let ids: Vec<FileId> = tails
+            .keys()
+            .filter(|id| !skip.contains(id))
+            .copied()
+            .collect();
         let n = ids.len().max(1);
         let mut bytes = 0;
         for i in 0..ids.len() {
@@ -470,6 +518,27 @@ impl FileSource {
     ) -> Result<(), Stopped> {
         self.appender.store(frames, &checkpoints, stop).await
     }
+}
+
+/// A round of events and checkpoints being made durable, and what becomes of the tails once
+/// it is: the checkpoints they moved to, the files it lets go of.
+struct Storing<'a> {
+    done: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Stopped>> + Send + 'a>>,
+    moved: Vec<(FileId, u64, position::Fingerprint)>,
+    released: Vec<FileId>,
+}
+
+/// A round once its store ended: how, and what it moved and released.
+type Stored = (
+    Result<(), Stopped>,
+    Vec<(FileId, u64, position::Fingerprint)>,
+    Vec<FileId>,
+);
+
+/// The round in flight, once its store ended; `None` at once if there is none.
+async fn finish(storing: Option<Storing<'_>>) -> Option<Stored> {
+    let s = storing?;
+    Some((s.done.await, s.moved, s.released))
 }
 
 /// What one round of reads found.
