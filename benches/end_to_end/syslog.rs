@@ -30,8 +30,19 @@ pub struct Cell {
     pub events: u64,
 }
 
-/// The cells, `scale` times their event counts (`E2E_SYSLOG_SCALE`).
+/// The cells, `scale` times their event counts (`E2E_SYSLOG_SCALE`); only those named in
+/// `E2E_SYSLOG_CELLS` (comma-separated, e.g. `tcp x1000,udp x1`) if it is set.
 pub fn cells(scale: f64) -> Vec<Cell> {
+    let only: Option<Vec<String>> = std::env::var("E2E_SYSLOG_CELLS")
+        .ok()
+        .map(|t| t.split(',').map(|c| c.trim().to_owned()).collect());
+    all_cells(scale)
+        .into_iter()
+        .filter(|c| only.as_ref().is_none_or(|o| o.iter().any(|n| n == c.name)))
+        .collect()
+}
+
+fn all_cells(scale: f64) -> Vec<Cell> {
     let n = |events: f64| ((events * scale) as u64).max(1000);
     vec![
         Cell {
