@@ -411,6 +411,75 @@ async fn many_connections_together_hold_at_most_max_buffered_bytes() {
     assert_eq!(s["buffered_bytes"].as_u64(), Some(0), "{status}");
 }
 
+/// A stop while the queue is full cannot store what a connection read: its batch in flight and
+/// the batch read ahead meanwhile. Both are said, with how many messages each held (never lost
+/// silently), and what the queue had made durable still arrives after a restart, as a prefix of
+/// what was sent with none twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_on_a_full_queue_says_what_it_could_not_store() {
+    // Every line of `tcp_senders` is 396 bytes once its newline is cut.
+    const LINE: u64 = 396;
+    let mock = refusing_intake().await;
+    let (mut fwd, dir) = small_queue_forwarder(&mock, "");
+    let _senders = tcp_senders(fwd.syslog("tcp"), 1, 60_000);
+    wait_full(&fwd).await;
+    // More than one batch (1,000 messages) held: a batch is read ahead of the one stuck.
+    let read_ahead = wait_until_async(DEADLINE, || async {
+        fwd.status().await["syslog_sources"][1]["buffered_bytes"].as_u64() > Some(1000 * LINE)
+    })
+    .await;
+    let status = fwd.status().await;
+    assert!(read_ahead, "no batch was read ahead: {status}");
+    let held = status["syslog_sources"][1]["buffered_bytes"]
+        .as_u64()
+        .unwrap_or(0)
+        / LINE;
+    let exit = fwd.terminate();
+    let log = fwd.log();
+    assert!(exit.success(), "{exit:?}:\n{log}");
+    let said: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("but not stored"))
+        .map(|l| {
+            let n = l.split("messages=").nth(1).unwrap_or_default();
+            n.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .unwrap_or(0)
+        })
+        .collect();
+    assert_eq!(
+        said.len(),
+        2,
+        "the batch in flight and the one read ahead:\n{log}"
+    );
+    let lost: u64 = said.iter().sum();
+    assert!(said.iter().all(|&n| n > 0), "{said:?}:\n{log}");
+    assert!(
+        (held..=2000).contains(&lost),
+        "{lost} said, {held} held:\n{log}"
+    );
+    // What was durable arrives, in order from the first line, none twice.
+    mock.set_faults(FaultConfig::default());
+    let config = dir.path().join("forwarder.toml");
+    let fwd = Forwarder::start_with_env(&config, &[("SYSLOG_TEST_KEY", KEY)]);
+    let drained = wait_until_async(Duration::from_secs(180), || async {
+        fwd.status().await["queue"]["events"].as_u64() == Some(0)
+    })
+    .await;
+    assert!(drained, "the queue did not drain:\n{}", fwd.log());
+    let mut seen: Vec<usize> = mock
+        .events()
+        .iter()
+        .map(|e| e.raw[13..19].parse().unwrap())
+        .collect();
+    seen.sort_unstable();
+    assert!(!seen.is_empty());
+    let prefix: Vec<usize> = (0..seen.len()).collect();
+    assert_eq!(seen, prefix, "not the lines 0..N once each");
+}
+
 /// Bytes that are not UTF-8 are forwarded with U+FFFD in their place (JSON carries text) and
 /// counted; the rest of the message is kept as sent.
 #[tokio::test(flavor = "multi_thread")]
