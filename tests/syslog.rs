@@ -413,8 +413,8 @@ async fn many_connections_together_hold_at_most_max_buffered_bytes() {
 
 /// A stop while the queue is full cannot store what a connection read: its batch in flight and
 /// the batch read ahead meanwhile. Both are said, with how many messages each held (never lost
-/// silently), and what the queue had made durable still arrives after a restart, as a prefix of
-/// what was sent with none twice.
+/// silently), and what the queue had made durable still arrives after a restart: the lines
+/// 0..N, each once (none lost before what was lost at the stop).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stop_on_a_full_queue_says_what_it_could_not_store() {
     // Every line of `tcp_senders` is 396 bytes once its newline is cut.
@@ -460,7 +460,7 @@ async fn a_stop_on_a_full_queue_says_what_it_could_not_store() {
         (held..=2000).contains(&lost),
         "{lost} said, {held} held:\n{log}"
     );
-    // What was durable arrives, in order from the first line, none twice.
+    // What was durable arrives: the lines 0..N, each once.
     mock.set_faults(FaultConfig::default());
     let config = dir.path().join("forwarder.toml");
     let fwd = Forwarder::start_with_env(&config, &[("SYSLOG_TEST_KEY", KEY)]);

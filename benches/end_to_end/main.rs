@@ -12,7 +12,8 @@
 //!    multiplies its event counts; `E2E_SMALL_CELLS=1x8,100x8` keeps only some rows.
 //! 0. **syslog** ([`syslog`]): 200-byte lines over TCP (1, 8, 1,000 connections) and UDP into
 //!    the syslog source -> queue -> mock intake: events/s, CPU per million, peak RSS; and the
-//!    memory 1,000 idle TCP connections add. `E2E_SYSLOG_SCALE` multiplies its event counts; `E2E_SYSLOG_CELLS` picks cells by name.
+//!    memory 1,000 idle TCP connections add. `E2E_SYSLOG_SCALE` multiplies its event counts;
+//!    `E2E_SYSLOG_CELLS='tcp x1000,udp x1'` keeps only the cells named.
 //! 0. **file** ([`file`]): 200-byte lines appended to a log file the file source tails, and a
 //!    file read from its beginning at start -> queue -> mock intake: lines/s, CPU per million,
 //!    peak RSS. `E2E_FILE_LINES` (default 2,000,000) lines per cell.
