@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use crate::client::event_text;
 use crate::common::MockIntake;
 use crate::phases::{cpu_per_million, rate, start_forwarder, stop_forwarder, wait_accepted};
-use crate::probe::{cpu_secs, proc_status_bytes};
-use crate::report::{mib, row, Row};
+use crate::probe::{compressed_reads, cpu_secs, proc_status_bytes};
+use crate::report::{compressed_reads_row, mib, row, Row};
 use crate::{deadline_for, KEY};
 
 pub struct CellReport {
@@ -30,6 +30,8 @@ pub struct CellReport {
     pub elapsed: Duration,
     pub cpu: f64,
     pub peak_rss: u64,
+    /// Compressed chunks delivery read from memory, and decompressed from the store.
+    pub compressed_reads: Option<(f64, f64)>,
 }
 
 fn write_config(dir: &Path, log: &Path, intake_url: &str) -> PathBuf {
@@ -134,6 +136,7 @@ async fn run_cell(name: &'static str, backlog: bool, lines: u64, ticks: f64) -> 
         );
     }
     let peak_rss = proc_status_bytes(pid, "VmHWM:");
+    let compressed_reads = compressed_reads(fwd.admin).await;
     stop_forwarder(&mut fwd);
     mock.shutdown().await;
     CellReport {
@@ -143,6 +146,7 @@ async fn run_cell(name: &'static str, backlog: bool, lines: u64, ticks: f64) -> 
         elapsed,
         cpu,
         peak_rss,
+        compressed_reads,
     }
 }
 
@@ -168,5 +172,6 @@ pub fn rows(cells: &[CellReport], rows: &mut Vec<Row>) {
             "",
             None,
         ));
+        compressed_reads_row(&format!("file {}", c.name), c.compressed_reads, rows);
     }
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use crate::client::{http_client, send_all, Bodies, SendReport};
 use crate::common::{Forwarder, MockIntake};
 use crate::probe::{
-    cpu_secs, dir_size, metric, proc_status_bytes, queue_view, write_bytes, QueueView, QueuedDisk,
-    Sampler,
+    compressed_reads, cpu_secs, dir_size, proc_status_bytes, queue_view, write_bytes, QueueView,
+    QueuedDisk, Sampler,
 };
 use crate::{deadline_for, Params};
 
@@ -183,15 +183,13 @@ pub async fn live(p: &Params, bodies: Arc<Bodies>, ticks: f64) -> Live {
     let dir_after_drain = dir_size(&dir.path().join("queue"));
     let peak_rss = proc_status_bytes(pid, "VmHWM:");
     let written = write_bytes(pid) - written0;
-    let client = http_client();
-    let from_memory = metric(&client, fwd.admin, "queue_chunks_read_from_memory").await;
-    let decompressed = metric(&client, fwd.admin, "queue_chunks_decompressed").await;
+    let compressed_reads = compressed_reads(fwd.admin).await;
     stop_forwarder(&mut fwd);
     let dir_after_stop = dir_size(&dir.path().join("queue"));
     mock.shutdown().await;
     Live {
         written,
-        compressed_reads: from_memory.zip(decompressed),
+        compressed_reads,
         delivered: stats.accepted_events,
         duplicates: stats.accepted_events.saturating_sub(sent.acked_events),
         sent,

@@ -149,9 +149,14 @@ pub fn live_rows(live: &Live, rows: &mut Vec<Row>) {
         "<= 2x",
         Some(live.written as f64 <= 2.0 * live_payload(live) as f64),
     ));
-    if let Some((memory, decompressed)) = live.compressed_reads {
+    compressed_reads_row("live", live.compressed_reads, rows);
+}
+
+/// How delivery read the compressed chunks of a phase or cell named `name`, if known.
+pub fn compressed_reads_row(name: &str, reads: Option<(f64, f64)>, rows: &mut Vec<Row>) {
+    if let Some((memory, decompressed)) = reads {
         rows.push(row(
-            "live: compressed chunks read from memory / decompressed",
+            format!("{name}: compressed chunks read from memory / decompressed"),
             format!("{memory:.0} / {decompressed:.0}"),
             "",
             None,
