@@ -5,15 +5,20 @@
 //! forwarder's CPU was zstd decompressing what the process had in memory a few milliseconds
 //! earlier (`docs/performance.md`, session 9). So the writer keeps the uncompressed body of
 //! each compressed chunk it commits, keyed by where it is stored, and a read takes it from
-//! here instead of decompressing the stored value. What is kept is bounded in bytes, the
-//! oldest dropped first; a chunk not found here is decoded from the store as before.
+//! here instead of decompressing the stored value. What is kept is bounded in bytes; a chunk
+//! not found here is decoded from the store as before.
 //!
-//! A body pushed out before delivery took it means that delivery is further behind than the
-//! limit (the intake is down, say): whatever is kept then will be read long after newer
-//! bodies push it out, so keeping it only holds memory and costs the writer. So the first body
-//! pushed out empties the whole cache, and from then on senders keep the body of only one
-//! chunk in [`SAMPLE_EVERY`] ([`FreshBodies::wants_body`]: the others are freed where they
-//! were made, at once), until delivery takes one again (it has caught up).
+//! Delivery reads chunks in the order they were committed, so when a body does not fit, it is
+//! the new body that is not kept (it is read from the store): the ones kept are those read
+//! next. Pushing out the oldest instead would, whenever more is in flight than the limit (a
+//! commit of a thousand syslog connections' batches is larger than the default 4 MiB), throw
+//! away each body just before delivery wants it, and serve no read from memory at all.
+//!
+//! A cache full of bodies that delivery has not taken for [`STALE`] means that delivery is
+//! behind (the intake is down, say): what is kept will be read long after, so keeping it
+//! only holds memory. Then the cache is emptied, and from then on senders keep the body of
+//! only one chunk in [`SAMPLE_EVERY`] ([`FreshBodies::wants_body`]: the others are freed
+//! where they were made, at once), until delivery takes one again (it has caught up).
 //!
 //! A body is put here as its chunk is applied to sled (delivery may read a chunk from sled
 //! before its fsync: a body kept only after the fsync was missed by a third of the reads),
@@ -23,12 +28,16 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use lru::LruCache;
 
 /// While delivery is behind, the bodies of one chunk in this many are kept, to see whether
 /// it has caught up.
 const SAMPLE_EVERY: u32 = 16;
+
+/// A full cache whose oldest body has waited this long for delivery: delivery is behind.
+const STALE: Duration = Duration::from_secs(10);
 
 /// Where a chunk is stored: generation, lane, sequence number.
 pub type ChunkAt = (u64, u32, u64);
@@ -45,8 +54,24 @@ pub struct FreshBodies {
 }
 
 struct Inner {
-    bodies: LruCache<ChunkAt, Vec<u8>>,
+    /// In the order they were kept (the least recently used is the oldest: bodies are only
+    /// ever put and taken), each with when it was.
+    bodies: LruCache<ChunkAt, (Instant, Vec<u8>)>,
     bytes: usize,
+}
+
+impl Inner {
+    fn clear(&mut self) {
+        self.bodies.clear();
+        self.bytes = 0;
+    }
+
+    /// Whether the oldest body kept has waited for delivery longer than [`STALE`].
+    fn stale(&self, now: Instant) -> bool {
+        self.bodies
+            .peek_lru()
+            .is_some_and(|(_, (kept, _))| now.saturating_duration_since(*kept) > STALE)
+    }
 }
 
 impl FreshBodies {
@@ -69,24 +94,28 @@ impl FreshBodies {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps the bodies of chunks about to be applied to sled; over the limit, drops them all
-    /// and marks delivery as behind.
+    /// Keeps the bodies of chunks about to be applied to sled, those that fit; a full cache
+    /// that delivery has not taken from for [`STALE`] is emptied, and delivery marked behind.
     pub fn insert(&self, bodies: impl IntoIterator<Item = (ChunkAt, Vec<u8>)>) {
+        self.insert_at(bodies, Instant::now());
+    }
+
+    fn insert_at(&self, bodies: impl IntoIterator<Item = (ChunkAt, Vec<u8>)>, now: Instant) {
         let mut inner = self.lock();
         for (at, body) in bodies {
-            if body.capacity() > self.limit {
+            if inner.bytes + body.capacity() > self.limit {
+                if inner.stale(now) {
+                    inner.clear();
+                    self.behind.store(true, Ordering::Relaxed);
+                    return;
+                }
+                // Full of bodies that delivery reads before this one: it is read from the store.
                 continue;
             }
             inner.bytes += body.capacity();
-            if let Some(old) = inner.bodies.put(at, body) {
+            if let Some((_, old)) = inner.bodies.put(at, (now, body)) {
                 inner.bytes -= old.capacity();
             }
-        }
-        if inner.bytes > self.limit {
-            // A body delivery never took must go: it is behind by more than the limit.
-            inner.bodies.clear();
-            inner.bytes = 0;
-            self.behind.store(true, Ordering::Relaxed);
         }
     }
 
@@ -102,7 +131,7 @@ impl FreshBodies {
     /// Takes the body of the chunk at `at`, if it is still kept.
     pub fn take(&self, at: ChunkAt) -> Option<Vec<u8>> {
         let mut inner = self.lock();
-        let body = inner.bodies.pop(&at)?;
+        let (_, body) = inner.bodies.pop(&at)?;
         inner.bytes -= body.capacity();
         self.behind.store(false, Ordering::Relaxed);
         Some(body)
@@ -148,23 +177,49 @@ mod tests {
         assert_eq!(f.bytes(), 0);
     }
 
-    /// Over the limit, delivery is behind: everything kept goes, and senders keep one body
-    /// in `SAMPLE_EVERY` until delivery takes one again.
+    /// A commit larger than the limit while delivery keeps up: the bodies that fit are kept
+    /// (delivery reads them first), the rest are not, and the keeping goes on.
     #[test]
-    fn a_body_pushed_out_untaken_stops_the_keeping_until_one_is_taken() {
+    fn bodies_over_the_limit_are_not_kept_and_those_kept_stay() {
         let f = FreshBodies::new(100);
+        f.insert((0..5).map(|s| ((1, 0, s), body(30))));
+        assert_eq!(f.bytes(), 90, "the first three fit");
+        assert!(
+            f.take((1, 0, 0)).is_some(),
+            "the first body is read from memory"
+        );
+        assert_eq!(f.take((1, 0, 3)), None, "the fourth did not fit");
+        f.insert([((1, 0, 5), body(30))]);
+        assert!(
+            f.take((1, 0, 5)).is_some(),
+            "room again once delivery took one"
+        );
         assert!(
             (0..100).all(|_| f.wants_body()),
-            "every body while it keeps up"
+            "delivery keeps up: every body"
         );
-        f.insert((0..3).map(|s| ((1, 0, s), body(30))));
-        assert_eq!(f.bytes(), 90);
-        f.insert([((1, 0, 3), body(30))]);
-        assert_eq!(f.bytes(), 0, "over the limit: all of it goes");
+    }
+
+    /// A full cache that delivery has not taken from for `STALE`: delivery is behind, so
+    /// everything kept goes, and senders keep one body in `SAMPLE_EVERY` until delivery takes
+    /// one again.
+    #[test]
+    fn a_full_cache_left_untaken_stops_the_keeping_until_one_is_taken() {
+        let f = FreshBodies::new(100);
+        let t0 = Instant::now();
+        f.insert_at((0..3).map(|s| ((1, 0, s), body(30))), t0);
+        f.insert_at([((1, 0, 3), body(30))], t0 + STALE / 2);
+        assert_eq!(f.bytes(), 90, "full, but delivery may still take them");
+        assert!((0..100).all(|_| f.wants_body()));
+        f.insert_at(
+            [((1, 0, 4), body(30))],
+            t0 + STALE + Duration::from_millis(1),
+        );
+        assert_eq!(f.bytes(), 0, "full and untaken for STALE: all of it goes");
         let wanted = (0..SAMPLE_EVERY * 2).filter(|_| f.wants_body()).count();
         assert_eq!(wanted, 2, "one body in {SAMPLE_EVERY}");
-        f.insert([((1, 0, 4), body(1))]);
-        assert!(f.take((1, 0, 4)).is_some());
+        f.insert([((1, 0, 5), body(1))]);
+        assert!(f.take((1, 0, 5)).is_some());
         assert!(
             (0..100).all(|_| f.wants_body()),
             "delivery took one: every body again"
