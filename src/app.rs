@@ -128,7 +128,9 @@ pub async fn run(config: Config, readiness: Readiness) -> anyhow::Result<()> {
         file_sources,
         stdin_sources,
     });
-    let delivery = tokio::spawn(delivery.run(DELIVERY_GRACE));
+    let delivery = delivery
+        .start(DELIVERY_GRACE)
+        .context("cannot start delivery's threads")?;
     readiness.ready(&ready);
 
     let writer_gone = tokio::select! {
@@ -167,8 +169,8 @@ pub async fn run(config: Config, readiness: Readiness) -> anyhow::Result<()> {
         sources.abort_all();
     }
     delivery_stop.cancel();
-    if let Err(e) = delivery.await {
-        tracing::error!(error = %e, "delivery task failed");
+    if let Err(e) = delivery.finished().await {
+        tracing::error!(error = %e, "delivery failed");
     }
     queue.close().await.context("cannot close the queue")?;
     admin_stop.cancel();

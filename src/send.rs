@@ -269,7 +269,9 @@ pub async fn run(args: SendArgs, mut config: Config, progress: bool) -> anyhow::
     let delivery_stop = CancellationToken::new();
     let delivery = Delivery::new(config.intake.clone(), queue.clone(), delivery_stop.clone())?;
     let delivery_stats = delivery.stats();
-    let delivery = tokio::spawn(delivery.run(DELIVERY_GRACE));
+    let delivery = delivery
+        .start(DELIVERY_GRACE)
+        .context("cannot start delivery's threads")?;
 
     let reader = LineReader::new(
         queue.clone(),
@@ -301,8 +303,8 @@ pub async fn run(args: SendArgs, mut config: Config, progress: bool) -> anyhow::
         let _ = bar.await;
     }
     delivery_stop.cancel();
-    if let Err(e) = delivery.await {
-        tracing::error!(error = %e, "delivery task failed");
+    if let Err(e) = delivery.finished().await {
+        tracing::error!(error = %e, "delivery failed");
     }
     let (left, _) = queue.totals();
     let dead = queue.dead_letter_count().saturating_sub(dead_before);

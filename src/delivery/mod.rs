@@ -14,7 +14,10 @@
 
 mod batch;
 pub mod client;
+mod own_runtime;
 pub mod retry;
+
+pub use own_runtime::Running;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
