@@ -301,21 +301,23 @@ fn small_queue_forwarder(mock: &MockIntake, extra: &str) -> (Forwarder, tempfile
 }
 
 /// Senders of `lines` numbered lines of ~400 bytes each over `connections` TCP connections
-/// (`<13>line CCC NNNNNN ...`).
+/// (`<13>line CCC NNNNNN ...`). Each stops at its first failed write (a test that stops the
+/// forwarder closes their connections) and says so in its result.
 fn tcp_senders(
     addr: std::net::SocketAddr,
     connections: usize,
     lines: usize,
-) -> Vec<std::thread::JoinHandle<()>> {
+) -> Vec<std::thread::JoinHandle<std::io::Result<()>>> {
     let pad = "p".repeat(376);
     (0..connections)
         .map(|c| {
             let pad = pad.clone();
             std::thread::spawn(move || {
-                let mut tcp = std::io::BufWriter::new(std::net::TcpStream::connect(addr).unwrap());
+                let mut tcp = std::io::BufWriter::new(std::net::TcpStream::connect(addr)?);
                 for i in 0..lines {
-                    writeln!(tcp, "<13>line {c:03} {i:06} {pad}").unwrap();
+                    writeln!(tcp, "<13>line {c:03} {i:06} {pad}")?;
                 }
+                tcp.flush()
             })
         })
         .collect()
@@ -340,7 +342,7 @@ async fn wait_full(fwd: &Forwarder) {
 async fn all_arrive_once(
     mock: &MockIntake,
     fwd: &Forwarder,
-    senders: Vec<std::thread::JoinHandle<()>>,
+    senders: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
     connections: usize,
     lines: usize,
 ) {
@@ -357,7 +359,7 @@ async fn all_arrive_once(
         fwd.log()
     );
     for s in senders {
-        s.join().unwrap();
+        s.join().unwrap().expect("a sender's write failed");
     }
     let mut seen = vec![0u32; connections * lines];
     for e in &mock.events() {
