@@ -201,3 +201,30 @@ pub async fn compressed_reads(admin: SocketAddr) -> Option<(f64, f64)> {
     let decompressed = metric(&client, admin, "queue_chunks_decompressed").await;
     from_memory.zip(decompressed)
 }
+
+/// Runs `work` while sampling how many events the forwarder has queued (every 100 ms);
+/// returns what `work` returned and the most events seen queued at once. A forwarder whose
+/// delivery keeps up holds little; one whose delivery is starved holds most of a burst.
+pub async fn with_peak_queued<T>(
+    admin: SocketAddr,
+    work: impl std::future::Future<Output = T>,
+) -> (T, u64) {
+    let client = http_client();
+    let done = std::cell::Cell::new(false);
+    let peak = std::cell::Cell::new(0u64);
+    let sampler = async {
+        while !done.get() {
+            if let Some(q) = queue_view(&client, admin).await {
+                peak.set(peak.get().max(q.events));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let work = async {
+        let out = work.await;
+        done.set(true);
+        out
+    };
+    let (out, ()) = tokio::join!(work, sampler);
+    (out, peak.get())
+}

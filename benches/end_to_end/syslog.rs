@@ -18,7 +18,7 @@ use tokio::io::AsyncWriteExt;
 use crate::client::event_text;
 use crate::common::MockIntake;
 use crate::phases::{cpu_per_million, rate, start_forwarder, stop_forwarder, wait_accepted};
-use crate::probe::{compressed_reads, cpu_secs, proc_status_bytes};
+use crate::probe::{compressed_reads, cpu_secs, proc_status_bytes, with_peak_queued};
 use crate::report::{compressed_reads_row, mib, row, Row};
 use crate::{deadline_for, KEY};
 
@@ -81,6 +81,8 @@ pub struct CellReport {
     pub peak_rss: u64,
     /// Compressed chunks delivery read from memory, and decompressed from the store.
     pub compressed_reads: Option<(f64, f64)>,
+    /// The most events the forwarder held queued at once during the cell.
+    pub peak_queued: u64,
     pub kernel_drops: u64,
 }
 
@@ -168,29 +170,32 @@ async fn run_cell(cell: &Cell, ticks: f64) -> CellReport {
     let cpu0 = cpu_secs(&pid.to_string(), ticks);
     let started = Instant::now();
     let (udp, tcp) = (fwd.syslog("udp"), fwd.syslog("tcp"));
-    if cell.udp {
-        on_own_runtime(send_udp(udp, data)).await;
-    } else {
-        on_own_runtime(send_tcp(tcp, data)).await;
-    }
     let within = deadline_for(sent);
-    let (complete, elapsed) = if cell.udp {
-        // What the kernel dropped never comes: done once the rest is delivered (the drop count
-        // is read every second, so the time is that of the last event seen to arrive).
-        let last = std::cell::Cell::new((0, started.elapsed()));
-        let done = crate::common::wait_until_async(within, || async {
-            let accepted = mock.stats().accepted_events;
-            if accepted > last.get().0 {
-                last.set((accepted, started.elapsed()));
-            }
-            accepted + kernel_drops(&fwd.status().await) >= sent
-        })
-        .await;
-        (done, last.get().1)
-    } else {
-        let done = wait_accepted(&mock, sent, within).await;
-        (done, started.elapsed())
-    };
+    let ((complete, elapsed), peak_queued) = with_peak_queued(fwd.admin, async {
+        if cell.udp {
+            on_own_runtime(send_udp(udp, data)).await;
+        } else {
+            on_own_runtime(send_tcp(tcp, data)).await;
+        }
+        if cell.udp {
+            // What the kernel dropped never comes: done once the rest is delivered (the drop count
+            // is read every second, so the time is that of the last event seen to arrive).
+            let last = std::cell::Cell::new((0, started.elapsed()));
+            let done = crate::common::wait_until_async(within, || async {
+                let accepted = mock.stats().accepted_events;
+                if accepted > last.get().0 {
+                    last.set((accepted, started.elapsed()));
+                }
+                accepted + kernel_drops(&fwd.status().await) >= sent
+            })
+            .await;
+            (done, last.get().1)
+        } else {
+            let done = wait_accepted(&mock, sent, within).await;
+            (done, started.elapsed())
+        }
+    })
+    .await;
     let cpu = cpu_secs(&pid.to_string(), ticks) - cpu0;
     let delivered = mock.stats().accepted_events;
     let status = fwd.status().await;
@@ -214,6 +219,7 @@ async fn run_cell(cell: &Cell, ticks: f64) -> CellReport {
         peak_rss,
         kernel_drops,
         compressed_reads,
+        peak_queued,
     }
 }
 
@@ -334,6 +340,12 @@ pub fn rows(cells: &[CellReport], idle: &Idle, rows: &mut Vec<Row>) {
             None,
         ));
         compressed_reads_row(&format!("syslog {}", c.name), c.compressed_reads, rows);
+        rows.push(row(
+            format!("syslog {}: most events queued at once", c.name),
+            c.peak_queued.to_string(),
+            "",
+            None,
+        ));
         if c.name.starts_with("udp") {
             rows.push(row(
                 format!("syslog {}: delivered / sent (kernel drops)", c.name),
