@@ -130,6 +130,7 @@ pub async fn run(config: Config, readiness: Readiness) -> anyhow::Result<()> {
     });
     let delivery = delivery
         .start(DELIVERY_GRACE)
+        .await
         .context("cannot start delivery's threads")?;
     readiness.ready(&ready);
 

@@ -271,6 +271,7 @@ pub async fn run(args: SendArgs, mut config: Config, progress: bool) -> anyhow::
     let delivery_stats = delivery.stats();
     let delivery = delivery
         .start(DELIVERY_GRACE)
+        .await
         .context("cannot start delivery's threads")?;
 
     let reader = LineReader::new(

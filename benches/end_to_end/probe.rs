@@ -196,7 +196,7 @@ pub fn write_bytes(pid: u32) -> u64 {
 /// How delivery read the queue's compressed chunks: from the bodies kept since their commit,
 /// and decompressed from the store (a forwarder that keeps up reads them all from memory).
 pub async fn compressed_reads(admin: SocketAddr) -> Option<(f64, f64)> {
-    let client = crate::client::http_client();
+    let client = http_client();
     let from_memory = metric(&client, admin, "queue_chunks_read_from_memory").await;
     let decompressed = metric(&client, admin, "queue_chunks_decompressed").await;
     from_memory.zip(decompressed)

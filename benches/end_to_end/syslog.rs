@@ -169,17 +169,13 @@ async fn run_cell(cell: &Cell, ticks: f64) -> CellReport {
         .sum();
     let cpu0 = cpu_secs(&pid.to_string(), ticks);
     let started = Instant::now();
-    let (udp, tcp) = (fwd.syslog("udp"), fwd.syslog("tcp"));
     let within = deadline_for(sent);
     let ((complete, elapsed), peak_queued) = with_peak_queued(fwd.admin, async {
         if cell.udp {
-            on_own_runtime(send_udp(udp, data)).await;
-        } else {
-            on_own_runtime(send_tcp(tcp, data)).await;
-        }
-        if cell.udp {
-            // What the kernel dropped never comes: done once the rest is delivered (the drop count
-            // is read every second, so the time is that of the last event seen to arrive).
+            on_own_runtime(send_udp(fwd.syslog("udp"), data)).await;
+            // What the kernel dropped never comes: done once the rest is delivered (the drop
+            // count is read every second, so the time is that of the last event seen to
+            // arrive).
             let last = std::cell::Cell::new((0, started.elapsed()));
             let done = crate::common::wait_until_async(within, || async {
                 let accepted = mock.stats().accepted_events;
@@ -191,6 +187,7 @@ async fn run_cell(cell: &Cell, ticks: f64) -> CellReport {
             .await;
             (done, last.get().1)
         } else {
+            on_own_runtime(send_tcp(fwd.syslog("tcp"), data)).await;
             let done = wait_accepted(&mock, sent, within).await;
             (done, started.elapsed())
         }

@@ -29,23 +29,39 @@ fn worker_threads() -> usize {
 }
 
 impl Delivery {
-    /// Starts [`Delivery::run`] on a runtime of its own (threads named `delivery`).
-    pub fn start(self, grace: Duration) -> std::io::Result<Running> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(worker_threads())
-            .thread_name("delivery")
-            .enable_all()
-            .build()?;
+    /// Starts [`Delivery::run`] on a runtime of its own (threads named `delivery`); `Err` if
+    /// its threads cannot be made.
+    ///
+    /// The runtime is built, run and dropped on delivery's own thread: a runtime dropped
+    /// in an async context panics, which a failed `spawn` holding it would do here.
+    pub async fn start(self, grace: Duration) -> std::io::Result<Running> {
+        let (started, built) = oneshot::channel();
         let (tx, done) = oneshot::channel();
         std::thread::Builder::new()
             .name("delivery".into())
             .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(worker_threads())
+                    .thread_name("delivery")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = started.send(Ok(()));
                 runtime.block_on(self.run(grace));
                 // The runtime is shut down (its tasks dropped, their connections closed)
                 // before the end is told, so that the queue is closed after it.
                 drop(runtime);
                 let _ = tx.send(());
             })?;
+        built
+            .await
+            .map_err(|_| std::io::Error::other("the delivery thread ended at its start"))??;
         Ok(Running { done })
     }
 }
@@ -135,11 +151,12 @@ mod tests {
             linger_ms: 10,
             ..IntakeConfig::default()
         };
-        let running = {
-            let _sources = sources.enter();
-            let delivery = Delivery::new(config, queue.clone(), stop.clone()).unwrap();
-            delivery.start(Duration::from_secs(5)).unwrap()
-        };
+        // Started from within the sources' runtime, as `app.rs` does (its `block_on` runs
+        // on this thread, not on the held workers).
+        let delivery = Delivery::new(config, queue.clone(), stop.clone()).unwrap();
+        let running = sources
+            .block_on(delivery.start(Duration::from_secs(5)))
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         while mock.stats().accepted_events < 100 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
