@@ -323,18 +323,19 @@ fn tcp_senders(
         .collect()
 }
 
-/// Waits until the queue is full and the TCP source stopped reading for it.
+/// Waits until the queue is full and the TCP source stopped reading for it (it says so once
+/// its next batch is refused, a moment after the queue filled).
 async fn wait_full(fwd: &Forwarder) {
     let full = wait_until_async(DEADLINE, || async {
         fwd.status().await["queue"]["full"] == true
     })
     .await;
     assert!(full, "the queue never filled:\n{}", fwd.log());
-    let status = fwd.status().await;
-    assert!(
-        status["syslog_sources"][1]["queue_full_waits"].as_u64() > Some(0),
-        "{status}"
-    );
+    let waited = wait_until_async(DEADLINE, || async {
+        fwd.status().await["syslog_sources"][1]["queue_full_waits"].as_u64() > Some(0)
+    })
+    .await;
+    assert!(waited, "{}", fwd.status().await);
 }
 
 /// With the intake back, waits for every line of [`tcp_senders`] and asserts each arrived
@@ -413,10 +414,10 @@ async fn many_connections_together_hold_at_most_max_buffered_bytes() {
     assert_eq!(s["buffered_bytes"].as_u64(), Some(0), "{status}");
 }
 
-/// A stop while the queue is full cannot store what a connection read: its batch in flight and
-/// the batch read ahead meanwhile. Both are said, with how many messages each held (never lost
-/// silently), and what the queue had made durable still arrives after a restart: the lines
-/// 0..N, each once (none lost before what was lost at the stop).
+/// A stop while the queue is full cannot store what a connection read: its batches in flight
+/// (refused, waiting for room) and what it read after them. All of it is said, with how many
+/// messages (never lost silently), and what the queue had made durable still arrives after a
+/// restart: the lines 0..N, each once (none lost before what was lost at the stop).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stop_on_a_full_queue_says_what_it_could_not_store() {
     // Every line of `tcp_senders` is 396 bytes once its newline is cut.
@@ -425,17 +426,13 @@ async fn a_stop_on_a_full_queue_says_what_it_could_not_store() {
     let (mut fwd, dir) = small_queue_forwarder(&mock, "");
     let _senders = tcp_senders(fwd.syslog("tcp"), 1, 60_000);
     wait_full(&fwd).await;
-    // More than one batch (1,000 messages) held: a batch is read ahead of the one stuck.
-    let read_ahead = wait_until_async(DEADLINE, || async {
-        fwd.status().await["syslog_sources"][1]["buffered_bytes"].as_u64() > Some(1000 * LINE)
-    })
-    .await;
+    // The connection waits for room with what it read: it reads no more meanwhile.
     let status = fwd.status().await;
-    assert!(read_ahead, "no batch was read ahead: {status}");
     let held = status["syslog_sources"][1]["buffered_bytes"]
         .as_u64()
         .unwrap_or(0)
         / LINE;
+    assert!(held > 0, "nothing read was waiting for room: {status}");
     let exit = fwd.terminate();
     let log = fwd.log();
     assert!(exit.success(), "{exit:?}:\n{log}");
@@ -443,7 +440,11 @@ async fn a_stop_on_a_full_queue_says_what_it_could_not_store() {
         .lines()
         .filter(|l| l.contains("but not stored"))
         .map(|l| {
-            let n = l.split("messages=").nth(1).unwrap_or_default();
+            let n = l
+                .split("events=")
+                .nth(1)
+                .or_else(|| l.split("messages=").nth(1))
+                .unwrap_or_default();
             n.chars()
                 .take_while(char::is_ascii_digit)
                 .collect::<String>()
@@ -451,15 +452,12 @@ async fn a_stop_on_a_full_queue_says_what_it_could_not_store() {
                 .unwrap_or(0)
         })
         .collect();
-    assert_eq!(
-        said.len(),
-        2,
-        "the batch in flight and the one read ahead:\n{log}"
-    );
-    let lost: u64 = said.iter().sum();
+    assert!(!said.is_empty(), "nothing said of what was lost:\n{log}");
     assert!(said.iter().all(|&n| n > 0), "{said:?}:\n{log}");
+    let lost: u64 = said.iter().sum();
+    // What was held is said; at most the batches in flight and one being read.
     assert!(
-        (held..=2000).contains(&lost),
+        (held..=3000).contains(&lost),
         "{lost} said, {held} held:\n{log}"
     );
     // What was durable arrives: the lines 0..N, each once.

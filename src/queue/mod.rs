@@ -24,6 +24,7 @@ mod fresh;
 pub mod fuzzing;
 mod generation;
 mod open;
+mod order;
 mod read;
 mod read_only;
 mod record;
@@ -47,6 +48,7 @@ pub use generation::CorruptNote;
 use generation::Generation;
 pub(crate) use open::check_format;
 use open::{load, prepare_dir, Loaded};
+pub use order::AppendOrder;
 pub use read::{BatchDate, Position, ReadBatch, ReadLimits, ReadSpan, StoredChunk};
 pub use read_only::ReadOnlyQueue;
 pub use record::{Chunk, ChunkView, DeadLetter};
@@ -80,6 +82,10 @@ pub enum QueueError {
     Missing(PathBuf),
     #[error("queue storage error: {0}")]
     Storage(String),
+    /// An earlier append carrying the same [`AppendOrder`] failed: this one was not stored
+    /// either, so that the stream's events stay in order (`queue/order.rs`).
+    #[error("an earlier append of the same stream failed; this one was not stored either")]
+    EarlierAppendFailed,
     /// sled found its own data damaged (a checksum failed) or panicked on it.
     #[error("queue database damaged: {0}")]
     Corrupt(String),
@@ -343,6 +349,28 @@ impl Shared {
     }
 }
 
+/// An append the writer has, not yet known durable ([`Queue::submit`]).
+#[derive(Debug)]
+pub struct Submitted {
+    wait: oneshot::Receiver<Result<(), QueueError>>,
+    shared: Arc<Shared>,
+}
+
+/// Once the append is durable: `Ok`, or why it was not stored. Cancel-safe (polled by
+/// reference, it keeps waiting for the same answer).
+impl std::future::Future for Submitted {
+    type Output = Result<(), QueueError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.wait).poll(cx).map(|answer| {
+            answer.unwrap_or_else(|_| Err(self.shared.failed().err().unwrap_or(QueueError::Closed)))
+        })
+    }
+}
+
 /// A handle on the queue; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Queue {
@@ -477,6 +505,37 @@ impl Queue {
         checkpoints: Vec<Checkpoint>,
         received_at_ms: u64,
     ) -> Result<(), QueueError> {
+        self.hand_over(events, checkpoints, received_at_ms, None)
+            .await?
+            .await
+    }
+
+    /// Hands `events` and `checkpoints` (one atomic commit, as [`Queue::append_with_checkpoints`])
+    /// to the writer and returns without waiting for them to be durable, so that the stream
+    /// can read its next batch meanwhile: [`Submitted::durable`] says when they are. Appends
+    /// submitted with the same `order` become durable in the order they were submitted or not
+    /// at all: once one fails, the later ones fail with [`QueueError::EarlierAppendFailed`]
+    /// until `order` is mended (`queue/order.rs`).
+    pub async fn submit(
+        &self,
+        events: Vec<IncomingEvent>,
+        checkpoints: Vec<Checkpoint>,
+        order: &AppendOrder,
+    ) -> Result<Submitted, QueueError> {
+        if order.is_broken() {
+            return Err(QueueError::EarlierAppendFailed);
+        }
+        self.hand_over(events, checkpoints, now_ms(), Some(order.clone()))
+            .await
+    }
+
+    async fn hand_over(
+        &self,
+        events: Vec<IncomingEvent>,
+        checkpoints: Vec<Checkpoint>,
+        received_at_ms: u64,
+        order: Option<AppendOrder>,
+    ) -> Result<Submitted, QueueError> {
         self.shared.failed()?;
         if self.is_full() {
             return Err(QueueError::Full);
@@ -488,12 +547,16 @@ impl Queue {
             .send(writer::Op::Append {
                 groups,
                 checkpoints,
+                order,
                 done,
             })
             .await
             .map_err(|_| self.closed())?;
         self.shared.senders.wake_writer();
-        wait.await.map_err(|_| self.closed())?
+        Ok(Submitted {
+            wait,
+            shared: Arc::clone(&self.shared),
+        })
     }
 
     /// The checkpoint stored under `name`, as durable now.

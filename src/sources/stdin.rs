@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{IntakeKey, ReadingSource, StdinSourceConfig};
 use crate::queue::Queue;
-use crate::sources::durable::{Appender, Lines, Stopped};
+use crate::sources::durable::{Appender, InFlight, Lines, Stopped};
 use crate::sources::syslog::framing::{Frame, FrameDecoder, Oversize};
 
 /// The most bytes of one read of the input.
@@ -98,9 +98,10 @@ impl LineReader {
         self.stats.clone()
     }
 
-    /// Reads `input` to its end, storing its lines as they come, each batch durable before
-    /// the next read. A read error ends the input like its end (what was read before it is
-    /// stored) and is returned once that is durable.
+    /// Reads `input` to its end, storing its lines as they come: each read's lines are handed
+    /// to the queue while the next is read, at most [`crate::sources::durable::DEPTH`] in flight, so that a full queue
+    /// stops the reading (`sources/durable/in_flight.rs`). A read error ends the input like its
+    /// end (what was read before it is stored) and is returned once that is durable.
     pub async fn read_to_end(
         &self,
         input: impl Read + Send + 'static,
@@ -109,7 +110,11 @@ impl LineReader {
         let mut reads = spawn_reader(input, &self.appender.name)?;
         let mut decoder = FrameDecoder::lines(self.max, self.oversize);
         let mut buf = BytesMut::new();
+        let mut in_flight = InFlight::new();
         loop {
+            if in_flight.is_full() && self.oldest_durable(&mut in_flight, stop).await.is_err() {
+                return Ok(End::Stopped);
+            }
             let read = tokio::select! {
                 () = stop.cancelled() => return Ok(End::Stopped),
                 read = reads.recv() => read,
@@ -121,7 +126,7 @@ impl LineReader {
                     while let Some(frame) = decoder.decode(&mut buf).ok().flatten() {
                         frames.push(frame);
                     }
-                    if self.store(&frames, stop).await.is_err() {
+                    if self.submit(&mut in_flight, frames, stop).await.is_err() {
                         return Ok(End::Stopped);
                     }
                     continue;
@@ -138,8 +143,13 @@ impl LineReader {
             while let Some(frame) = decoder.decode_eof(&mut buf).ok().flatten() {
                 frames.push(frame);
             }
-            if self.store(&frames, stop).await.is_err() {
+            if self.submit(&mut in_flight, frames, stop).await.is_err() {
                 return Ok(End::Stopped);
+            }
+            while !in_flight.is_empty() {
+                if self.oldest_durable(&mut in_flight, stop).await.is_err() {
+                    return Ok(End::Stopped);
+                }
             }
             return match error {
                 Some(e) => Err(e),
@@ -148,16 +158,32 @@ impl LineReader {
         }
     }
 
-    /// Stores `frames`, waiting out a full queue; `Err` if `stop` comes first.
-    async fn store(&self, frames: &[Frame], stop: &CancellationToken) -> Result<(), Stopped> {
+    /// Hands `frames` to the queue behind those in flight (none if there are none).
+    async fn submit(
+        &self,
+        in_flight: &mut InFlight<()>,
+        frames: Vec<Frame>,
+        stop: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        if frames.is_empty() {
+            return Ok(());
+        }
         self.appender
-            .store(frames, &[], stop)
+            .submit(in_flight, frames, Vec::new(), (), stop)
             .await
-            .inspect_err(|_| {
-                tracing::warn!(source = %self.appender.name, lines = frames.len(),
-                "stopped while the queue could not take these lines: they were read from the \
-                 input but not stored");
-            })
+    }
+
+    /// Waits for the oldest lines in flight to be durable; `Err` if `stop` came first (the
+    /// appender said how many lines were read and not stored).
+    async fn oldest_durable(
+        &self,
+        in_flight: &mut InFlight<()>,
+        stop: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        match self.appender.durable(in_flight, stop).await {
+            Some(Err(Stopped)) => Err(Stopped),
+            Some(Ok(_)) | None => Ok(()),
+        }
     }
 }
 

@@ -465,3 +465,68 @@ async fn an_ack_in_a_damaged_generation_fails_alone_in_its_group() {
     let q = Queue::open(&cfg).unwrap();
     assert!(contains_run(&drain(&q, 0, false).await, &texts(&after)));
 }
+
+/// Two appends of one stream in flight, each in a group of its own: the first is refused
+/// (the disk looked full when its group was checked), then the disk has room again when the
+/// second's group is. The second must be refused too, so that it is not stored ahead of the
+/// first; once the order is mended, both are stored, in order. (Without the order, the second
+/// was stored alone: a file's checkpoint past lines that were never stored.)
+#[tokio::test]
+async fn an_append_after_a_refused_one_of_its_stream_is_refused_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let q = Queue::open(&cfg).unwrap();
+    q.append(tagged("K", "zero", 2)).await.unwrap();
+    let injected = inject(&cfg.path);
+    // The writer is held at its first disk check, with the first append's group gathered.
+    let (reached_tx, mut reached) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = std::sync::Mutex::new(Some(released));
+    fail::cfg_callback("queue-disk-check", move || {
+        let Some(released) = released.lock().unwrap().take() else {
+            return;
+        };
+        let _ = reached_tx.send(());
+        let _ = released.recv_timeout(std::time::Duration::from_secs(60));
+    })
+    .unwrap();
+    let order = AppendOrder::new();
+    let (one, two) = (tagged("K", "one", 4), tagged("K", "two", 4));
+    let first = q.submit(one.clone(), Vec::new(), &order).await.unwrap();
+    reached.recv().await.unwrap();
+    let second = q.submit(two.clone(), Vec::new(), &order).await.unwrap();
+    // The held check sees a full disk, once; the second's group will see room.
+    fail::cfg("queue-disk-low", "1*return").unwrap();
+    release.send(()).unwrap();
+    assert!(matches!(first.await, Err(QueueError::Full)));
+    let second = second.await;
+    fail::remove("queue-disk-check");
+    fail::remove("queue-disk-low");
+    drop(injected);
+    assert!(
+        matches!(second, Err(QueueError::EarlierAppendFailed)),
+        "stored ahead of the append refused before it: {second:?}"
+    );
+    assert!(order.is_broken());
+    assert!(matches!(
+        q.submit(two.clone(), Vec::new(), &order).await,
+        Err(QueueError::EarlierAppendFailed)
+    ));
+    let zero = texts(&tagged("K", "zero", 2));
+    assert_eq!(
+        drain(&q, 0, false).await,
+        zero,
+        "only what was acknowledged"
+    );
+    // The source heard both answers: it mends the order, waits for room as every source
+    // does (the refusal marked the queue full until the next disk check) and appends both
+    // again, in order.
+    order.mend();
+    wait_for("room in the queue again", || !q.is_full()).await;
+    let first = q.submit(one.clone(), Vec::new(), &order).await.unwrap();
+    let second = q.submit(two.clone(), Vec::new(), &order).await.unwrap();
+    first.await.unwrap();
+    second.await.unwrap();
+    let all: Vec<String> = [zero, texts(&one), texts(&two)].concat();
+    assert_eq!(drain(&q, 0, false).await, all);
+}

@@ -274,6 +274,7 @@ mod tests {
         Op::Append {
             groups: Vec::new(),
             checkpoints: Vec::new(),
+            order: None,
             done,
         }
     }

@@ -35,6 +35,7 @@ use super::checkpoint::Checkpoint;
 use super::compression::Compression;
 use super::fresh::{ChunkAt, FreshBodies};
 use super::generation::{GenDb, GenLane, GenSummary, Generation};
+use super::order::AppendOrder;
 use super::record::{self, Chunk, ChunkHeader, LaneRecord, Watermark};
 use super::{Ack, Lane, QueueError, Shared};
 use crate::crash_point;
@@ -104,6 +105,8 @@ pub enum Op {
         groups: Vec<Group>,
         /// Stored in the same batch as the chunks (`queue/checkpoint.rs`).
         checkpoints: Vec<Checkpoint>,
+        /// The stream's order, if it has several appends in flight (`queue/order.rs`).
+        order: Option<AppendOrder>,
         done: Done,
     },
     Ack {
@@ -392,7 +395,8 @@ impl Writer {
             let group = self
                 .gatherer
                 .gather(&shared.senders, &shared.stats, &mut rx, first);
-            let mut ops = self.refuse_appends_if_disk_low(group.ops);
+            let ops = refuse_out_of_order(group.ops);
+            let mut ops = self.refuse_appends_if_disk_low(ops);
             let quarantines = self.stage_quarantines(&mut ops);
             if !ops.is_empty() {
                 let started = Instant::now();
@@ -707,12 +711,34 @@ impl Writer {
     }
 }
 
+/// Answers `op`; an append that fails breaks its stream's order, so that the writer refuses
+/// the stream's later appends until the source has appended this one again.
 fn answer(op: Op, result: Result<(), QueueError>) {
     let done = match op {
-        Op::Append { done, .. } | Op::Ack { done, .. } | Op::Close { done } => done,
+        Op::Append { done, order, .. } => {
+            if let (Err(_), Some(order)) = (&result, order) {
+                order.broke();
+            }
+            done
+        }
+        Op::Ack { done, .. } | Op::Close { done } => done,
         Op::Refresh | Op::Quarantine => return,
     };
     let _ = done.send(result);
+}
+
+/// Refuses the appends whose stream had an earlier append fail (`queue/order.rs`): before the
+/// group is staged, so that none of them is stored ahead of the one that failed.
+fn refuse_out_of_order(ops: Vec<Op>) -> Vec<Op> {
+    let broken = |op: &Op| matches!(op, Op::Append { order: Some(o), .. } if o.is_broken());
+    if !ops.iter().any(broken) {
+        return ops;
+    }
+    let (refused, kept): (Vec<Op>, Vec<Op>) = ops.into_iter().partition(broken);
+    for op in refused {
+        answer(op, Err(QueueError::EarlierAppendFailed));
+    }
+    kept
 }
 
 /// Asks the writer to measure the disk every second, so that back-pressure lifts when space is

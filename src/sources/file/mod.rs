@@ -14,8 +14,9 @@
 //!   truncation is in the copy only: copytruncate itself loses it, as its manual says;
 //! - deletion: like rename (read to its end, let go of: no descriptor is kept for ever).
 //!
-//! One round of reads (up to `ROUND_BYTES` over all files) is made durable while the next is
-//! read, never more: a full queue still stops the reading.
+//! A round of reads (up to `ROUND_BYTES` over all files) is handed to the queue while the next
+//! is read, at most [`crate::sources::durable::DEPTH`] in flight: a full queue still stops the
+//! reading.
 //!
 //! A file rotated while the forwarder was stopped is found again by its inode in its old
 //! directory and read to its end from its checkpoint. A line not ended by a newline is waited
@@ -34,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{FileSourceConfig, ReadFrom, ReadingSource};
 use crate::queue::{Checkpoint, Queue};
-use crate::sources::durable::{Appender, Lines, Stopped};
+use crate::sources::durable::{Appender, InFlight, Lines, Stopped};
 use crate::sources::syslog::framing::Frame;
 use position::{FileId, Position};
 use scan::{Found, Patterns};
@@ -156,13 +157,17 @@ impl FileSource {
         let mut marker_pending = first_start;
         let mut next_scan = Instant::now() + self.config.scan_interval();
         let mut turn = 0usize;
-        // The round being made durable while the next is read (one at most, so a full queue
-        // still stops the reading); what its checkpoints move and release is done to the tails
-        // only once it is durable.
-        let mut storing: Option<Storing<'_>> = None;
-        let (this, stopped) = (&self, &stop);
+        // The rounds handed to the queue and not yet durable, each with the files it lets go
+        // of (`sources/durable/in_flight.rs`): at most `DEPTH`, so a full queue still stops
+        // the reading. A tail's checkpoint moves when its round is handed over; the files a
+        // round lets go of are closed only once it is durable.
+        let mut in_flight: InFlight<Vec<FileId>> = InFlight::new();
         loop {
             if stop.is_cancelled() {
+                break;
+            }
+            if in_flight.is_full() && !self.oldest_durable(&mut tails, &mut in_flight, &stop).await
+            {
                 break;
             }
             let now = Instant::now();
@@ -170,28 +175,16 @@ impl FileSource {
                 self.scan(&mut tails, false);
                 next_scan = now + self.config.scan_interval();
             }
-            // Files the round in flight lets go of are not read again.
-            let letting_go = storing.as_ref().map(|s| s.released.clone());
-            let (round, stored) = tokio::join!(
-                self.read_round(&mut tails, turn, letting_go.as_deref().unwrap_or_default()),
-                finish(storing.take()),
-            );
-            if let Some(stored) = stored {
-                if !self.durable(&mut tails, stored) {
-                    break;
-                }
-            }
+            // Files a round in flight lets go of are not read again.
+            let letting_go: Vec<FileId> = in_flight.extras().flatten().copied().collect();
+            let round = self.read_round(&mut tails, turn, &letting_go).await;
             turn = turn.wrapping_add(1);
             let mut frames = round.frames;
-            let released = self.release_done(&mut tails, now, &mut frames);
+            let released = self.release_done(&mut tails, now, &letting_go, &mut frames);
             let mut checkpoints = Vec::new();
-            let mut moved = Vec::new();
             for tail in tails.values_mut() {
                 match tail.checkpoint() {
-                    Ok(Some((c, offset, fp))) => {
-                        checkpoints.push(c);
-                        moved.push((tail.id, offset, fp));
-                    }
+                    Ok(Some(c)) => checkpoints.push(c),
                     Ok(None) => {}
                     Err(e) => self.read_error(tail, &e),
                 }
@@ -208,18 +201,19 @@ impl FileSource {
             }
             if !frames.is_empty() || !checkpoints.is_empty() {
                 marker_pending = false;
-                storing = Some(Storing {
-                    done: Box::pin(async move { this.store(&frames, checkpoints, stopped).await }),
-                    moved,
-                    released,
-                });
+                let submitted = self
+                    .appender
+                    .submit(&mut in_flight, frames, checkpoints, released, &stop)
+                    .await;
+                if submitted.is_err() {
+                    break;
+                }
             }
             if !round.read_any {
-                // Nothing more to read now: the round in flight is waited for before sleeping.
-                if let Some(stored) = finish(storing.take()).await {
-                    if !self.durable(&mut tails, stored) {
-                        break;
-                    }
+                // Nothing more to read now: the rounds in flight are waited for before
+                // sleeping.
+                if !self.all_durable(&mut tails, &mut in_flight, &stop).await {
+                    break;
                 }
                 let due = tails.values().filter_map(Tail::due).min();
                 let wake = [
@@ -237,28 +231,49 @@ impl FileSource {
                 }
             }
         }
-        // A round in flight at the stop is stored (unless the queue is full: `store` gives up
-        // at the stop), as before the reads were pipelined.
-        if let Some(stored) = finish(storing.take()).await {
-            self.durable(&mut tails, stored);
-        }
+        // The rounds in flight at the stop are stored (unless the queue is full: the appender
+        // gives up at the stop), as before the reads were pipelined.
+        self.all_durable(&mut tails, &mut in_flight, &stop).await;
         tracing::info!(source = %self.label, files = tails.len(), "file source stopped");
         Ok(())
     }
 
-    /// Once a round is durable: its tails' checkpoints are theirs, and the files it let go of
-    /// are closed. `false` if it could not be stored (the source stopped).
-    fn durable(&self, tails: &mut BTreeMap<FileId, Tail>, stored: Stored) -> bool {
-        let (result, moved, released) = stored;
-        if result.is_err() {
-            return false;
+    /// Waits for the oldest round in flight to be durable, then lets go of the files it
+    /// released. `false` if it could not be stored (the source stopped).
+    async fn oldest_durable(
+        &self,
+        tails: &mut BTreeMap<FileId, Tail>,
+        in_flight: &mut InFlight<Vec<FileId>>,
+        stop: &CancellationToken,
+    ) -> bool {
+        match self.appender.durable(in_flight, stop).await {
+            Some(Ok(round)) => {
+                self.let_go(tails, &round.extra);
+                true
+            }
+            Some(Err(Stopped)) => false,
+            None => true,
         }
-        for (id, offset, fp) in moved {
-            if let Some(tail) = tails.get_mut(&id) {
-                tail.committed(offset, fp);
+    }
+
+    /// [`FileSource::oldest_durable`] for every round in flight.
+    async fn all_durable(
+        &self,
+        tails: &mut BTreeMap<FileId, Tail>,
+        in_flight: &mut InFlight<Vec<FileId>>,
+        stop: &CancellationToken,
+    ) -> bool {
+        while !in_flight.is_empty() {
+            if !self.oldest_durable(tails, in_flight, stop).await {
+                return false;
             }
         }
-        for id in &released {
+        true
+    }
+
+    /// Closes the files a durable round let go of.
+    fn let_go(&self, tails: &mut BTreeMap<FileId, Tail>, released: &[FileId]) {
+        for id in released {
             if let Some(tail) = tails.remove(id) {
                 self.stats.files_released.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(source = %self.label, path = %tail.path.display(), "file read to its end and let go of");
@@ -267,7 +282,6 @@ impl FileSource {
         self.stats
             .open_files
             .store(tails.len() as u64, Ordering::Relaxed);
-        true
     }
 
     /// Reads every file but those in `skip` (from a rotating first one; a busy one until its
@@ -334,15 +348,17 @@ impl FileSource {
 
     /// The files no path names any more, read to their end and quiet for `rotate_wait_ms`:
     /// their last events go to `frames`, and they are let go of once those are stored.
+    /// `letting_go`: those already let go of by a round in flight.
     fn release_done(
         &self,
         tails: &mut BTreeMap<FileId, Tail>,
         now: Instant,
+        letting_go: &[FileId],
         frames: &mut Vec<Frame>,
     ) -> Vec<FileId> {
         let wait = self.config.rotate_wait();
         let mut done = Vec::new();
-        for tail in tails.values_mut() {
+        for tail in tails.values_mut().filter(|t| !letting_go.contains(&t.id)) {
             let quiet = now.saturating_duration_since(tail.last_growth) >= wait;
             if tail
                 .gone_since
@@ -507,38 +523,6 @@ impl FileSource {
             });
         }
     }
-
-    /// Stores `frames` with `checkpoints`, waiting out a full queue; `Err` if `stop` comes
-    /// first (nothing was stored: the checkpoints did not move, the lines are read again).
-    async fn store(
-        &self,
-        frames: &[Frame],
-        checkpoints: Vec<Checkpoint>,
-        stop: &CancellationToken,
-    ) -> Result<(), Stopped> {
-        self.appender.store(frames, &checkpoints, stop).await
-    }
-}
-
-/// A round of events and checkpoints being made durable, and what becomes of the tails once
-/// it is: the checkpoints they moved to, the files it lets go of.
-struct Storing<'a> {
-    done: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Stopped>> + Send + 'a>>,
-    moved: Vec<(FileId, u64, position::Fingerprint)>,
-    released: Vec<FileId>,
-}
-
-/// A round once its store ended: how, and what it moved and released.
-type Stored = (
-    Result<(), Stopped>,
-    Vec<(FileId, u64, position::Fingerprint)>,
-    Vec<FileId>,
-);
-
-/// The round in flight, once its store ended; `None` at once if there is none.
-async fn finish(storing: Option<Storing<'_>>) -> Option<Stored> {
-    let s = storing?;
-    Some((s.done.await, s.moved, s.released))
 }
 
 /// What one round of reads found.

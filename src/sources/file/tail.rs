@@ -58,8 +58,9 @@ pub struct Tail {
     fingerprint: Fingerprint,
     /// Where the end of the last frame decoded is: the start of the next line.
     line_start: u64,
-    /// The resume offset and fingerprint as durable in the queue (`None`: no checkpoint yet).
-    committed: Option<(u64, Fingerprint)>,
+    /// The resume offset and fingerprint of the last checkpoint handed to the queue, or that
+    /// the queue held at the start (`None`: no checkpoint yet).
+    offered: Option<(u64, Fingerprint)>,
     /// When it was first found at no path of its source: it is read to its end, then let go of.
     pub gone_since: Option<Instant>,
     /// When a read last found new bytes.
@@ -67,14 +68,14 @@ pub struct Tail {
 }
 
 impl Tail {
-    /// A tail of `file` (found at `path`) that reads from `start`; `committed` is the
-    /// checkpoint the queue holds for it, if any.
+    /// A tail of `file` (found at `path`) that reads from `start`; `stored` is the checkpoint
+    /// the queue holds for it, if any.
     pub fn new(
         id: FileId,
         path: PathBuf,
         file: File,
         start: u64,
-        committed: Option<(u64, Fingerprint)>,
+        stored: Option<(u64, Fingerprint)>,
         cutting: Cutting,
     ) -> std::io::Result<Tail> {
         let fingerprint = Fingerprint::of(&file)?;
@@ -92,7 +93,7 @@ impl Tail {
             cutting,
             fingerprint,
             line_start: start,
-            committed,
+            offered: stored,
             gone_since: None,
             last_growth: Instant::now(),
         })
@@ -198,16 +199,18 @@ impl Tail {
         self.buf.is_empty() && self.decoder.pending_bytes() == 0 && self.due().is_none()
     }
 
-    /// The checkpoint to store with the events handed out so far, if it moved; then
-    /// [`Tail::committed`] once it is durable.
-    pub fn checkpoint(&mut self) -> std::io::Result<Option<(Checkpoint, u64, Fingerprint)>> {
+    /// The checkpoint to store with the events handed out so far, if it moved since the last
+    /// one handed to the queue. The caller hands it over with those events: from then on the
+    /// source makes it durable in order, or stops (`sources/durable/in_flight.rs`).
+    pub fn checkpoint(&mut self) -> std::io::Result<Option<Checkpoint>> {
         let offset = self.resume_offset();
         if !self.fingerprint.is_full() && self.read_at > self.fingerprint.len {
             self.fingerprint = Fingerprint::of(&self.file)?;
         }
-        if self.committed == Some((offset, self.fingerprint)) {
+        if self.offered == Some((offset, self.fingerprint)) {
             return Ok(None);
         }
+        self.offered = Some((offset, self.fingerprint));
         let position = Position {
             path: self.path.clone(),
             offset,
@@ -217,11 +220,6 @@ impl Tail {
             name: self.id.checkpoint_name(),
             state: Some(position.encode()),
         };
-        Ok(Some((checkpoint, offset, self.fingerprint)))
-    }
-
-    /// The checkpoint returned by [`Tail::checkpoint`] is durable.
-    pub fn committed(&mut self, offset: u64, fingerprint: Fingerprint) {
-        self.committed = Some((offset, fingerprint));
+        Ok(Some(checkpoint))
     }
 }

@@ -1,13 +1,13 @@
 //! The bytes one TCP/TLS syslog source holds read from its sockets and not yet durable, for
 //! all its connections together (`max_buffered_bytes`).
 //!
-//! A connection holds at most two batches (one being stored, one being read), so without a
+//! A connection holds at most three batches (two handed to the queue, one being read), so without a
 //! bound shared by the connections, a thousand busy senders make a thousand times that (the
 //! bench's 1,000 connections took 257 MiB of RSS). A connection takes room for each message it
 //! has read before it reads the next, and gives it back once the batch holding it is durable;
 //! with no room left it stops reading, and its sender is pushed back by TCP flow control as
 //! with a full queue. Only messages already read hold room, and they are always on their way
-//! to the queue (a batch is stored as soon as the one before it is durable), so a slow or
+//! to the queue (a batch is handed over as soon as fewer than two are in flight), so a slow or
 //! silent connection holds none of it and cannot stall the others.
 
 use std::sync::atomic::Ordering;

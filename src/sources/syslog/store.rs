@@ -1,8 +1,9 @@
 //! From messages to durable events: what every syslog transport shares.
 //!
 //! Syslog has no acknowledgement (UDP none at all, TCP and TLS only a byte stream), so the
-//! promise is about what reached the queue: a transport reads at most one batch ahead of what
-//! the queue has made durable. When the queue is full it stops reading and waits; the kernel's
+//! promise is about what reached the queue: a transport reads at most a batch ahead of what it
+//! has handed to the queue, and hands over at most [`crate::sources::durable::DEPTH`] batches
+//! that are not yet durable. When the queue is full it stops reading and waits; the kernel's
 //! flow control then pushes back on a TCP sender, and a UDP sender's datagrams pile up in the
 //! socket buffer, then are dropped by the kernel and counted.
 
@@ -15,7 +16,7 @@ use super::framing::{Frame, Oversize};
 use super::SyslogSourceStats;
 use crate::config::IntakeKey;
 use crate::queue::Queue;
-use crate::sources::durable::{Appender, Lines};
+use crate::sources::durable::{Appender, Durable, InFlight, Lines};
 
 pub use crate::sources::durable::Stopped;
 
@@ -57,6 +58,29 @@ impl Store {
             name,
             budget,
         }
+    }
+
+    /// Hands `frames` to the queue behind the connection's batches in flight
+    /// ([`Appender::submit`]).
+    pub async fn submit<T>(
+        &self,
+        in_flight: &mut InFlight<T>,
+        frames: Vec<Frame>,
+        kept: T,
+        stop: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        self.appender
+            .submit(in_flight, frames, Vec::new(), kept, stop)
+            .await
+    }
+
+    /// The connection's oldest batch in flight once it is durable ([`Appender::durable`]).
+    pub async fn durable<T>(
+        &self,
+        in_flight: &mut InFlight<T>,
+        stop: &CancellationToken,
+    ) -> Option<Result<Durable<T>, Stopped>> {
+        self.appender.durable(in_flight, stop).await
     }
 
     /// Appends `frames` as events and returns once they are durable, waiting as long as the

@@ -2,19 +2,18 @@
 //!
 //! A connection is read as fast as the queue makes its messages durable and no faster: the
 //! messages already in the read buffer (up to a batch) are appended together, and while they
-//! are made durable at most one more batch is read, which waits for them. So a full queue
-//! stops the reading, the kernel's receive window closes, and the sender is pushed back
-//! instead of its messages being dropped.
+//! are made durable the next batch is read and handed to the queue, up to
+//! [`crate::sources::durable::DEPTH`] in flight; then the reading waits for the oldest. So a
+//! full queue stops the reading, the kernel's receive window closes, and the sender is pushed
+//! back instead of its messages being dropped.
 //!
 //! Limits (`super::super::server`): at most `max_connections` at once (the next wait in the
 //! kernel's backlog), a connection silent for `idle_timeout_secs` is closed, and so is one
 //! whose message (or TLS handshake) takes longer than `message_timeout_secs` from its first
-//! byte. Memory per connection is bounded: a read buffer, at most two batches, and at most
+//! byte. Memory per connection is bounded: a read buffer, at most three batches, and at most
 //! `max_event_bytes` of a message that is being cut; and the messages of all connections
 //! together, read and not yet durable, by `max_buffered_bytes` ([`super::budget`]).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -27,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 use super::budget::{Budget, Held};
 use super::framing::{Frame, FrameDecoder, Oversize};
 use super::store::{Stopped, Store};
-use crate::sources::server::{ConnectionTimeouts, Limit, Slot, Watchdog};
+use crate::sources::durable::InFlight;
+use crate::sources::server::{Activity, ConnectionTimeouts, Handling, Limit, Slot, Watchdog};
 
 /// Most messages appended at once from one connection.
 const BATCH_EVENTS: usize = 1000;
@@ -120,21 +120,23 @@ fn limit_reason(limit: Limit) -> &'static str {
     }
 }
 
-/// A batch being made durable, with its frames handed back for reuse once it is; it holds
-/// the connection's [`Handling`] meanwhile (no time limit while the queue makes them durable).
-type Storing<'a> = Pin<Box<dyn Future<Output = (Result<(), Stopped>, Vec<Frame>)> + Send + 'a>>;
+/// What a connection keeps with each batch in flight until it is durable: the batch's room
+/// in the source's budget, and its [`Handling`] (no time limit while the queue makes it
+/// durable).
+type Kept<'a> = (Held<'a>, Handling);
 
 /// Reads and stores messages until the stream ends; says why it ended.
 ///
-/// One batch is made durable while the next is read (a single connection's rate would
-/// otherwise be bounded by the commit latency), and no more: a batch is started only once the
-/// one before it is durable, so order is kept, and the reading stops at a full batch until
-/// then, so that a full queue still stops the reading.
+/// The batches read are handed to the queue while the next is read, up to [`crate::sources::durable::DEPTH`] in
+/// flight (`sources/durable/in_flight.rs`: a single connection's rate would otherwise be
+/// bounded by the commit latency), and no more: the reading stops at a full batch until the
+/// oldest is durable, so that a full queue still stops the reading. They are made durable in
+/// the order they were read.
 async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     store: &Store,
     reading: Reading,
-    activity: &crate::sources::server::Activity,
+    activity: &Activity,
     stop: &CancellationToken,
 ) -> &'static str {
     let decoder = FrameDecoder::new(reading.max_event_bytes, reading.oversize);
@@ -146,7 +148,7 @@ async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
     // A message read while the budget had no room for it: nothing more is read until it has.
     let mut waiting: Option<Frame> = None;
     let mut spare = Vec::new();
-    let mut storing: Option<Storing<'_>> = None;
+    let mut in_flight: InFlight<Kept<'_>> = InFlight::new();
     let mut ended: Option<&'static str> = None;
     let mut framing_errors = 0;
     loop {
@@ -155,17 +157,24 @@ async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
             // over the budget at most).
             batch.extend(waiting.take());
         }
-        if storing.is_none() && !batch.is_empty() {
+        if !in_flight.is_full() && !batch.is_empty() {
             let next = std::mem::replace(&mut batch, std::mem::take(&mut spare));
-            let room = std::mem::replace(&mut held, budget.none());
-            storing = Some(start_storing(store, stop, activity, next, room));
+            let kept = (
+                std::mem::replace(&mut held, budget.none()),
+                activity.handling(),
+            );
+            if store
+                .submit(&mut in_flight, next, kept, stop)
+                .await
+                .is_err()
+            {
+                return not_stored(store, &batch);
+            }
         }
         if ended.is_some() || batch_full(&batch) {
-            match storing.take() {
-                Some(s) => match s.await {
-                    (Ok(()), done) => spare = reuse(done),
-                    (Err(Stopped), _) => return not_stored(store, &batch),
-                },
+            match store.durable(&mut in_flight, stop).await {
+                Some(Ok(done)) => spare = reuse(done.frames),
+                Some(Err(Stopped)) => return not_stored(store, &batch),
                 None => break,
             }
             continue;
@@ -173,14 +182,14 @@ async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             () = stop.cancelled() => ended = Some("the source stopped"),
-            (stored, done) = finish(&mut storing) => {
-                storing = None;
-                if stored.is_err() {
+            () = in_flight.answered() => match store.durable(&mut in_flight, stop).await {
+                Some(Ok(done)) => spare = reuse(done.frames),
+                Some(Err(Stopped)) => {
                     batch.extend(waiting.take());
                     return not_stored(store, &batch);
                 }
-                spare = reuse(done);
-            }
+                None => {}
+            },
             () = room_for(budget, &mut held, waiting.as_ref()) => {
                 batch.extend(waiting.take());
             }
@@ -215,9 +224,9 @@ async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
     ended
 }
 
-/// Ends a connection whose batch in flight could not be stored (the source stopped while the
-/// queue was full; `Store::store` has said so), saying also what was read after it: lost with
-/// the connection too, never silently.
+/// Ends a connection whose batches in flight could not be stored (the source stopped while
+/// the queue was full; the appender has said how many), saying also what was read after
+/// them: lost with the connection too, never silently.
 fn not_stored(store: &Store, read_ahead: &[Frame]) -> &'static str {
     if !read_ahead.is_empty() {
         tracing::warn!(
@@ -230,35 +239,10 @@ fn not_stored(store: &Store, read_ahead: &[Frame]) -> &'static str {
     "the source stopped before the messages were stored"
 }
 
-/// Stores `frames`, giving back the room they hold once they are durable (or lost).
-fn start_storing<'a>(
-    store: &'a Store,
-    stop: &'a CancellationToken,
-    activity: &crate::sources::server::Activity,
-    frames: Vec<Frame>,
-    room: Held<'a>,
-) -> Storing<'a> {
-    let handling = activity.handling();
-    Box::pin(async move {
-        let _handling = handling;
-        let stored = store.store(&frames, stop).await;
-        drop(room);
-        (stored, frames)
-    })
-}
-
 /// Waits for room for the message that is waiting, and takes it; never, if none is.
 async fn room_for<'a>(budget: &'a Budget, held: &mut Held<'a>, waiting: Option<&Frame>) {
     match waiting {
         Some(frame) => budget.take(held, frame.message.len()).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The batch in flight, once durable; never, if there is none.
-async fn finish(storing: &mut Option<Storing<'_>>) -> (Result<(), Stopped>, Vec<Frame>) {
-    match storing {
-        Some(s) => s.await,
         None => std::future::pending().await,
     }
 }

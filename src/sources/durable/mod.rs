@@ -17,6 +17,9 @@ use crate::config::IntakeKey;
 use crate::intake_api::IncomingEvent;
 use crate::queue::{now_ms, Checkpoint, DeadLetter, Queue, QueueError};
 
+mod in_flight;
+pub use in_flight::{Durable, InFlight, DEPTH};
+
 /// How often a full queue is looked at again.
 const FULL_POLL: Duration = Duration::from_millis(50);
 /// Pause after an error of the queue that is not "full" (it is logged once per state change).
@@ -175,19 +178,34 @@ impl Appender {
                     self.wait_state(false, None);
                     return Ok(());
                 }
-                Err(QueueError::Closed) => return Err(Stopped),
-                Err(QueueError::Full) => {
-                    self.wait_state(true, None);
-                    full_waits.fetch_add(1, Ordering::Relaxed);
+                Err(e) => self.after_error(&e, full_waits, stop).await?,
+            }
+        }
+    }
+
+    /// Waits before an append that failed with `e` is tried again: while the queue is full,
+    /// or a pause after another error (said once per state change); `Err` if `stop` comes
+    /// first or the queue is closed.
+    async fn after_error(
+        &self,
+        e: &QueueError,
+        full_waits: &AtomicU64,
+        stop: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        match e {
+            QueueError::Closed => Err(Stopped),
+            QueueError::Full => {
+                self.wait_state(true, None);
+                full_waits.fetch_add(1, Ordering::Relaxed);
+                pause(FULL_POLL, stop).await?;
+                while self.queue.is_full() {
                     pause(FULL_POLL, stop).await?;
-                    while self.queue.is_full() {
-                        pause(FULL_POLL, stop).await?;
-                    }
                 }
-                Err(e) => {
-                    self.wait_state(true, Some(&e));
-                    pause(ERROR_PAUSE, stop).await?;
-                }
+                Ok(())
+            }
+            e => {
+                self.wait_state(true, Some(e));
+                pause(ERROR_PAUSE, stop).await
             }
         }
     }
