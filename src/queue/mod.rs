@@ -33,6 +33,7 @@ mod writer;
 
 use compression::Compression;
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -349,6 +350,23 @@ impl Shared {
     }
 }
 
+/// What one append brings: events of any keys and dates (the HTTP source), or lines of one
+/// key with no date of their own (the reading sources).
+enum Batch<'a> {
+    Events(&'a [IncomingEvent]),
+    Lines {
+        intake_key: &'a str,
+        lines: &'a [Cow<'a, str>],
+    },
+}
+
+/// One event of a [`Batch`], borrowed until its chunk is encoded.
+struct EventRef<'a> {
+    intake_key: &'a str,
+    timestamp: Option<&'a str>,
+    raw: &'a str,
+}
+
 /// An append the writer has, not yet known durable ([`Queue::submit`]).
 #[derive(Debug)]
 pub struct Submitted {
@@ -505,14 +523,14 @@ impl Queue {
         checkpoints: Vec<Checkpoint>,
         received_at_ms: u64,
     ) -> Result<(), QueueError> {
-        self.hand_over(events, checkpoints, received_at_ms, None)
+        self.hand_over(Batch::Events(&events), checkpoints, received_at_ms, None)
             .await?
             .await
     }
 
     /// Hands `events` and `checkpoints` (one atomic commit, as [`Queue::append_with_checkpoints`])
     /// to the writer and returns without waiting for them to be durable, so that the stream
-    /// can read its next batch meanwhile: [`Submitted::durable`] says when they are. Appends
+    /// can read its next batch meanwhile: the [`Submitted`] future says when they are. Appends
     /// submitted with the same `order` become durable in the order they were submitted or not
     /// at all: once one fails, the later ones fail with [`QueueError::EarlierAppendFailed`]
     /// until `order` is mended (`queue/order.rs`).
@@ -525,13 +543,50 @@ impl Queue {
         if order.is_broken() {
             return Err(QueueError::EarlierAppendFailed);
         }
-        self.hand_over(events, checkpoints, now_ms(), Some(order.clone()))
+        self.hand_over(
+            Batch::Events(&events),
+            checkpoints,
+            now_ms(),
+            Some(order.clone()),
+        )
+        .await
+    }
+
+    /// [`Queue::submit`] for `lines` of one intake key with no date of their own, what the
+    /// reading sources append: each is encoded straight from the bytes read, with no copy of
+    /// its own.
+    pub async fn submit_lines(
+        &self,
+        intake_key: &str,
+        lines: &[Cow<'_, str>],
+        checkpoints: Vec<Checkpoint>,
+        order: &AppendOrder,
+    ) -> Result<Submitted, QueueError> {
+        if order.is_broken() {
+            return Err(QueueError::EarlierAppendFailed);
+        }
+        let batch = Batch::Lines { intake_key, lines };
+        self.hand_over(batch, checkpoints, now_ms(), Some(order.clone()))
+            .await
+    }
+
+    /// [`Queue::append_with_checkpoints`] for `lines` of one intake key with no date of their
+    /// own ([`Queue::submit_lines`]).
+    pub async fn append_lines(
+        &self,
+        intake_key: &str,
+        lines: &[Cow<'_, str>],
+        checkpoints: Vec<Checkpoint>,
+    ) -> Result<(), QueueError> {
+        let batch = Batch::Lines { intake_key, lines };
+        self.hand_over(batch, checkpoints, now_ms(), None)
+            .await?
             .await
     }
 
     async fn hand_over(
         &self,
-        events: Vec<IncomingEvent>,
+        batch: Batch<'_>,
         checkpoints: Vec<Checkpoint>,
         received_at_ms: u64,
         order: Option<AppendOrder>,
@@ -540,8 +595,29 @@ impl Queue {
         if self.is_full() {
             return Err(QueueError::Full);
         }
-        self.admit_keys(&events)?;
-        let groups = chunk_events(events, self.chunk_bytes, received_at_ms, &self.shared);
+        let (chunk_bytes, shared) = (self.chunk_bytes, &*self.shared);
+        let groups = match batch {
+            Batch::Events(events) => {
+                self.admit_keys(events.iter().map(|e| e.intake_key.as_str()))?;
+                let refs = events.iter().map(|e| EventRef {
+                    intake_key: &e.intake_key,
+                    timestamp: e.timestamp.as_deref(),
+                    raw: &e.raw,
+                });
+                chunk_events(refs, chunk_bytes, received_at_ms, shared)
+            }
+            Batch::Lines { intake_key, lines } => {
+                if !lines.is_empty() {
+                    self.admit_keys(std::iter::once(intake_key))?;
+                }
+                let refs = lines.iter().map(|line| EventRef {
+                    intake_key,
+                    timestamp: None,
+                    raw: line,
+                });
+                chunk_events(refs, chunk_bytes, received_at_ms, shared)
+            }
+        };
         let (done, wait) = oneshot::channel();
         self.ops
             .send(writer::Op::Append {
@@ -597,11 +673,10 @@ impl Queue {
     ///
     /// A key is admitted for good, even if the append then fails: its lane may be created by
     /// a retry, and admitting it twice would cost a slot for nothing.
-    fn admit_keys(&self, events: &[IncomingEvent]) -> Result<(), QueueError> {
+    fn admit_keys<'k>(&self, keys: impl Iterator<Item = &'k str>) -> Result<(), QueueError> {
         let mut distinct: HashSet<&str> = HashSet::new();
         let mut last: Option<&str> = None;
-        for e in events {
-            let key = e.intake_key.as_str();
+        for key in keys {
             if last != Some(key) {
                 distinct.insert(key);
                 last = Some(key);
@@ -805,21 +880,21 @@ pub const MAX_CHUNK_EVENTS: usize = 4096;
 /// Groups events into chunks: runs of one intake key and one event date, at most
 /// `chunk_bytes` of payload and [`MAX_CHUNK_EVENTS`] events each (a larger event gets a chunk
 /// of its own).
-fn chunk_events(
-    events: Vec<IncomingEvent>,
+fn chunk_events<'a>(
+    events: impl Iterator<Item = EventRef<'a>>,
     chunk_bytes: usize,
     now: u64,
     shared: &Shared,
 ) -> Vec<writer::Group> {
     let mut groups: Vec<writer::Group> = Vec::new();
-    let mut current: Option<Chunk> = None;
+    let mut current: Option<ChunkView<'a>> = None;
     let mut current_bytes = 0;
-    let flush = |chunk: Chunk, groups: &mut Vec<writer::Group>| {
+    let flush = |chunk: ChunkView<'a>, groups: &mut Vec<writer::Group>| {
         let encoded = writer::EncodedChunk::new(&chunk, &shared.compression, &shared.fresh);
         match groups.last_mut() {
             Some(g) if g.intake_key == chunk.intake_key => g.chunks.push(encoded),
             _ => groups.push(writer::Group {
-                intake_key: chunk.intake_key,
+                intake_key: chunk.intake_key.to_owned(),
                 chunks: vec![encoded],
             }),
         }
@@ -836,7 +911,7 @@ fn chunk_events(
                 flush(done, &mut groups);
             }
             current_bytes = 0;
-            current = Some(Chunk {
+            current = Some(ChunkView {
                 intake_key: event.intake_key,
                 timestamp: event.timestamp,
                 received_at_ms: now,

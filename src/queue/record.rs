@@ -212,6 +212,47 @@ impl Chunk {
         self.events.iter().map(String::len).sum()
     }
 
+    /// The chunk as a view borrowing its strings: what is encoded.
+    pub fn view(&self) -> ChunkView<'_> {
+        ChunkView {
+            intake_key: &self.intake_key,
+            timestamp: self.timestamp.as_deref(),
+            received_at_ms: self.received_at_ms,
+            events: self.events.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// [`ChunkView::encode`].
+    pub fn encode(&self, codec: Codec) -> Vec<u8> {
+        self.view().encode(codec)
+    }
+
+    /// [`ChunkView::encode_keeping_body`].
+    pub fn encode_keeping_body(&self, codec: Codec) -> (Vec<u8>, Option<Vec<u8>>) {
+        self.view().encode_keeping_body(codec)
+    }
+
+    /// [`ChunkView::encode_compressed`].
+    pub fn encode_compressed(&self, codec: Codec) -> Vec<u8> {
+        self.view().encode_compressed(codec)
+    }
+
+    /// [`ChunkView::encode_plain`].
+    pub fn encode_plain(&self) -> Vec<u8> {
+        self.view().encode_plain()
+    }
+
+    /// Decodes a chunk of any version this release knows (v1, v2).
+    pub fn decode(bytes: &[u8]) -> Result<Chunk, DecodeError> {
+        let mut scratch = Vec::new();
+        Ok(ChunkView::decode(bytes, &mut scratch)?.to_chunk())
+    }
+}
+
+/// Encoding: from a view, so that a source's lines are encoded straight from the bytes it
+/// read, with no owned copy of each (the bincode encoding of `&str` is that of `String`, so
+/// the bytes are those of the [`Chunk`] with the same contents).
+impl ChunkView<'_> {
     /// Encodes the chunk with its header: compressed with `codec` (v2, v3) when that is at
     /// least an eighth smaller than v1, else as v1, so that delivery does not pay to
     /// decompress what did not compress.
@@ -219,7 +260,7 @@ impl Chunk {
         self.encode_keeping_body(codec).0
     }
 
-    /// [`Chunk::encode`], also giving back the v1 body when the value is compressed (what a
+    /// [`ChunkView::encode`], also giving back the v1 body when the value is compressed (what a
     /// reader would decompress it to; `fresh.rs` keeps it for delivery).
     pub fn encode_keeping_body(&self, codec: Codec) -> (Vec<u8>, Option<Vec<u8>>) {
         let body = self.body();
@@ -306,19 +347,13 @@ impl Chunk {
             out.truncate(start);
         }
     }
-
-    /// Decodes a chunk of any version this release knows (v1, v2).
-    pub fn decode(bytes: &[u8]) -> Result<Chunk, DecodeError> {
-        let mut scratch = Vec::new();
-        Ok(ChunkView::decode(bytes, &mut scratch)?.to_chunk())
-    }
 }
 
 /// A chunk decoded without copying its events: they borrow the stored bytes (v1) or the
 /// decompressed body (v2). Delivery reads chunks this way and writes the events straight
 /// into a request body; the bincode encoding of `&str` is that of `String`, so a view reads
 /// exactly what [`Chunk`] wrote.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkView<'a> {
     pub intake_key: &'a str,
     #[serde(borrow)]
@@ -906,7 +941,7 @@ mod tests {
 
     /// The v1 value of a chunk, as the release before v2 wrote it.
     fn v1(chunk: &Chunk) -> Vec<u8> {
-        chunk.encode_v1(&chunk.body())
+        chunk.view().encode_v1(&chunk.view().body())
     }
 
     /// The v2 value of `chunk` with its size field replaced by `size`.
@@ -1115,7 +1150,7 @@ mod tests {
     #[test]
     fn v2_with_a_lying_size_is_an_error() {
         let c = big_chunk();
-        let real = c.body().len() as u32;
+        let real = c.view().body().len() as u32;
         // Larger than what the block decompresses to.
         assert!(matches!(
             Chunk::decode(&v2_with_size(&c, real + 1)),
@@ -1346,7 +1381,7 @@ mod tests {
         assert_eq!(ChunkView::decode(&v3, &mut scratch).unwrap().to_chunk(), c);
         assert_eq!(
             salvage(&v3),
-            c.body(),
+            c.view().body(),
             "salvage gives the body decompressed"
         );
     }

@@ -36,7 +36,7 @@ use super::compression::Compression;
 use super::fresh::{ChunkAt, FreshBodies};
 use super::generation::{GenDb, GenLane, GenSummary, Generation};
 use super::order::AppendOrder;
-use super::record::{self, Chunk, ChunkHeader, LaneRecord, Watermark};
+use super::record::{self, ChunkHeader, ChunkView, LaneRecord, Watermark};
 use super::{Ack, Lane, QueueError, Shared};
 use crate::crash_point;
 use durable::GenWrites;
@@ -70,7 +70,11 @@ pub struct EncodedChunk {
 impl EncodedChunk {
     /// Encodes `chunk`, compressed when that pays ([`Compression`]), with its body if it was
     /// compressed and `fresh` keeps bodies now.
-    pub fn new(chunk: &Chunk, compression: &Compression, fresh: &FreshBodies) -> EncodedChunk {
+    pub fn new(
+        chunk: &ChunkView<'_>,
+        compression: &Compression,
+        fresh: &FreshBodies,
+    ) -> EncodedChunk {
         let (bytes, body) = match compression.should_try() {
             Some(codec) => {
                 let (bytes, body) = chunk.encode_keeping_body(codec);

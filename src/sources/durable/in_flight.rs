@@ -120,11 +120,7 @@ impl Appender {
         stop: &CancellationToken,
     ) -> Result<(), Stopped> {
         let l = &self.lines;
-        let Prepared {
-            events,
-            dead,
-            tally,
-        } = prepare(&frames, &l.key, l.oversize);
+        let Prepared { lines, dead, tally } = prepare(&frames, &l.key, l.oversize);
         if !dead.is_empty() {
             self.until_stored(l.counters.queue_full_waits(), stop, || {
                 self.queue.add_dead_letters(dead.clone())
@@ -132,7 +128,12 @@ impl Appender {
             .await?;
         }
         let order = &in_flight.order;
-        let state = match self.queue.submit(events, checkpoints.clone(), order).await {
+        let submitted = self
+            .queue
+            .submit_lines(&l.key.0, &lines, checkpoints.clone(), order)
+            .await;
+        drop(lines);
+        let state = match submitted {
             Ok(submitted) => State::Submitted(submitted),
             Err(e) => {
                 // Refused before it reached the writer (full, say): the later batches must
@@ -231,10 +232,10 @@ impl Appender {
         stop: &CancellationToken,
     ) -> Result<(), Stopped> {
         let l = &self.lines;
+        let lines = prepare(&flight.frames, &l.key, l.oversize).lines;
         self.until_stored(l.counters.queue_full_waits(), stop, || {
-            let events = prepare(&flight.frames, &l.key, l.oversize).events;
             self.queue
-                .append_with_checkpoints(events, flight.checkpoints.clone())
+                .append_lines(&l.key.0, &lines, flight.checkpoints.clone())
         })
         .await
     }

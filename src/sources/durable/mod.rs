@@ -6,6 +6,7 @@
 //! the back-pressure reaches the writer through the stream itself (TCP flow control, a pipe
 //! that fills, a file that simply waits). Nothing is dropped; a stop is the only way out.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::syslog::framing::{Cut, Frame, Oversize};
 use crate::config::IntakeKey;
-use crate::intake_api::IncomingEvent;
 use crate::queue::{now_ms, Checkpoint, DeadLetter, Queue, QueueError};
 
 mod in_flight;
@@ -135,26 +135,16 @@ impl Appender {
         full_waits: &AtomicU64,
         stop: &CancellationToken,
     ) -> Result<Tally, Stopped> {
-        let Prepared {
-            events,
-            dead,
-            tally,
-        } = prepare(frames, key, oversize);
+        let Prepared { lines, dead, tally } = prepare(frames, key, oversize);
         if !dead.is_empty() {
             self.until_stored(full_waits, stop, || {
                 self.queue.add_dead_letters(dead.clone())
             })
             .await?;
         }
-        // The first try takes the events as prepared; a retry (the queue was full) makes them
-        // again from the frames, so that the common case copies no event twice.
-        let mut events = Some(events);
         self.until_stored(full_waits, stop, || {
-            let events = events
-                .take()
-                .unwrap_or_else(|| prepare(frames, key, oversize).events);
             self.queue
-                .append_with_checkpoints(events, checkpoints.to_vec())
+                .append_lines(&key.0, &lines, checkpoints.to_vec())
         })
         .await?;
         Ok(tally)
@@ -243,10 +233,11 @@ async fn pause(time: Duration, stop: &CancellationToken) -> Result<(), Stopped> 
 /// event over its limit.
 pub const OVERSIZE_STATUS: u16 = 413;
 
-/// Frames made into what the queue stores.
+/// Frames made into what the queue stores: lines borrowing the frames' bytes (copied only
+/// where they were not UTF-8), and dead letters.
 #[derive(Debug, Default)]
-pub struct Prepared {
-    pub events: Vec<IncomingEvent>,
+pub struct Prepared<'a> {
+    pub lines: Vec<Cow<'a, str>>,
     pub dead: Vec<DeadLetter>,
     pub tally: Tally,
 }
@@ -268,8 +259,11 @@ pub struct Tally {
 
 /// `frames` as events of `key`; with [`Oversize::DeadLetter`], a frame cut for being over
 /// the limit (its first bytes, marked with how long it was) is a dead letter instead.
-pub fn prepare(frames: &[Frame], key: &IntakeKey, oversize: Oversize) -> Prepared {
-    let mut out = Prepared::default();
+pub fn prepare<'a>(frames: &'a [Frame], key: &IntakeKey, oversize: Oversize) -> Prepared<'a> {
+    let mut out = Prepared {
+        lines: Vec::with_capacity(frames.len()),
+        ..Prepared::default()
+    };
     let now = now_ms();
     for frame in frames {
         let raw = text(&frame.message).unwrap_or_else(|lossy| {
@@ -283,7 +277,7 @@ pub fn prepare(frames: &[Frame], key: &IntakeKey, oversize: Oversize) -> Prepare
                     intake_key: key.0.clone(),
                     timestamp: None,
                     received_at_ms: now,
-                    event: raw,
+                    event: raw.into_owned(),
                     status: OVERSIZE_STATUS,
                     reason: format!(
                         "not sent by sekoia-forwarder: {total} bytes, over max_event_bytes \
@@ -299,21 +293,18 @@ pub fn prepare(frames: &[Frame], key: &IntakeKey, oversize: Oversize) -> Prepare
         }
         out.tally.events += 1;
         out.tally.bytes += frame.message.len() as u64;
-        out.events.push(IncomingEvent {
-            intake_key: key.0.clone(),
-            timestamp: None,
-            raw,
-        });
+        out.lines.push(raw);
     }
     out
 }
 
 /// A message as the intake gets it: JSON carries text, so bytes that are not UTF-8 are
-/// replaced by U+FFFD (`Err`, counted in `invalid_utf8_events`); the rest is kept as sent.
-pub fn text(message: &[u8]) -> Result<String, String> {
+/// replaced by U+FFFD (`Err`, counted in `invalid_utf8_events`); the rest is kept as sent,
+/// borrowed from the bytes read.
+pub fn text(message: &[u8]) -> Result<Cow<'_, str>, Cow<'_, str>> {
     match std::str::from_utf8(message) {
-        Ok(text) => Ok(text.to_owned()),
-        Err(_) => Err(String::from_utf8_lossy(message).into_owned()),
+        Ok(text) => Ok(Cow::Borrowed(text)),
+        Err(_) => Err(String::from_utf8_lossy(message)),
     }
 }
 
@@ -338,12 +329,12 @@ mod tests {
             frame(b"bad \xff", Cut::Whole),
         ];
         let sent = prepare(&frames, &key, Oversize::Truncate);
-        assert_eq!(sent.events.len(), 3);
+        assert_eq!(sent.lines.len(), 3);
         assert!(sent.dead.is_empty());
         assert_eq!(sent.tally.truncated, 1);
         assert_eq!(sent.tally.invalid_utf8, 1);
         let kept = prepare(&frames, &key, Oversize::DeadLetter);
-        assert_eq!(kept.events.len(), 2);
+        assert_eq!(kept.lines.len(), 2);
         assert_eq!(kept.tally.events, 2);
         assert_eq!(kept.tally.dead_lettered, 1);
         assert_eq!(kept.tally.truncated, 0);
@@ -354,6 +345,6 @@ mod tests {
             "{}",
             kept.dead[0].reason
         );
-        assert_eq!(kept.events[1].raw, "bad \u{fffd}");
+        assert_eq!(kept.lines[1], "bad \u{fffd}");
     }
 }
