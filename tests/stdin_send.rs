@@ -419,11 +419,13 @@ intake_key_env = "STDIN_TEST_KEY"
     .await;
     assert!(full, "the queue never filled:\n{}", fwd.log());
     assert!(!writer.is_finished(), "the writer was not pushed back");
-    let status = fwd.status().await;
-    assert!(
-        status["stdin_sources"][0]["queue_full_waits"].as_u64() > Some(0),
-        "{status}"
-    );
+    // The source says it waits once its next batch is refused, a moment after the queue
+    // filled.
+    let waited = wait_until_async(DEADLINE, || async {
+        fwd.status().await["stdin_sources"][0]["queue_full_waits"].as_u64() > Some(0)
+    })
+    .await;
+    assert!(waited, "{}", fwd.status().await);
     mock.set_faults(FaultConfig::default());
     let all = wait_until_async(std::time::Duration::from_secs(180), || async {
         mock.stats().accepted_events >= LINES as u64

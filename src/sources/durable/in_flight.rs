@@ -122,10 +122,15 @@ impl Appender {
         let l = &self.lines;
         let Prepared { lines, dead, tally } = prepare(&frames, &l.key, l.oversize);
         if !dead.is_empty() {
-            self.until_stored(l.counters.queue_full_waits(), stop, || {
-                self.queue.add_dead_letters(dead.clone())
-            })
-            .await?;
+            let stored = self
+                .until_stored(l.counters.queue_full_waits(), stop, || {
+                    self.queue.add_dead_letters(dead.clone())
+                })
+                .await;
+            if stored.is_err() {
+                self.lost_at_stop(frames.len(), in_flight);
+                return Err(Stopped);
+            }
         }
         let order = &in_flight.order;
         let submitted = self
@@ -172,18 +177,7 @@ impl Appender {
             Err(e) => self.append_again(&oldest, e, in_flight, stop).await,
         };
         if result.is_err() {
-            let events = oldest.frames.len()
-                + in_flight
-                    .flights
-                    .iter()
-                    .map(|f| f.frames.len())
-                    .sum::<usize>();
-            tracing::warn!(
-                source = %self.name,
-                events,
-                "the source stopped while the queue could not take its events: they were read \
-                 but not stored"
-            );
+            self.lost_at_stop(oldest.frames.len(), in_flight);
             return Some(Err(Stopped));
         }
         self.wait_state(false, None);
@@ -192,6 +186,27 @@ impl Appender {
             frames: oldest.frames,
             extra: oldest.extra,
         }))
+    }
+
+    /// Says how many events the source read and could not store at a stop: `unstored` of its
+    /// own and those of the batches in flight not known durable, which are dropped (the
+    /// durable ones stay, to be heard of as such): never lost unsaid, never said twice.
+    fn lost_at_stop<T>(&self, unstored: usize, in_flight: &mut InFlight<T>) {
+        let durable = |f: &Flight<T>| matches!(f.state, State::Answered(Ok(())));
+        let events = unstored
+            + in_flight
+                .flights
+                .iter()
+                .filter(|f| !durable(f))
+                .map(|f| f.frames.len())
+                .sum::<usize>();
+        in_flight.flights.retain(durable);
+        tracing::warn!(
+            source = %self.name,
+            events,
+            "the source stopped while the queue could not take its events: they were read \
+             but not stored"
+        );
     }
 
     /// After `oldest` failed with `error`: hears every later batch's answer (each failed, the
