@@ -367,7 +367,7 @@ struct EventRef<'a> {
     raw: &'a str,
 }
 
-/// An append the writer has, not yet known durable ([`Queue::submit`]).
+/// An append the writer has, not yet known durable ([`Queue::submit_lines`]).
 #[derive(Debug)]
 pub struct Submitted {
     wait: oneshot::Receiver<Result<(), QueueError>>,
@@ -528,33 +528,14 @@ impl Queue {
             .await
     }
 
-    /// Hands `events` and `checkpoints` (one atomic commit, as [`Queue::append_with_checkpoints`])
-    /// to the writer and returns without waiting for them to be durable, so that the stream
-    /// can read its next batch meanwhile: the [`Submitted`] future says when they are. Appends
-    /// submitted with the same `order` become durable in the order they were submitted or not
-    /// at all: once one fails, the later ones fail with [`QueueError::EarlierAppendFailed`]
-    /// until `order` is mended (`queue/order.rs`).
-    pub async fn submit(
-        &self,
-        events: Vec<IncomingEvent>,
-        checkpoints: Vec<Checkpoint>,
-        order: &AppendOrder,
-    ) -> Result<Submitted, QueueError> {
-        if order.is_broken() {
-            return Err(QueueError::EarlierAppendFailed);
-        }
-        self.hand_over(
-            Batch::Events(&events),
-            checkpoints,
-            now_ms(),
-            Some(order.clone()),
-        )
-        .await
-    }
-
-    /// [`Queue::submit`] for `lines` of one intake key with no date of their own, what the
-    /// reading sources append: each is encoded straight from the bytes read, with no copy of
-    /// its own.
+    /// Hands `lines` of one intake key with no date of their own (what the reading sources
+    /// append; each is encoded straight from the bytes read, with no copy of its own) and
+    /// `checkpoints` (one atomic commit, as [`Queue::append_with_checkpoints`]) to the writer,
+    /// and returns without waiting for them to be durable, so that the stream can read its
+    /// next batch meanwhile: the [`Submitted`] future says when they are. Appends submitted
+    /// with the same `order` become durable in the order they were submitted or not at all:
+    /// once one fails, the later ones fail with [`QueueError::EarlierAppendFailed`] until
+    /// `order` is mended (`queue/order.rs`).
     pub async fn submit_lines(
         &self,
         intake_key: &str,

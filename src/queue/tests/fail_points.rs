@@ -15,6 +15,11 @@ fn tagged(key: &str, tag: &str, n: usize) -> Vec<IncomingEvent> {
         .collect()
 }
 
+/// The events' texts as a source's lines ([`Queue::submit_lines`]).
+fn lines(events: &[IncomingEvent]) -> Vec<std::borrow::Cow<'_, str>> {
+    events.iter().map(|e| e.raw.as_str().into()).collect()
+}
+
 fn texts(events: &[IncomingEvent]) -> Vec<String> {
     events.iter().map(|e| e.raw.clone()).collect()
 }
@@ -492,9 +497,15 @@ async fn an_append_after_a_refused_one_of_its_stream_is_refused_too() {
     .unwrap();
     let order = AppendOrder::new();
     let (one, two) = (tagged("K", "one", 4), tagged("K", "two", 4));
-    let first = q.submit(one.clone(), Vec::new(), &order).await.unwrap();
+    let first = q
+        .submit_lines("K", &lines(&one), Vec::new(), &order)
+        .await
+        .unwrap();
     reached.recv().await.unwrap();
-    let second = q.submit(two.clone(), Vec::new(), &order).await.unwrap();
+    let second = q
+        .submit_lines("K", &lines(&two), Vec::new(), &order)
+        .await
+        .unwrap();
     // The held check sees a full disk, once; the second's group will see room.
     fail::cfg("queue-disk-low", "1*return").unwrap();
     release.send(()).unwrap();
@@ -509,7 +520,7 @@ async fn an_append_after_a_refused_one_of_its_stream_is_refused_too() {
     );
     assert!(order.is_broken());
     assert!(matches!(
-        q.submit(two.clone(), Vec::new(), &order).await,
+        q.submit_lines("K", &lines(&two), Vec::new(), &order).await,
         Err(QueueError::EarlierAppendFailed)
     ));
     let zero = texts(&tagged("K", "zero", 2));
@@ -523,8 +534,14 @@ async fn an_append_after_a_refused_one_of_its_stream_is_refused_too() {
     // again, in order.
     order.mend();
     wait_for("room in the queue again", || !q.is_full()).await;
-    let first = q.submit(one.clone(), Vec::new(), &order).await.unwrap();
-    let second = q.submit(two.clone(), Vec::new(), &order).await.unwrap();
+    let first = q
+        .submit_lines("K", &lines(&one), Vec::new(), &order)
+        .await
+        .unwrap();
+    let second = q
+        .submit_lines("K", &lines(&two), Vec::new(), &order)
+        .await
+        .unwrap();
     first.await.unwrap();
     second.await.unwrap();
     let all: Vec<String> = [zero, texts(&one), texts(&two)].concat();
