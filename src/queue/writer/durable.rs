@@ -11,7 +11,7 @@
 //! about a seventh of their CPU ([`KEY_BY_KEY_MAX_OPS`]). Key by key, a crash before the fsync leaves a prefix of the writes
 //! (sled recovers its log in order): some new chunks, perhaps without the lane record that
 //! counts them. None of them was acknowledged; the record's `end_seq` lets the next open count
-//! them in (`record.rs`, lane record v3; `load.rs`).
+//! them in (`record/mod.rs`, lane record v3; `load.rs`).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
