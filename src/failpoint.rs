@@ -88,3 +88,27 @@ mod aim {
 
 #[cfg(feature = "failpoints")]
 pub use aim::{aim, aimed_at, Aimed};
+
+/// Holds the thread that first passes the fail point `name` (a callback): says so on the
+/// returned receiver, then waits for a message on the returned sender (60 s at most, so that a
+/// failed test cannot hang the suite). Later passes go on at once.
+#[cfg(all(test, feature = "failpoints"))]
+pub fn hold_once(
+    name: &str,
+) -> (
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (reached_tx, reached) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = std::sync::Mutex::new(Some(released));
+    let held = fail::cfg_callback(name, move || {
+        let Some(released) = released.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let _ = reached_tx.send(());
+        let _ = released.recv_timeout(std::time::Duration::from_secs(60));
+    });
+    assert!(held.is_ok(), "cannot hold at fail point {name}: {held:?}");
+    (reached, release)
+}

@@ -484,17 +484,7 @@ async fn an_append_after_a_refused_one_of_its_stream_is_refused_too() {
     q.append(tagged("K", "zero", 2)).await.unwrap();
     let injected = inject(&cfg.path);
     // The writer is held at its first disk check, with the first append's group gathered.
-    let (reached_tx, mut reached) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let released = std::sync::Mutex::new(Some(released));
-    fail::cfg_callback("queue-disk-check", move || {
-        let Some(released) = released.lock().unwrap().take() else {
-            return;
-        };
-        let _ = reached_tx.send(());
-        let _ = released.recv_timeout(std::time::Duration::from_secs(60));
-    })
-    .unwrap();
+    let (mut reached, release) = crate::failpoint::hold_once("queue-disk-check");
     let order = AppendOrder::new();
     let (one, two) = (tagged("K", "one", 4), tagged("K", "two", 4));
     let first = q

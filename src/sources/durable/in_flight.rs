@@ -260,7 +260,6 @@ impl Appender {
 mod tests {
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
-    use std::time::Duration;
 
     use bytes::Bytes;
 
@@ -307,17 +306,7 @@ mod tests {
         let appender = Appender::new(queue.clone(), "test source".into(), lines, "test");
         let aim = crate::failpoint::aim(&cfg.path);
         let scenario = fail::FailScenario::setup();
-        let (reached_tx, mut reached) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let released = std::sync::Mutex::new(Some(released));
-        fail::cfg_callback("queue-disk-check", move || {
-            let Some(released) = released.lock().unwrap().take() else {
-                return;
-            };
-            let _ = reached_tx.send(());
-            let _ = released.recv_timeout(Duration::from_secs(60));
-        })
-        .unwrap();
+        let (mut reached, release) = crate::failpoint::hold_once("queue-disk-check");
         let stop = CancellationToken::new();
         let mut in_flight = InFlight::new();
         let (one, two) = (frames("one", 3), frames("two", 3));

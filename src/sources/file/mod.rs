@@ -182,7 +182,8 @@ impl FileSource {
             let mut frames = round.frames;
             let released = self.release_done(&mut tails, now, &letting_go, &mut frames);
             let mut checkpoints = Vec::new();
-            for tail in tails.values_mut() {
+            // A file a round in flight lets go of keeps the forgetting that round stores.
+            for tail in tails.values_mut().filter(|t| !letting_go.contains(&t.id)) {
                 match tail.checkpoint() {
                     Ok(Some(c)) => checkpoints.push(c),
                     Ok(None) => {}
