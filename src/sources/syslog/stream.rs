@@ -29,8 +29,17 @@ use super::store::{Stopped, Store};
 use crate::sources::durable::InFlight;
 use crate::sources::server::{Activity, ConnectionTimeouts, Handling, Limit, Slot, Watchdog};
 
-/// Most messages appended at once from one connection.
+/// Most messages appended at once from one connection while many are open.
 const BATCH_EVENTS: usize = 1000;
+/// Most messages appended at once from a connection that is the only one open (or one of
+/// two): a commit costs about the same whatever it holds (~1.3 ms here: sled's apply, its
+/// flush through its I/O threads, our fsync), and a lone connection waits for each of its
+/// commits, so it puts more in each.
+const BATCH_EVENTS_ALONE: usize = 4000;
+/// Messages that all connections' batches may hold together before each is cut at
+/// [`BATCH_EVENTS`]: larger batches from many connections let the sources outrun delivery,
+/// whose reads then come back from disk and cost more CPU (`docs/performance.md`, session 17).
+const BATCH_EVENTS_SHARED: usize = 8000;
 /// Most message bytes appended at once from one connection.
 const BATCH_BYTES: usize = 1 << 20;
 /// The read buffer's first size; it grows to hold a message of up to `max_event_bytes`.
@@ -152,6 +161,7 @@ async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
     let mut ended: Option<&'static str> = None;
     let mut framing_errors = 0;
     loop {
+        let max_events = batch_events(store.stats.open_connections.load(Ordering::Relaxed));
         if ended.is_some() {
             // What was read is stored before the connection closes, room or not (one message
             // over the budget at most).
@@ -171,7 +181,7 @@ async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
                 return not_stored(store, &batch);
             }
         }
-        if ended.is_some() || batch_full(&batch) {
+        if ended.is_some() || batch_full(&batch, max_events) {
             match store.durable(&mut in_flight, stop).await {
                 Some(Ok(done)) => spare = reuse(done.frames),
                 Some(Err(Stopped)) => return not_stored(store, &batch),
@@ -199,7 +209,13 @@ async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
                 Some(Ok(frame)) => {
                     if budget.try_take(&mut held, frame.message.len()) {
                         batch.push(frame);
-                        ended = more_ready(&mut frames, &mut batch, budget, &mut held, &mut waiting);
+                        ended = more_ready(
+                            &mut frames,
+                            (&mut batch, max_events),
+                            budget,
+                            &mut held,
+                            &mut waiting,
+                        );
                     } else {
                         waiting = Some(frame);
                     }
@@ -252,8 +268,14 @@ fn reuse(mut frames: Vec<Frame>) -> Vec<Frame> {
     frames
 }
 
-fn batch_full(batch: &[Frame]) -> bool {
-    batch.len() >= BATCH_EVENTS || batch_bytes(batch) >= BATCH_BYTES
+/// Most messages in one batch of a connection while `open` connections are open.
+fn batch_events(open: u64) -> usize {
+    let open = usize::try_from(open.max(1)).unwrap_or(usize::MAX);
+    (BATCH_EVENTS_SHARED / open).clamp(BATCH_EVENTS, BATCH_EVENTS_ALONE)
+}
+
+fn batch_full(batch: &[Frame], max_events: usize) -> bool {
+    batch.len() >= max_events || batch_bytes(batch) >= BATCH_BYTES
 }
 
 fn batch_bytes(batch: &[Frame]) -> usize {
@@ -265,13 +287,13 @@ fn batch_bytes(batch: &[Frame]) -> usize {
 /// meanwhile.
 fn more_ready<'a, S: AsyncRead + Unpin>(
     frames: &mut FramedRead<S, FrameDecoder>,
-    batch: &mut Vec<Frame>,
+    (batch, max_events): (&mut Vec<Frame>, usize),
     budget: &'a Budget,
     held: &mut Held<'a>,
     waiting: &mut Option<Frame>,
 ) -> Option<&'static str> {
     let mut bytes = batch_bytes(batch);
-    while batch.len() < BATCH_EVENTS && bytes < BATCH_BYTES {
+    while batch.len() < max_events && bytes < BATCH_BYTES {
         match frames.next().now_or_never() {
             Some(Some(Ok(frame))) => {
                 if !budget.try_take(held, frame.message.len()) {
@@ -287,4 +309,20 @@ fn more_ready<'a, S: AsyncRead + Unpin>(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_connection_takes_larger_batches_and_many_take_the_usual_size() {
+        assert_eq!(batch_events(0), BATCH_EVENTS_ALONE);
+        assert_eq!(batch_events(1), BATCH_EVENTS_ALONE);
+        assert_eq!(batch_events(2), BATCH_EVENTS_ALONE);
+        assert_eq!(batch_events(4), 2000);
+        assert_eq!(batch_events(8), BATCH_EVENTS);
+        assert_eq!(batch_events(1000), BATCH_EVENTS);
+        assert_eq!(batch_events(u64::MAX), BATCH_EVENTS);
+    }
 }
