@@ -35,7 +35,8 @@
 //! `E2E_CONNECTIONS` / `--connections` (8). `E2E_QUEUE_CONFIG` adds lines to the forwarder's
 //! `[queue]` table (e.g. `E2E_QUEUE_CONFIG='cache_capacity_bytes = 8388608'`), and
 //! `E2E_INTAKE_CONFIG` to its `[intake]` table (e.g. `E2E_INTAKE_CONFIG='max_in_flight = 2'`),
-//! to compare settings; by default the forwarder runs on its defaults. `E2E_BINARY` runs another
+//! and `E2E_SYSLOG_TCP_CONFIG` to the syslog phase's TCP source (e.g.
+//! `E2E_SYSLOG_TCP_CONFIG='max_buffered_bytes = 16777216'`), to compare settings; by default the forwarder runs on its defaults. `E2E_BINARY` runs another
 //! build of the forwarder (a copy made before a change, to compare both in one sitting).
 //! `E2E_DROP_CACHES=1` empties the
 //! page cache before the restart (root only), so that the queue is read from the disk as after

@@ -95,6 +95,7 @@ pub struct Idle {
 fn write_config(dir: &Path, intake_url: &str) -> std::path::PathBuf {
     let path = dir.join("forwarder.toml");
     let extra = std::env::var("E2E_QUEUE_CONFIG").unwrap_or_default();
+    let tcp_extra = std::env::var("E2E_SYSLOG_TCP_CONFIG").unwrap_or_default();
     let text = format!(
         r#"
 [queue]
@@ -109,6 +110,7 @@ type = "syslog"
 listen = "tcp://127.0.0.1:0"
 intake_key = "{KEY}"
 max_connections = 2048
+{tcp_extra}
 
 [[source]]
 type = "syslog"
