@@ -6,7 +6,7 @@
 //! bench's 1,000 connections took 257 MiB of RSS). A connection takes room for each message it
 //! has read before it reads the next, and gives it back once the batch holding it is durable;
 //! with no room left it stops reading, and its sender is pushed back by TCP flow control as
-//! with a full queue. Only messages already read hold room, and they are always on their way
+//! with a full queue, until there is room for its message and the next ones ([`WAIT_FOR`]). Only messages already read hold room, and they are always on their way
 //! to the queue (a batch is handed over as soon as fewer than two are in flight), so a slow or
 //! silent connection holds none of it and cannot stall the others.
 
@@ -16,6 +16,14 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 
 use super::SyslogSourceStats;
+
+/// Room a connection waits for when there is none left: at least this much (or a sixteenth of
+/// the budget, if that is less), not just its next message. Room comes back a batch at a time;
+/// handed out a message at a time, it went to hundreds of waiting connections at once, each of
+/// which then appended a batch of a few messages (four times the chunks, twice the CPU per
+/// message with a 4 MiB budget: `docs/performance.md`, session 17). The room taken beyond the
+/// message is kept for the connection's next messages, and given back with its batch.
+const WAIT_FOR: usize = 64 * 1024;
 
 /// Room for message bytes, shared by a source's connections.
 #[derive(Debug)]
@@ -42,6 +50,7 @@ impl Budget {
         Held {
             budget: self,
             bytes: 0,
+            spare: 0,
         }
     }
 
@@ -49,10 +58,15 @@ impl Budget {
         message_bytes.min(self.total).min(u32::MAX as usize) as u32
     }
 
-    /// Takes room for a message of `message_bytes` into `held` if there is some now; if not,
-    /// counts a wait (the caller then waits with [`Budget::take`]).
+    /// Takes room for a message of `message_bytes` into `held` if there is some now (left
+    /// over from its last wait, or in the budget); if not, counts a wait (the caller then
+    /// waits with [`Budget::take`]).
     pub fn try_take(&self, held: &mut Held<'_>, message_bytes: usize) -> bool {
         let n = self.share(message_bytes);
+        if held.spare >= n as usize {
+            held.spare -= n as usize;
+            return true;
+        }
         match self.room.try_acquire_many(n) {
             Ok(permit) => {
                 permit.forget();
@@ -66,14 +80,17 @@ impl Budget {
         }
     }
 
-    /// Waits for room for a message of `message_bytes`, then takes it into `held`.
+    /// Waits for room for a message of `message_bytes` and for the next ones ([`WAIT_FOR`]),
+    /// then takes it into `held`.
     pub async fn take(&self, held: &mut Held<'_>, message_bytes: usize) {
         let n = self.share(message_bytes);
+        let wanted = self.share(message_bytes.max(WAIT_FOR.min(self.total / 16)));
         // The semaphore is never closed, so the error cannot happen; taking nothing then is
         // safe (the room is only ever given back as much as was taken).
-        if let Ok(permit) = self.room.acquire_many(n).await {
+        if let Ok(permit) = self.room.acquire_many(wanted).await {
             permit.forget();
-            self.taken(held, n);
+            self.taken(held, wanted);
+            held.spare += (wanted - n) as usize;
         }
     }
 
@@ -95,7 +112,10 @@ impl Budget {
 #[derive(Debug)]
 pub struct Held<'a> {
     budget: &'a Budget,
+    /// All the room taken, given back on drop.
     bytes: usize,
+    /// What of it no message holds yet (taken by a wait beyond the message waited for).
+    spare: usize,
 }
 
 impl Drop for Held<'_> {
@@ -131,6 +151,33 @@ mod tests {
             budget.stats.buffered_bytes_peak.load(Ordering::Relaxed),
             100
         );
+    }
+
+    #[tokio::test]
+    async fn a_wait_takes_room_for_the_next_messages_too() {
+        let budget = Budget::new(1 << 20, Arc::default());
+        let mut all = budget.none();
+        budget.take(&mut all, 1 << 20).await;
+        let mut a = budget.none();
+        assert!(!budget.try_take(&mut a, 200), "the budget is full");
+        drop(all);
+        budget.take(&mut a, 200).await;
+        assert_eq!(a.bytes, WAIT_FOR, "a wait takes more than its message");
+        // The next messages use what the wait took, not the budget's room.
+        let left = budget.room.available_permits();
+        for _ in 0..(WAIT_FOR / 200) - 1 {
+            assert!(budget.try_take(&mut a, 200));
+        }
+        assert_eq!(budget.room.available_permits(), left);
+        assert!(budget.try_take(&mut a, 200));
+        assert_eq!(
+            budget.room.available_permits(),
+            left - 200,
+            "then the budget's room"
+        );
+        drop(a);
+        assert_eq!(budget.room.available_permits(), 1 << 20);
+        assert_eq!(budget.stats.buffered_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

@@ -61,9 +61,9 @@ crate::stats::stats_table! {
         queue_full_waits: counter, "Times the syslog source stopped reading: the queue was full";
         /// Of the TCP/TLS connections together ([`budget`]).
         buffered_bytes: gauge,
-            "Bytes of syslog messages read from TCP/TLS connections and not yet durable";
+            "Room of max_buffered_bytes held by TCP/TLS connections: messages read and not yet durable, and room taken for the next ones after a wait";
         buffered_bytes_peak: gauge,
-            "Most bytes of syslog messages held read and not yet durable at once since the start";
+            "Most room of max_buffered_bytes held at once since the start";
         budget_waits: counter,
             "Times a TCP/TLS connection stopped reading: max_buffered_bytes were held by messages not yet durable";
         connections: counter, "TCP/TLS connections accepted";

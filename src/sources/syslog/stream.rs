@@ -201,7 +201,16 @@ async fn read_messages<S: AsyncRead + AsyncWrite + Unpin>(
                 None => {}
             },
             () = room_for(budget, &mut held, waiting.as_ref()) => {
+                // The wait took room for more than this message: the ones already read go
+                // into the same batch, rather than one batch each.
                 batch.extend(waiting.take());
+                ended = more_ready(
+                    &mut frames,
+                    (&mut batch, max_events),
+                    budget,
+                    &mut held,
+                    &mut waiting,
+                );
             }
             next = frames.next(), if waiting.is_none() => match next {
                 None => ended = Some("the sender closed it"),
